@@ -1,0 +1,14 @@
+"""fairseq-mtssl: a fairseq plugin for multi-task self-supervised speech learning.
+
+Loading the package (``common.user_dir=/path/to/fairseq_mtssl`` or ``import fairseq_mtssl``)
+registers its tasks, models and criterions with fairseq and allowlists the plain-data classes that
+fairseq checkpoints pickle, so ``torch.load(weights_only=True)`` can read them.
+"""
+
+from .checkpoint_safety import allow_fairseq_checkpoint_classes
+
+allow_fairseq_checkpoint_classes()
+
+from . import tasks  # noqa: E402,F401  (registration side effects)
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""The embedded corpus: spoken captions of rendered scenes, synthesised with espeak-ng, phone-aligned."""

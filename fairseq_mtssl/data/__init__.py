@@ -1,0 +1,1 @@
+"""Audio, manifest and label input/output with errors that name the file and line."""

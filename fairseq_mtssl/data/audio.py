@@ -1,0 +1,69 @@
+"""Reading audio for fairseq: 16 kHz mono only, errors name the file (and manifest line)."""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import soundfile as sf
+
+SAMPLE_RATE = 16000
+
+
+class AudioFormatError(ValueError):
+    """Audio that is unreadable, truncated, multi-channel or at the wrong sample rate."""
+
+
+def _where(path, where: Optional[str]) -> str:
+    return f"{where}: {path}" if where else str(path)
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    num_samples: int
+    sample_rate: int
+    channels: int
+
+
+def read_audio_info(path, where: Optional[str] = None, sample_rate: int = SAMPLE_RATE) -> AudioInfo:
+    """Read only the header of ``path`` and check it is ``sample_rate`` Hz mono.
+
+    ``where`` (e.g. ``"train.tsv:12"``) is prepended to error messages.
+    """
+    try:
+        info = sf.info(str(path))
+    except Exception as err:
+        raise AudioFormatError(f"{_where(path, where)}: unreadable audio ({err})") from err
+    if info.samplerate != sample_rate:
+        raise AudioFormatError(
+            f"{_where(path, where)}: sample rate {info.samplerate} Hz, expected {sample_rate} Hz "
+            f"(resample it first, e.g. `sox in.wav -r {sample_rate} out.wav`)"
+        )
+    if info.channels != 1:
+        raise AudioFormatError(f"{_where(path, where)}: {info.channels} channels, expected mono")
+    if info.frames <= 0:
+        raise AudioFormatError(f"{_where(path, where)}: empty audio (0 samples)")
+    return AudioInfo(info.frames, info.samplerate, info.channels)
+
+
+def read_audio(
+    path,
+    where: Optional[str] = None,
+    expected_samples: Optional[int] = None,
+    sample_rate: int = SAMPLE_RATE,
+) -> np.ndarray:
+    """Read ``path`` as float32 ``(T,)`` in [-1, 1]; check rate, channels and (if given) length."""
+    try:
+        wav, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as err:
+        raise AudioFormatError(f"{_where(path, where)}: unreadable audio ({err})") from err
+    if sr != sample_rate:
+        raise AudioFormatError(f"{_where(path, where)}: sample rate {sr} Hz, expected {sample_rate} Hz")
+    if wav.shape[1] != 1:
+        raise AudioFormatError(f"{_where(path, where)}: {wav.shape[1]} channels, expected mono")
+    wav = wav[:, 0]
+    if expected_samples is not None and len(wav) != expected_samples:
+        raise AudioFormatError(
+            f"{_where(path, where)}: {len(wav)} samples decoded but the manifest says {expected_samples} "
+            "(truncated or replaced file? rebuild the manifest)"
+        )
+    return wav

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Create (or reuse) ./.venv with torch 2.13 from the local CPU wheel, ve-fairseq without its
+# torchaudio dependency, and this package in editable mode. Idempotent: a second run is quick.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+stamp="$VENV/.mtssl-bootstrap"
+want="$(cat requirements.txt setup.cfg | sha1sum | cut -c1-16)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+pip="$VENV/bin/python -m pip --disable-pip-version-check"
+# torch first and pinned, so nothing below can pull a CUDA build.
+$pip install -q torch==2.13.0
+$pip install -q --no-deps ve-fairseq==0.12.3
+$pip install -q -r requirements.txt torch==2.13.0
+$pip install -q --no-deps --no-build-isolation -e .
+"$VENV/bin/python" - <<'PY'
+import sys
+import torch
+assert torch.__version__.startswith("2.13.0"), torch.__version__
+import fairseq_mtssl  # registers the plugin
+print(f"fairseq-mtssl venv ready: torch {torch.__version__}, python {sys.version.split()[0]}")
+PY
+echo "$want" > "$stamp"
