@@ -1,0 +1,163 @@
+"""Dump frame features of a manifest shard as ``{split}_{rank}_{nshard}.npy`` + ``.len`` (npy-append-array).
+
+    mtssl-dump-features data/manifests/train.tsv feats/mfcc --feature mfcc --nshard 4 --rank 0
+    mtssl-dump-features data/manifests/train.tsv feats/hubert_l6 --feature model \\
+        --checkpoint checkpoint_best.pt --layer 6
+
+``.npy`` holds the frames of all utterances of the shard stacked ``(sum F_i, C)`` float32; ``.len``
+one frame count a line, in manifest order. Work in progress lives in ``*.partial`` files; a run
+killed at any point (even ``kill -9``) resumes where it stopped when started again, and the final
+names appear only once the shard is complete.
+"""
+
+import argparse
+import logging
+import os
+from pathlib import Path
+from typing import Tuple
+
+import numpy as np
+from npy_append_array import NpyAppendArray
+from tqdm import tqdm
+
+from ..data.batches import iter_audio_batches, shard_range
+from ..data.manifest import read_manifest
+from .features import make_reader
+
+logger = logging.getLogger(__name__)
+
+
+class FeatureDumpError(RuntimeError):
+    pass
+
+
+def shard_paths(feat_dir, split: str, rank: int, nshard: int) -> Tuple[Path, Path]:
+    base = Path(feat_dir) / f"{split}_{rank}_{nshard}"
+    return base.with_suffix(".npy"), base.with_suffix(".len")
+
+
+def _npy_rows(path: Path) -> Tuple[int, int, int, np.dtype]:
+    """``(rows in header, rows whose bytes are on disk, header length, dtype)`` of a 2-D .npy file."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read_header is None:
+            raise FeatureDumpError(f"{path}: unsupported .npy version {version}")
+        shape, _, dtype = read_header(f)
+        header_len = f.tell()
+    row_bytes = int(np.prod(shape[1:])) * dtype.itemsize
+    on_disk = (path.stat().st_size - header_len) // row_bytes if row_bytes else 0
+    return shape[0], on_disk, header_len, dtype
+
+
+def recover_partial(npy: Path, lens: Path) -> int:
+    """Make ``npy``/``lens`` consistent after an interruption; return the number of utterances done."""
+    done_lens = []
+    if lens.exists():
+        raw = lens.read_text()
+        complete = raw[: raw.rfind("\n") + 1] if "\n" in raw else ""
+        done_lens = [int(x) for x in complete.splitlines()]
+        if complete != raw:
+            lens.write_text(complete)
+    expected = sum(done_lens)
+    if not npy.exists():
+        if expected:
+            raise FeatureDumpError(f"{lens}: lists {len(done_lens)} utterances but {npy} is missing; delete both and rerun")
+        lens.unlink(missing_ok=True)
+        return 0
+    header_rows, on_disk, _, _ = _npy_rows(npy)
+    if min(header_rows, on_disk) < expected:
+        raise FeatureDumpError(f"{npy}: holds {min(header_rows, on_disk)} frames but {lens} lists {expected}; delete both and rerun")
+    if header_rows != expected or on_disk != expected:
+        logger.info("%s: trimming to the %d frames of %d finished utterances", npy, expected, len(done_lens))
+        arr = np.load(npy, mmap_mode="r")
+        tmp = npy.with_name(npy.name + ".trim")
+        tmp.unlink(missing_ok=True)
+        if expected:
+            with NpyAppendArray(str(tmp)) as out:
+                for s in range(0, expected, 100_000):
+                    out.append(np.ascontiguousarray(arr[s : min(expected, s + 100_000)]))
+            del arr
+            os.replace(tmp, npy)
+        else:
+            del arr
+            npy.unlink()
+    return len(done_lens)
+
+
+def dump_features(manifest_path, feat_dir, reader, split=None, rank=0, nshard=1, max_batch_samples=1_600_000, workers=4) -> Tuple[Path, Path]:
+    manifest = read_manifest(manifest_path)
+    split = split or Path(manifest_path).stem
+    npy, lens = shard_paths(feat_dir, split, rank, nshard)
+    if npy.exists() and lens.exists():
+        logger.info("%s already complete", npy)
+        return npy, lens
+    Path(feat_dir).mkdir(parents=True, exist_ok=True)
+    part_npy, part_lens = npy.with_name(npy.name + ".partial"), lens.with_name(lens.name + ".partial")
+    if npy.exists() and not lens.exists() and part_lens.exists():  # killed between the two final renames
+        os.replace(npy, part_npy)
+    start, end = shard_range(len(manifest), rank, nshard)
+    done = recover_partial(part_npy, part_lens)
+    todo = list(range(start + done, end))
+    bar = tqdm(total=end - start, initial=done, desc=f"{reader.name} {split} {rank}/{nshard}", unit="utt", disable=None, mininterval=2.0)
+    batch_samples = max_batch_samples if reader.batchable else 1
+    with open(part_lens, "a") as flen:
+        for indices, wavs in iter_audio_batches(manifest, todo, batch_samples, workers):
+            feats = reader(wavs)
+            for i, f in zip(indices, feats):
+                if len(f) == 0:
+                    raise FeatureDumpError(f"{manifest.where(i)}: {manifest.entries[i].path} is too short for one feature frame")
+            with NpyAppendArray(str(part_npy)) as out:
+                out.append(np.concatenate(feats).astype(np.float32, copy=False))
+            flen.write("".join(f"{len(f)}\n" for f in feats))
+            flen.flush()
+            bar.update(len(indices))
+    bar.close()
+    if end == start:
+        raise FeatureDumpError(f"{manifest_path}: shard {rank}/{nshard} is empty")
+    os.replace(part_npy, npy)
+    os.replace(part_lens, lens)
+    return npy, lens
+
+
+def load_features(feat_dir, split: str, nshard: int = 1):
+    """A split's shards in order: ``[(features (N_r, C) memory-mapped, frame counts), ...]``."""
+    shards = []
+    for rank in range(nshard):
+        npy, lens = shard_paths(feat_dir, split, rank, nshard)
+        if not (npy.exists() and lens.exists()):
+            raise FileNotFoundError(f"{npy} / {lens}: shard not dumped (or not finished)")
+        arr = np.load(npy, mmap_mode="r")
+        n = [int(x) for x in lens.read_text().split()]
+        if sum(n) != len(arr):
+            raise FeatureDumpError(f"{lens}: lengths sum to {sum(n)} but {npy} has {len(arr)} frames")
+        shards.append((arr, n))
+    return shards
+
+
+def add_reader_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--feature", choices=["mfcc", "model"], default="mfcc")
+    p.add_argument("--checkpoint", help="fairseq HuBERT / wav2vec 2.0 / plugin checkpoint (--feature model)")
+    p.add_argument("--layer", type=int, help="1-based transformer layer (--feature model)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-batch-samples", type=int, default=1_600_000, help="padded samples per batch")
+    p.add_argument("--workers", type=int, default=4, help="audio reading threads")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("manifest")
+    p.add_argument("feat_dir")
+    p.add_argument("--split", help="output name (default: manifest file stem)")
+    p.add_argument("--rank", type=int, default=0)
+    p.add_argument("--nshard", type=int, default=1)
+    add_reader_args(p)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    reader = make_reader(a.feature, a.checkpoint, a.layer, a.device)
+    npy, lens = dump_features(a.manifest, a.feat_dir, reader, a.split, a.rank, a.nshard, a.max_batch_samples, a.workers)
+    print(npy)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Frame-level feature readers for k-means: MFCC (100 Hz) and a layer of a fairseq speech model (50 Hz).
+
+A reader maps a list of 16 kHz waveforms ``(T_i,)`` to a list of ``(F_i, C)`` float32 arrays,
+batching internally where that cannot change any frame.
+"""
+
+import logging
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from . import mfcc as mfcc_lib
+
+logger = logging.getLogger(__name__)
+
+
+class MfccReader:
+    """HuBERT iteration-1 features: 39-dim Kaldi MFCC + deltas at 100 Hz."""
+
+    name = "mfcc"
+    frame_rate = mfcc_lib.FRAME_RATE
+    dim = mfcc_lib.FEATURE_DIM
+    batchable = True
+
+    def __call__(self, wavs: Sequence[np.ndarray]) -> List[np.ndarray]:
+        return mfcc_lib.batch_mfcc(wavs)
+
+
+def conv_output_frames(num_samples: int, conv_layers) -> int:
+    """Frames produced by a wav2vec 2.0 / HuBERT conv front end ``[(dim, kernel, stride), ...]``."""
+    n = num_samples
+    for _, k, s in conv_layers:
+        n = (n - k) // s + 1
+    return max(n, 0)
+
+
+def load_speech_model(checkpoint: str):
+    """Load a fairseq HuBERT / wav2vec 2.0 (or plugin) checkpoint for feature extraction: ``(model, task_cfg)``."""
+    import fairseq_mtssl  # noqa: F401  (registers the plugin's classes and the checkpoint allowlist)
+    from fairseq import checkpoint_utils
+
+    models, _cfg, task = checkpoint_utils.load_model_ensemble_and_task([checkpoint])
+    model = models[0].eval()
+    return model, task.cfg
+
+
+class ModelLayerReader:
+    """Hidden states after transformer layer ``layer`` (1-based) of a fairseq speech model."""
+
+    name = "model"
+    batchable = True
+
+    def __init__(self, checkpoint: str, layer: int, device: str = "cpu", max_chunk: int = 1_600_000):
+        if layer < 1:
+            raise ValueError(f"layer must be >= 1 (1-based transformer layer), got {layer}")
+        from fairseq.models.hubert import HubertModel
+        from fairseq.models.wav2vec import Wav2Vec2Model
+
+        self.model, task_cfg = load_speech_model(checkpoint)
+        self.model.to(device)
+        self.device = device
+        self.layer = layer
+        self.max_chunk = max_chunk
+        self.normalize = bool(getattr(task_cfg, "normalize", False))
+        if isinstance(self.model, HubertModel):
+            self._kind = "hubert"
+        elif isinstance(self.model, Wav2Vec2Model):
+            self._kind = "wav2vec2"
+        else:
+            raise TypeError(f"{checkpoint}: {type(self.model).__name__} is not a HuBERT or wav2vec 2.0 model")
+        n_layers = len(self.model.encoder.layers)
+        if layer > n_layers:
+            raise ValueError(f"{checkpoint}: layer {layer} requested but the model has {n_layers} layers")
+        cfg = self.model.cfg if hasattr(self.model, "cfg") else None
+        conv = eval(cfg.conv_feature_layers) if cfg is not None else [(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512, 2, 2)] * 2
+        self.conv_layers = conv
+        self.frame_rate = 16000 / int(np.prod([s for _, _, s in conv]))
+        self.dim = cfg.encoder_embed_dim if cfg is not None else None
+        # GroupNorm over time in the "default" front end makes a frame depend on the padding.
+        self.batchable = getattr(cfg, "extractor_mode", "default") == "layer_norm"
+
+    def num_frames(self, num_samples: int) -> int:
+        return conv_output_frames(num_samples, self.conv_layers)
+
+    @torch.inference_mode()
+    def _forward(self, source: torch.Tensor, padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        if self._kind == "hubert":
+            x, _ = self.model.extract_features(source, padding_mask=padding_mask, mask=False, output_layer=self.layer)
+            return x
+        return self.model.extract_features(source, padding_mask, mask=False, layer=self.layer - 1)["x"]
+
+    def _prepare(self, wav: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(np.asarray(wav, dtype=np.float32)).to(self.device)
+        if self.normalize:
+            x = torch.nn.functional.layer_norm(x, x.shape)
+        return x
+
+    def __call__(self, wavs: Sequence[np.ndarray]) -> List[np.ndarray]:
+        if not self.batchable or len(wavs) == 1:
+            return [self._forward(self._prepare(w)[None], None)[0].float().cpu().numpy() for w in wavs]
+        lengths = [len(w) for w in wavs]
+        source = torch.zeros(len(wavs), max(lengths), device=self.device)
+        padding_mask = torch.ones(len(wavs), max(lengths), dtype=torch.bool, device=self.device)
+        for i, w in enumerate(wavs):
+            source[i, : len(w)] = self._prepare(w)
+            padding_mask[i, : len(w)] = False
+        x = self._forward(source, padding_mask)
+        return [x[i, : self.num_frames(n)].float().cpu().numpy() for i, n in enumerate(lengths)]
+
+
+def make_reader(feature: str, checkpoint: Optional[str] = None, layer: Optional[int] = None, device: str = "cpu"):
+    if feature == "mfcc":
+        return MfccReader()
+    if feature == "model":
+        if not checkpoint or not layer:
+            raise ValueError("--feature model needs --checkpoint and --layer")
+        return ModelLayerReader(checkpoint, layer, device)
+    raise ValueError(f"unknown feature {feature!r} (mfcc or model)")

@@ -1,0 +1,80 @@
+"""Learn k-means on dumped features with fairseq's simple_kmeans settings; save it with joblib.
+
+    mtssl-learn-kmeans feats/mfcc train 1 km/mfcc_k100.joblib --n-clusters 100 --percent 0.1
+
+MiniBatchKMeans(k-means++, batch 10000, n_init 20, max_iter 100, max_no_improvement 100,
+reassignment_ratio 0, tol 0) on a random ``--percent`` of the frames (``-1``: all).
+"""
+
+import argparse
+import logging
+
+import joblib
+import numpy as np
+from sklearn.cluster import MiniBatchKMeans
+
+from ..atomic import atomic_write
+from .dump_features import load_features
+
+logger = logging.getLogger(__name__)
+
+
+def fairseq_minibatch_kmeans(n_clusters: int, seed: int = 0, batch_size: int = 10000, n_init: int = 20, max_iter: int = 100,
+                             max_no_improvement: int = 100, init: str = "k-means++", reassignment_ratio: float = 0.0) -> MiniBatchKMeans:
+    return MiniBatchKMeans(
+        n_clusters=n_clusters, init=init, max_iter=max_iter, batch_size=batch_size, verbose=0, compute_labels=False,
+        tol=0.0, max_no_improvement=max_no_improvement, init_size=None, n_init=n_init,
+        reassignment_ratio=reassignment_ratio, random_state=seed,
+    )
+
+
+def sample_frames(arrays, percent: float, seed: int) -> np.ndarray:
+    """A uniform random ``percent`` of all frames (all of them if ``percent`` <= 0 or >= 1)."""
+    rng = np.random.default_rng(seed)
+    parts = []
+    for arr in arrays:
+        if 0 < percent < 1:
+            keep = np.sort(rng.choice(len(arr), size=max(1, int(len(arr) * percent)), replace=False))
+            parts.append(np.asarray(arr[keep]))
+        else:
+            parts.append(np.asarray(arr))
+    return np.concatenate(parts).astype(np.float32, copy=False)
+
+
+def learn_kmeans(feat_dir, split, nshard, km_path, n_clusters, percent=-1.0, seed=0, **kmeans_kwargs) -> MiniBatchKMeans:
+    feats = sample_frames([arr for arr, _ in load_features(feat_dir, split, nshard)], percent, seed)
+    if len(feats) < n_clusters:
+        raise ValueError(f"{feat_dir}: {len(feats)} sampled frames for {n_clusters} clusters; raise --percent or lower --n-clusters")
+    logger.info("k-means: %d frames x %d dims -> %d clusters", feats.shape[0], feats.shape[1], n_clusters)
+    km = fairseq_minibatch_kmeans(n_clusters, seed=seed, **kmeans_kwargs).fit(feats)
+    inertia = -km.score(feats) / len(feats)
+    logger.info("k-means inertia per frame: %.5f", inertia)
+    with atomic_write(km_path, "wb") as f:
+        joblib.dump(km, f)
+    return km
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("feat_dir")
+    p.add_argument("split")
+    p.add_argument("nshard", type=int)
+    p.add_argument("km_path")
+    p.add_argument("--n-clusters", type=int, required=True)
+    p.add_argument("--percent", type=float, default=-1, help="fraction of frames to fit on (-1: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=10000)
+    p.add_argument("--n-init", type=int, default=20)
+    p.add_argument("--max-iter", type=int, default=100)
+    p.add_argument("--max-no-improvement", type=int, default=100)
+    p.add_argument("--init", default="k-means++")
+    p.add_argument("--reassignment-ratio", type=float, default=0.0)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    learn_kmeans(a.feat_dir, a.split, a.nshard, a.km_path, a.n_clusters, a.percent, a.seed, batch_size=a.batch_size,
+                 n_init=a.n_init, max_iter=a.max_iter, max_no_improvement=a.max_no_improvement, init=a.init,
+                 reassignment_ratio=a.reassignment_ratio)
+
+
+if __name__ == "__main__":
+    main()

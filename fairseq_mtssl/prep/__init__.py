@@ -1,0 +1,1 @@
+"""Manifest builders: wav/flac trees, LibriSpeech, SpokenCOCO-style captions, the embedded corpus."""

@@ -1,0 +1,53 @@
+"""The embedded corpus -> fairseq manifests for every split, with every label format.
+
+    mtssl-manifest-corpus data/corpus --dest data/manifests
+
+Writes, for each split (train, valid, test): ``.tsv``, ``.img``/``.images``/``.spk``/``.wrd``/``.ltr``
+(as :mod:`spokencoco_manifest`), ``.phn`` (phones from the alignments, ``sil`` dropped), and the
+training split's ``dict.ltr.txt`` and ``dict.phn.txt``.
+"""
+
+import argparse
+from pathlib import Path
+
+from ..corpus.alignment import SILENCE, read_ctm
+from ..data.manifest import read_manifest, write_lines
+from .common import write_dictionary
+from .spokencoco_manifest import build_spokencoco_manifest
+
+SPLITS = ("train", "valid", "test")
+
+
+def build_corpus_manifests(corpus, dest, workers: int = 0) -> dict:
+    corpus, dest = Path(corpus), Path(dest)
+    if not (corpus / "corpus.json").exists():
+        raise FileNotFoundError(f"{corpus}/corpus.json not found: build the corpus with mtssl-synth-corpus first")
+    counts = {}
+    for split in SPLITS:
+        counts[split] = build_spokencoco_manifest(corpus / "captions" / f"{split}.json", corpus, corpus, dest, split, workers)
+        align_path = corpus / "alignments" / f"{split}.phones.ctm"
+        segs = read_ctm(align_path)
+        manifest = read_manifest(dest / f"{split}.tsv")
+        phones = []
+        for i, e in enumerate(manifest.entries):
+            utt = Path(e.path).stem
+            if utt not in segs:
+                raise KeyError(f"{manifest.where(i)}: utterance {utt} has no alignment in {align_path}")
+            phones.append(" ".join(s.label for s in segs[utt] if s.label != SILENCE))
+        write_lines(dest / f"{split}.phn", phones)
+        if split == "train":
+            write_dictionary(dest / "dict.phn.txt", (p for line in phones for p in line.split()))
+    return counts
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("corpus")
+    p.add_argument("--dest", required=True)
+    p.add_argument("--workers", type=int, default=0)
+    a = p.parse_args(argv)
+    print(" ".join(f"{k}={v}" for k, v in build_corpus_manifests(a.corpus, a.dest, a.workers).items()))
+
+
+if __name__ == "__main__":
+    main()

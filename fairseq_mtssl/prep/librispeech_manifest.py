@@ -1,0 +1,100 @@
+"""A LibriSpeech-layout directory -> ``{split}.tsv`` with ``.wrd``, ``.ltr`` and optionally ``.phn``.
+
+    mtssl-manifest-librispeech /data/LibriSpeech/train-clean-100 --dest manifests/ls --split train
+        [--lexicon librispeech-lexicon.txt | --alignments train.phones.ctm]
+
+The layout is ``speaker/chapter/speaker-chapter.trans.txt`` with ``UTT_ID WORD WORD ...`` lines
+and ``UTT_ID.flac`` beside it. Phones come from a lexicon (``WORD PH PH ...``, first pronunciation
+wins) or from a phone alignment (``utt start end phone`` lines, ``sil`` dropped).
+"""
+
+import argparse
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from ..corpus.alignment import SILENCE, read_ctm
+from ..data.manifest import write_lines, write_manifest
+from .common import count_samples, letters, write_dictionary
+
+
+def read_lexicon(path) -> Dict[str, List[str]]:
+    lexicon: Dict[str, List[str]] = {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) < 2:
+                raise ValueError(f"{path}:{lineno}: word without phones: {line.rstrip()!r}")
+            lexicon.setdefault(parts[0].upper(), parts[1:])
+    return lexicon
+
+
+def read_transcripts(root: Path, audio_ext: str) -> List[Tuple[str, str, str]]:
+    """``(relative audio path, utt id, transcript)`` for every line of every ``*.trans.txt``."""
+    rows = []
+    trans_files = sorted(root.rglob("*.trans.txt"))
+    if not trans_files:
+        raise ValueError(f"{root}: no *.trans.txt files (not a LibriSpeech-layout directory)")
+    for trans in trans_files:
+        with open(trans, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                utt, _, text = line.strip().partition(" ")
+                audio = trans.parent / f"{utt}.{audio_ext}"
+                if not audio.exists():
+                    raise FileNotFoundError(f"{trans}:{lineno}: audio {audio.name} not found beside the transcript")
+                rows.append((str(audio.relative_to(root)), utt, text, f"{trans}:{lineno}"))
+    return rows
+
+
+def build_librispeech_manifest(root, dest, split, lexicon: Optional[str] = None, alignments: Optional[str] = None, audio_ext: str = "flac", workers: int = 0) -> int:
+    root, dest = Path(root).resolve(), Path(dest)
+    rows = read_transcripts(root, audio_ext)
+    sizes = count_samples([str(root / r[0]) for r in rows], [r[3] for r in rows], workers=workers)
+    n = write_manifest(dest / f"{split}.tsv", root, zip([r[0] for r in rows], sizes))
+    write_lines(dest / f"{split}.wrd", (r[2] for r in rows))
+    write_lines(dest / f"{split}.ltr", (letters(r[2]) for r in rows))
+    if split == "train":  # dictionaries come from the training split only
+        write_dictionary(dest / "dict.ltr.txt", (c for r in rows for c in letters(r[2]).split()))
+    phones = None
+    if lexicon:
+        lex = read_lexicon(lexicon)
+        phones = []
+        for _, utt, text, where in rows:
+            missing = [w for w in text.upper().split() if w not in lex]
+            if missing:
+                raise KeyError(f"{where}: words not in lexicon {lexicon}: {' '.join(missing[:5])}")
+            phones.append(" ".join(p for w in text.upper().split() for p in lex[w]))
+    elif alignments:
+        segs = read_ctm(alignments)
+        phones = []
+        for _, utt, _, where in rows:
+            if utt not in segs:
+                raise KeyError(f"{where}: utterance {utt} has no alignment in {alignments}")
+            phones.append(" ".join(s.label for s in segs[utt] if s.label != SILENCE))
+    if phones is not None:
+        write_lines(dest / f"{split}.phn", phones)
+        if split == "train":
+            write_dictionary(dest / "dict.phn.txt", (p for line in phones for p in line.split()))
+    return n
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("root", help="e.g. LibriSpeech/train-clean-100")
+    p.add_argument("--dest", required=True)
+    p.add_argument("--split", required=True, help="output name, e.g. train or dev_clean")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--lexicon", help="WORD PH PH ... file for .phn")
+    g.add_argument("--alignments", help="phone alignment (utt start end phone) for .phn")
+    p.add_argument("--audio-ext", default="flac")
+    p.add_argument("--workers", type=int, default=0)
+    a = p.parse_args(argv)
+    n = build_librispeech_manifest(a.root, a.dest, a.split, a.lexicon, a.alignments, a.audio_ext, a.workers)
+    print(f"{a.split}={n}")
+
+
+if __name__ == "__main__":
+    main()
