@@ -5,6 +5,11 @@ registers its tasks, models and criterions with fairseq and allowlists the plain
 fairseq checkpoints pickle, so ``torch.load(weights_only=True)`` can read them.
 """
 
+import logging
+
+# fairseq logs an INFO line about tensorboardX on every import; it says nothing about this plugin.
+logging.getLogger("fairseq.tasks.text_to_speech").setLevel(logging.WARNING)
+
 from .checkpoint_safety import allow_fairseq_checkpoint_classes
 
 allow_fairseq_checkpoint_classes()

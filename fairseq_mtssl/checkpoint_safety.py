@@ -1,15 +1,14 @@
 """Let ``torch.load(weights_only=True)`` (the default since torch 2.6) read fairseq checkpoints.
 
-fairseq checkpoints pickle a handful of plain data classes besides tensors: ``argparse.Namespace``
-(``args`` of pre-hydra checkpoints such as the official HuBERT / wav2vec 2.0 releases), the task's
-``fairseq.data.dictionary.Dictionary`` objects, the training meters saved in ``extra_state`` and
-numpy scalars inside them, and, in some releases, omegaconf containers. This module allowlists
+fairseq checkpoints pickle a handful of plain data classes besides tensors and builtins: ``argparse.Namespace``
+(``args`` of pre-hydra checkpoints such as the official wav2vec 2.0 / HuBERT releases), the task's
+``fairseq.data.dictionary.Dictionary`` objects (``task_state``, and ``checkpoint_last.pt`` of every
+``hubert_pretraining`` run), and numpy scalars (values inside some ``args``). This module allowlists
 exactly those classes with :func:`torch.serialization.add_safe_globals`; anything else (for example a
 checkpoint that pickles a callable such as ``os.system``) is still refused by torch's safe unpickler.
 """
 
 import argparse
-import collections
 import logging
 from typing import List
 
@@ -19,53 +18,21 @@ import torch
 logger = logging.getLogger(__name__)
 
 
-def _fairseq_classes() -> List[type]:
-    from fairseq.data.dictionary import Dictionary
-    from fairseq.logging import meters
-
-    meter_classes = [
-        getattr(meters, name)
-        for name in ("AverageMeter", "SumMeter", "ConcatTensorMeter", "TimeMeter", "StopwatchMeter")
-        if hasattr(meters, name)
-    ]
-    return [Dictionary, *meter_classes]
-
-
-def _numpy_classes() -> List[object]:
-    """numpy objects that appear in meters (``np.float64`` values) and in some ``args``."""
+def _numpy_scalar_classes() -> List[object]:
+    """What pickling a numpy scalar (``np.float64(0.5)``, as in some ``args`` and meter values) references."""
     try:  # numpy >= 2
-        from numpy._core.multiarray import _reconstruct, scalar
+        from numpy._core.multiarray import scalar
     except ImportError:  # pragma: no cover - numpy 1.x
-        from numpy.core.multiarray import _reconstruct, scalar
+        from numpy.core.multiarray import scalar
     dtype_classes = [type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool")]
-    return [scalar, _reconstruct, np.dtype, np.ndarray, *dtype_classes]
-
-
-def _omegaconf_classes() -> List[type]:
-    import typing
-
-    from omegaconf import DictConfig, ListConfig
-    from omegaconf import nodes
-    from omegaconf.base import ContainerMetadata, Metadata
-
-    node_classes = [
-        getattr(nodes, n)
-        for n in ("AnyNode", "StringNode", "IntegerNode", "FloatNode", "BooleanNode", "EnumNode", "ValueNode")
-        if hasattr(nodes, n)
-    ]
-    return [DictConfig, ListConfig, ContainerMetadata, Metadata, *node_classes, typing.Any, dict, list, int]
+    return [scalar, np.dtype, *dtype_classes]
 
 
 def safe_checkpoint_classes() -> List[object]:
-    """Every global a fairseq checkpoint may reference that is plain data, never code."""
-    return [
-        argparse.Namespace,
-        collections.OrderedDict,
-        collections.defaultdict,
-        *_fairseq_classes(),
-        *_numpy_classes(),
-        *_omegaconf_classes(),
-    ]
+    """Every global a fairseq checkpoint references that is plain data, never code."""
+    from fairseq.data.dictionary import Dictionary
+
+    return [argparse.Namespace, Dictionary, *_numpy_scalar_classes()]
 
 
 _ALLOWED = False

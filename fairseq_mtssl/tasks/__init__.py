@@ -1,0 +1,3 @@
+"""fairseq tasks registered by the plugin."""
+
+from . import hubert_pretraining_checked  # noqa: F401
