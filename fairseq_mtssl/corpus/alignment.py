@@ -3,6 +3,7 @@
 Alignment files (``alignments/{split}.phones.ctm`` and ``{split}.words.ctm``) have one segment per
 line, ``utt_id start_s end_s label``, separated by single spaces, times in seconds (4 decimals) on
 the 16 kHz audio, segments of an utterance contiguous, in time order, covering the whole file.
+Word labels are lower-case words; words espeak speaks as one unit share a segment (``of+a``).
 Phone labels are espeak-ng's English mnemonics without stress marks; pauses are ``sil``;
 espeak's off-glide mark ``;`` is folded into the phone before it.
 """
@@ -36,19 +37,21 @@ def align_events(
     """Turn espeak events into contiguous phone and word segments covering ``num_samples`` (at ``audio_rate``).
 
     A phone lasts from its event to the next phoneme (or end) event. A word spans its phones; the
-    stretches between words are ``sil``.
+    stretches between words are ``sil``. Words espeak speaks as one unit share a segment labelled
+    with the words joined by ``+`` (``of+a``).
     """
     scale = 1.0 / events_rate
     total = num_samples / audio_rate
     phonemes = [e for e in events if e.kind == EVENT_PHONEME]
     ends = [e.sample for e in events if e.kind == EVENT_END]
     end_sample = max(ends) if ends else None
+    # Each word event owns the text up to the next one: espeak reports one event for words it
+    # speaks as one (e.g. "of a"), whose segment is labelled "of+a".
+    starts = sorted({e.text_position for e in events if e.kind == EVENT_WORD})
     words_at: Dict[int, str] = {
-        e.text_position: text[e.text_position - 1 : e.text_position - 1 + e.length]
-        for e in events
-        if e.kind == EVENT_WORD
+        pos: "+".join(text[pos - 1 : (starts[i + 1] - 1 if i + 1 < len(starts) else len(text))].lower().split())
+        for i, pos in enumerate(starts)
     }
-
     raw: List[Tuple[float, float, str, int]] = []  # start, end, phone, word text position (0: none)
     for i, e in enumerate(phonemes):
         nxt = phonemes[i + 1].sample if i + 1 < len(phonemes) else (end_sample if end_sample is not None else e.sample)
@@ -85,7 +88,7 @@ def align_events(
         start, end = spans[0][0], spans[-1][1]
         if start > wcursor:
             words.append(Segment(wcursor, start, SILENCE))
-        words.append(Segment(start, end, words_at.get(pos, "?").lower()))
+        words.append(Segment(start, end, words_at.get(pos, "?")))
         wcursor = end
     if total > wcursor:
         words.append(Segment(wcursor, total, SILENCE))

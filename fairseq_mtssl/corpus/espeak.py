@@ -66,6 +66,9 @@ class Voice:
         return f"{self.base}+{self.variant}"
 
 
+_libc = ctypes.CDLL(None)
+
+
 class EspeakError(RuntimeError):
     pass
 
@@ -117,11 +120,17 @@ class EspeakSynthesizer:
             i += 1
         return 0
 
-    def synthesize(self, text: str, voice: Voice) -> Tuple[np.ndarray, List[SynthEvent]]:
-        """Return ``(int16 audio (T,), events)`` for ``text`` spoken by ``voice``."""
+    def synthesize(self, text: str, voice: Voice, noise_seed: int = 0) -> Tuple[np.ndarray, List[SynthEvent]]:
+        """Return ``(int16 audio (T,), events)`` for ``text`` spoken by ``voice``.
+
+        ``noise_seed`` seeds the random breath noise of some voices (libespeak-ng draws it from libc
+        ``rand()``), so the same call gives the same samples.
+        """
         lib = type(self)._lib
         data = text.encode("utf-8")
         with type(self)._lock:
+            _libc.srand(ctypes.c_uint(noise_seed & 0xFFFFFFFF))
+            lib.espeak_ng_SetRandSeed(ctypes.c_long(noise_seed))
             if lib.espeak_SetVoiceByName(voice.name.encode()) != 0:
                 raise EspeakError(f"unknown espeak voice {voice.name!r}")
             for param, value in ((_RATE, voice.rate), (_PITCH, voice.pitch), (_RANGE, voice.pitch_range), (_VOLUME, 100)):

@@ -20,7 +20,9 @@ held-out speakers and held-out images. Everything is a function of ``--seed`` an
 import argparse
 import json
 import logging
+import multiprocessing
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Dict, List
@@ -41,7 +43,8 @@ FORMAT_VERSION = 1
 SAMPLE_RATE = 16000
 TRAIN_VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "f1", "f2", "f3", "f4", "klatt", "klatt3", "iven", "john", "linda", "max")
 TEST_VARIANTS = ("m7", "m8", "f5", "klatt2", "edward", "david")
-MEAN_CAPTION_SECONDS = 2.7  # measured on the default voices, used to turn --hours into images
+MEAN_CAPTION_SECONDS = 2.7
+SPLITS = ("train", "valid", "test")  # measured on the default voices, used to turn --hours into images
 
 
 def make_speakers(rng: np.random.Generator, variants) -> List[Voice]:
@@ -55,86 +58,95 @@ def speaker_id(i: int, voice: Voice) -> str:
     return f"spk{i:02d}-{voice.variant}"
 
 
-def build(out: Path, hours: float, seed: int, captions_per_image: int, image_size: int) -> dict:
+def _speakers(seed: int):
     rng = np.random.default_rng(seed)
-    speakers = {"train": make_speakers(rng, TRAIN_VARIANTS)}
-    speakers["test"] = make_speakers(rng, TEST_VARIANTS)
-    all_speakers = {speaker_id(i, v): v for i, v in enumerate(speakers["train"] + speakers["test"])}
-    ids_by_split = {
-        "train": [speaker_id(i, v) for i, v in enumerate(speakers["train"])],
-        "test": [speaker_id(len(speakers["train"]) + i, v) for i, v in enumerate(speakers["test"])],
-    }
-    ids_by_split["valid"] = ids_by_split["train"]
+    train, test = make_speakers(rng, TRAIN_VARIANTS), make_speakers(rng, TEST_VARIANTS)
+    voices = {speaker_id(i, v): v for i, v in enumerate(train + test)}
+    ids = {"train": list(voices)[: len(train)], "test": list(voices)[len(train) :]}
+    ids["valid"] = ids["train"]
+    return voices, ids
+
+
+def synth_split(out: Path, split: str, n_images: int, seed: int, captions_per_image: int, image_size: int) -> dict:
+    """Render and speak one split into ``out``. Runs in a fresh process: libespeak-ng keeps state
+    between calls (even across espeak_Terminate), so output depends on what was spoken before."""
+    voices, ids_by_split = _speakers(seed)
+    speaker_ids = ids_by_split[split]
+    rng = np.random.default_rng([seed, SPLITS.index(split)])
+    synth = EspeakSynthesizer()
+    data, phone_lines, word_lines, scenes, prons = [], [], [], [], []
+    phone_inventory: Counter = Counter()
+    total = 0.0
+    bar = tqdm(total=n_images * captions_per_image, desc=f"synth {split}", unit="utt", file=sys.stderr, disable=None, mininterval=2.0)
+    for k in range(n_images):
+        scene = sample_scene(rng, f"{split}_{k:05d}")
+        render_scene(scene, image_size).save(out / "images" / f"{scene.image_id}.png")
+        scenes.append(json.dumps(scene.to_json()))
+        templates = caption_templates(scene)
+        wordings = rng.choice(len(templates), size=captions_per_image, replace=captions_per_image > len(templates))
+        speakers = rng.choice(len(speaker_ids), size=captions_per_image, replace=False)
+        captions = []
+        for c, (w, v) in enumerate(zip(wordings, speakers)):
+            spk, text = speaker_ids[v], templates[w]
+            audio22, events = synth.synthesize(text, voices[spk], noise_seed=seed * 1_000_003 + SPLITS.index(split) * 100_003 + k * 11 + c)
+            audio = np.clip(resample_poly(audio22.astype(np.float32) / 32768.0, SAMPLE_RATE, synth.sample_rate), -1.0, 1.0)
+            phones, words = align_events(events, len(audio), text, synth.sample_rate, SAMPLE_RATE)
+            utt = f"{spk}-{scene.image_id}-{c}"
+            rel = f"wav/{split}/{spk}/{utt}.wav"
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            sf.write(out / rel, audio, SAMPLE_RATE, subtype="PCM_16")
+            phone_lines += format_ctm(utt, phones)
+            word_lines += format_ctm(utt, words)
+            phone_inventory.update(p.label for p in phones)
+            for word in words:
+                if word.label != SILENCE:
+                    inside = [p.label for p in phones if p.start >= word.start - 1e-9 and p.end <= word.end + 1e-9]
+                    prons.append((word.label, " ".join(inside)))
+            captions.append({"wav": rel, "text": text, "speaker": spk, "uttid": utt})
+            total += len(audio) / SAMPLE_RATE
+            bar.update(1)
+        data.append({"image": f"images/{scene.image_id}.png", "captions": captions})
+    bar.close()
+    (out / "captions" / f"{split}.json").write_text(json.dumps({"data": data}, indent=1))
+    (out / "alignments" / f"{split}.phones.ctm").write_text("\n".join(phone_lines) + "\n")
+    (out / "alignments" / f"{split}.words.ctm").write_text("\n".join(word_lines) + "\n")
+    return {"utterances": n_images * captions_per_image, "seconds": round(total, 2), "scenes": scenes,
+            "phones": sorted(phone_inventory), "prons": prons}
+
+
+def build(out: Path, hours: float, seed: int, captions_per_image: int, image_size: int, workers: int = 2) -> dict:
+    voices, ids_by_split = _speakers(seed)
     n_train = max(4, int(round(hours * 3600 / (MEAN_CAPTION_SECONDS * captions_per_image))))
     n_images = {"train": n_train, "valid": max(2, n_train // 10), "test": max(2, n_train // 5)}
+    for sub in ("images", "captions", "alignments"):
+        (out / sub).mkdir(parents=True)
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=ctx, max_tasks_per_child=1) as pool:
+        futures = {split: pool.submit(synth_split, out, split, n_images[split], seed, captions_per_image, image_size) for split in SPLITS}
+        results = {split: fut.result() for split, fut in futures.items()}
 
-    synth = EspeakSynthesizer()
-    (out / "images").mkdir(parents=True)
-    scenes_out, pron = [], defaultdict(Counter)
-    counts, seconds, phone_inventory = {}, {}, Counter()
-    for split in ("train", "valid", "test"):
-        split_rng = np.random.default_rng([seed, ("train", "valid", "test").index(split)])
-        data, phone_lines, word_lines = [], [], []
-        total = 0.0
-        n_utts = n_images[split] * captions_per_image
-        bar = tqdm(total=n_utts, desc=f"synth {split}", unit="utt", file=sys.stderr, disable=None)
-        for k in range(n_images[split]):
-            scene = sample_scene(split_rng, f"{split}_{k:05d}")
-            render_scene(scene, image_size).save(out / "images" / f"{scene.image_id}.png")
-            scenes_out.append(json.dumps(scene.to_json()))
-            templates = caption_templates(scene)
-            wordings = split_rng.choice(len(templates), size=captions_per_image, replace=captions_per_image > len(templates))
-            voices = split_rng.choice(len(ids_by_split[split]), size=captions_per_image, replace=False)
-            captions = []
-            for c, (w, v) in enumerate(zip(wordings, voices)):
-                spk = ids_by_split[split][v]
-                text = templates[w]
-                audio22, events = synth.synthesize(text, all_speakers[spk])
-                audio = resample_poly(audio22.astype(np.float32) / 32768.0, SAMPLE_RATE, synth.sample_rate)
-                audio = np.clip(audio, -1.0, 1.0)
-                phones, words = align_events(events, len(audio), text, synth.sample_rate, SAMPLE_RATE)
-                utt = f"{spk}-{scene.image_id}-{c}"
-                rel = f"wav/{split}/{spk}/{utt}.wav"
-                (out / rel).parent.mkdir(parents=True, exist_ok=True)
-                sf.write(out / rel, audio, SAMPLE_RATE, subtype="PCM_16")
-                phone_lines += format_ctm(utt, phones)
-                word_lines += format_ctm(utt, words)
-                phone_inventory.update(p.label for p in phones)
-                for word in words:
-                    if word.label != SILENCE:
-                        ph = tuple(p.label for p in phones if p.start >= word.start - 1e-9 and p.end <= word.end + 1e-9)
-                        pron[word.label][ph] += 1
-                captions.append({"wav": rel, "text": text, "speaker": spk, "uttid": utt})
-                total += len(audio) / SAMPLE_RATE
-                bar.update(1)
-            data.append({"image": f"images/{scene.image_id}.png", "captions": captions})
-        bar.close()
-        (out / "captions").mkdir(exist_ok=True)
-        (out / "alignments").mkdir(exist_ok=True)
-        (out / "captions" / f"{split}.json").write_text(json.dumps({"data": data}, indent=1))
-        (out / "alignments" / f"{split}.phones.ctm").write_text("\n".join(phone_lines) + "\n")
-        (out / "alignments" / f"{split}.words.ctm").write_text("\n".join(word_lines) + "\n")
-        counts[split], seconds[split] = n_utts, round(total, 2)
-
-    (out / "scenes.jsonl").write_text("\n".join(scenes_out) + "\n")
-    lexicon = [f"{w} {' '.join(c.most_common(1)[0][0])}" for w, c in sorted(pron.items())]
-    (out / "lexicon.txt").write_text("\n".join(lexicon) + "\n")
+    pron: Dict[str, Counter] = defaultdict(Counter)
+    for split in SPLITS:
+        for word, phones in results[split]["prons"]:
+            pron[word][phones] += 1
+    (out / "scenes.jsonl").write_text("\n".join(line for split in SPLITS for line in results[split]["scenes"]) + "\n")
+    (out / "lexicon.txt").write_text("\n".join(f"{w} {c.most_common(1)[0][0]}" for w, c in sorted(pron.items())) + "\n")
     (out / "speakers.tsv").write_text(
         "speaker\tvoice\trate\tpitch\trange\tsplits\n"
         + "".join(
             f"{s}\t{v.name}\t{v.rate}\t{v.pitch}\t{v.pitch_range}\t{'test' if s in ids_by_split['test'] else 'train,valid'}\n"
-            for s, v in all_speakers.items()
+            for s, v in voices.items()
         )
     )
     info = {
         "format_version": FORMAT_VERSION,
         "params": corpus_params(hours, seed, captions_per_image, image_size),
         "sample_rate": SAMPLE_RATE,
-        "utterances": counts,
-        "seconds": seconds,
+        "utterances": {s: results[s]["utterances"] for s in SPLITS},
+        "seconds": {s: results[s]["seconds"] for s in SPLITS},
         "images": n_images,
         "speakers": ids_by_split,
-        "phones": sorted(phone_inventory),
+        "phones": sorted({p for s in SPLITS for p in results[s]["phones"]}),
     }
     (out / "corpus.json").write_text(json.dumps(info, indent=1))
     return info

@@ -1,0 +1,40 @@
+"""Shared fixtures: one small embedded corpus and its manifests per test session."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE_DIR = REPO / "fairseq_mtssl"
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory):
+    from fairseq_mtssl.corpus.synth import ensure_corpus
+
+    out = tmp_path_factory.mktemp("corpus") / "corpus"
+    ensure_corpus(out, hours=0.03, seed=3)
+    return out
+
+
+@pytest.fixture(scope="session")
+def manifest_dir(corpus_dir, tmp_path_factory):
+    from fairseq_mtssl.prep.corpus_manifest import build_corpus_manifests
+
+    dest = tmp_path_factory.mktemp("manifests")
+    build_corpus_manifests(corpus_dir, dest)
+    return dest
+
+
+def run_cli(*args, check=True, cwd=None, timeout=600):
+    """Run a console script of this environment; return the CompletedProcess (text output)."""
+    cmd = [str(BIN / args[0]), *map(str, args[1:])]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
