@@ -5,7 +5,7 @@
 
 The layout is ``speaker/chapter/speaker-chapter.trans.txt`` with ``UTT_ID WORD WORD ...`` lines
 and ``UTT_ID.flac`` beside it. Phones come from a lexicon (``WORD PH PH ...``, first pronunciation
-wins) or from a phone alignment (``utt start end phone`` lines, ``sil`` dropped).
+wins; an entry ``OF+A`` covers words spoken as one unit) or from a phone alignment (``utt start end phone`` lines, ``sil`` dropped).
 """
 
 import argparse
@@ -28,6 +28,23 @@ def read_lexicon(path) -> Dict[str, List[str]]:
                 raise ValueError(f"{path}:{lineno}: word without phones: {line.rstrip()!r}")
             lexicon.setdefault(parts[0].upper(), parts[1:])
     return lexicon
+
+
+def pronounce(words: List[str], lexicon: Dict[str, List[str]], max_join: int = 3) -> Optional[List[str]]:
+    """Phones of ``words``, longest match first: an entry ``OF+A`` (words spoken as one unit, as in
+    the embedded corpus's lexicon) covers ``OF A``. ``None`` lists nothing; raises KeyError naming
+    the first word that no entry covers."""
+    phones, i = [], 0
+    while i < len(words):
+        for n in range(min(max_join, len(words) - i), 0, -1):
+            key = "+".join(words[i : i + n])
+            if key in lexicon:
+                phones += lexicon[key]
+                i += n
+                break
+        else:
+            raise KeyError(words[i])
+    return phones
 
 
 def read_transcripts(root: Path, audio_ext: str) -> List[Tuple[str, str, str]]:
@@ -63,10 +80,10 @@ def build_librispeech_manifest(root, dest, split, lexicon: Optional[str] = None,
         lex = read_lexicon(lexicon)
         phones = []
         for _, utt, text, where in rows:
-            missing = [w for w in text.upper().split() if w not in lex]
-            if missing:
-                raise KeyError(f"{where}: words not in lexicon {lexicon}: {' '.join(missing[:5])}")
-            phones.append(" ".join(p for w in text.upper().split() for p in lex[w]))
+            try:
+                phones.append(" ".join(pronounce(text.upper().split(), lex)))
+            except KeyError as err:
+                raise KeyError(f"{where}: word not in lexicon {lexicon}: {err.args[0]}") from None
     elif alignments:
         segs = read_ctm(alignments)
         phones = []
