@@ -24,7 +24,9 @@ class MfccReader:
     batchable = True
 
     def __call__(self, wavs: Sequence[np.ndarray]) -> List[np.ndarray]:
-        return mfcc_lib.batch_mfcc(wavs)
+        # One utterance per call: each is already vectorised over its frames, and on a CPU padding a
+        # batch to its longest member costs more than it saves (benchmarks/bench_labels.py).
+        return [mfcc_lib.batch_mfcc([w])[0] for w in wavs]
 
 
 def conv_output_frames(num_samples: int, conv_layers) -> int:
