@@ -97,6 +97,8 @@ def dump_features(manifest_path, feat_dir, reader, split=None, rank=0, nshard=1,
     if npy.exists() and not lens.exists() and part_lens.exists():  # killed between the two final renames
         os.replace(npy, part_npy)
     start, end = shard_range(len(manifest), rank, nshard)
+    if end == start:
+        raise FeatureDumpError(f"{manifest_path}: shard {rank}/{nshard} is empty ({len(manifest)} utterances)")
     done = recover_partial(part_npy, part_lens)
     todo = list(range(start + done, end))
     bar = tqdm(total=end - start, initial=done, desc=f"{reader.name} {split} {rank}/{nshard}", unit="utt", disable=None, mininterval=2.0)
@@ -113,8 +115,6 @@ def dump_features(manifest_path, feat_dir, reader, split=None, rank=0, nshard=1,
             flen.flush()
             bar.update(len(indices))
     bar.close()
-    if end == start:
-        raise FeatureDumpError(f"{manifest_path}: shard {rank}/{nshard} is empty")
     os.replace(part_npy, npy)
     os.replace(part_lens, lens)
     return npy, lens

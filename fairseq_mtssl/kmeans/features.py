@@ -74,16 +74,31 @@ class ModelLayerReader:
         n_layers = len(self.model.encoder.layers)
         if layer > n_layers:
             raise ValueError(f"{checkpoint}: layer {layer} requested but the model has {n_layers} layers")
-        cfg = self.model.cfg if hasattr(self.model, "cfg") else None
-        conv = eval(cfg.conv_feature_layers) if cfg is not None else [(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512, 2, 2)] * 2
-        self.conv_layers = conv
-        self.frame_rate = 16000 / int(np.prod([s for _, _, s in conv]))
-        self.dim = cfg.encoder_embed_dim if cfg is not None else None
-        # GroupNorm over time in the "default" front end makes a frame depend on the padding.
-        self.batchable = getattr(cfg, "extractor_mode", "default") == "layer_norm"
+        extractor = self.model.feature_extractor
+        convs = [next(m for m in block if isinstance(m, torch.nn.Conv1d)) for block in extractor.conv_layers]
+        self.conv_layers = [(c.out_channels, c.kernel_size[0], c.stride[0]) for c in convs]
+        self.frame_rate = 16000 / int(np.prod([s for _, _, s in self.conv_layers]))
+        self.dim = self.model.encoder.embedding_dim
+        # The "default" front end group-normalises over time, so a frame would depend on padding.
+        self.batchable = not any(isinstance(m, torch.nn.GroupNorm) for m in extractor.modules())
 
     def num_frames(self, num_samples: int) -> int:
         return conv_output_frames(num_samples, self.conv_layers)
+
+    def sample_padding_mask(self, lengths: Sequence[int]) -> torch.Tensor:
+        """A sample-level mask ``(B, T)`` from which the model derives exactly ``num_frames(len)`` valid frames.
+
+        wav2vec 2.0 counts the unmasked samples and runs them through the conv length formula, so the
+        plain mask is right. HuBERT splits the mask into ``T // F`` blocks and keeps a frame unless its
+        whole block is padding, which would let frames computed past an utterance's end into attention:
+        there the mask starts at the block of the first frame the conv stack does not produce.
+        """
+        total = max(lengths)
+        mask = torch.zeros(len(lengths), total, dtype=torch.bool, device=self.device)
+        block = total // self.num_frames(total) if self._kind == "hubert" else None
+        for i, n in enumerate(lengths):
+            mask[i, (self.num_frames(n) * block if block else n) :] = True
+        return mask
 
     @torch.inference_mode()
     def _forward(self, source: torch.Tensor, padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -103,10 +118,9 @@ class ModelLayerReader:
             return [self._forward(self._prepare(w)[None], None)[0].float().cpu().numpy() for w in wavs]
         lengths = [len(w) for w in wavs]
         source = torch.zeros(len(wavs), max(lengths), device=self.device)
-        padding_mask = torch.ones(len(wavs), max(lengths), dtype=torch.bool, device=self.device)
         for i, w in enumerate(wavs):
             source[i, : len(w)] = self._prepare(w)
-            padding_mask[i, : len(w)] = False
+        padding_mask = self.sample_padding_mask(lengths)
         x = self._forward(source, padding_mask)
         return [x[i, : self.num_frames(n)].float().cpu().numpy() for i, n in enumerate(lengths)]
 
