@@ -11,12 +11,15 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-pip="$VENV/bin/python -m pip --disable-pip-version-check"
+pip_install() {
+  # this machine's pip config names local indexes that may be absent; drop those warnings only
+  "$VENV/bin/python" -m pip --disable-pip-version-check install -q "$@" 2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2)
+}
 # torch first and pinned, so nothing below can pull a CUDA build.
-$pip install -q torch==2.13.0
-$pip install -q --no-deps ve-fairseq==0.12.3
-$pip install -q -r requirements.txt torch==2.13.0
-$pip install -q --no-deps --no-build-isolation -e .
+pip_install torch==2.13.0
+pip_install --no-deps ve-fairseq==0.12.3
+pip_install -r requirements.txt torch==2.13.0
+pip_install --no-deps --no-build-isolation -e .
 "$VENV/bin/python" - <<'PY'
 import sys
 import torch

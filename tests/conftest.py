@@ -38,3 +38,23 @@ def run_cli(*args, check=True, cwd=None, timeout=600):
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def assert_batched_layer_features_match(ckpt, manifest_dir, layer: int, dim: int):
+    """Batched layer features of a checkpoint equal one-at-a-time ones, with the conv stack's frame count."""
+    import numpy as np
+    import soundfile as sf
+
+    from fairseq_mtssl.data.manifest import read_manifest
+    from fairseq_mtssl.kmeans.features import ModelLayerReader
+
+    reader = ModelLayerReader(str(ckpt), layer=layer)
+    assert reader.batchable and reader.frame_rate == 50 and reader.dim == dim  # layer_norm front end, tiny configs
+    m = read_manifest(manifest_dir / "valid.tsv")
+    wavs = [sf.read(m.audio_path(i), dtype="float32")[0] for i in range(4)]
+    for wav, feats in zip(wavs, reader(wavs)):
+        alone = reader([wav])[0]
+        assert feats.shape == alone.shape == (reader.num_frames(len(wav)), dim)
+        assert abs(len(wav) / 320 - len(feats)) <= 2
+        np.testing.assert_allclose(feats, alone, atol=1e-4, rtol=1e-4)
+    return reader

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from conftest import PACKAGE_DIR, REPO, run_cli
+from conftest import PACKAGE_DIR, REPO, assert_batched_layer_features_match, run_cli
 
 CONFIG_DIR = REPO / "examples" / "hubert" / "config" / "pretrain"
 
@@ -49,7 +49,7 @@ def test_hubert_trains_resumes_and_gives_iteration_2_labels(manifest_dir, mfcc_l
     assert _losses(second.stdout)[0][0] > 100
 
     ckpt = run / "checkpoints" / "checkpoint_last.pt"
-    _check_model_reader(ckpt, manifest_dir)
+    assert_batched_layer_features_match(ckpt, manifest_dir, layer=2, dim=128)
     work = tmp_path / "iter2"
     model_args = ["--feature", "model", "--checkpoint", ckpt, "--layer", "2"]
     run_cli("mtssl-dump-features", manifest_dir / "train.tsv", work / "feats", *model_args)
@@ -60,26 +60,6 @@ def test_hubert_trains_resumes_and_gives_iteration_2_labels(manifest_dir, mfcc_l
     out = run_cli("mtssl-check-labels", manifest_dir / "train.tsv", work / "km" / "train.km", "--label-rate", "50")
     assert "OK" in out.stdout
     assert len(set((work / "km" / "train.km").read_text().split())) > 3
-
-
-def _check_model_reader(ckpt, manifest_dir):
-    """Batched layer features equal one-at-a-time ones, with the frame count the conv stack gives."""
-    import numpy as np
-    import soundfile as sf
-
-    from fairseq_mtssl.data.manifest import read_manifest
-    from fairseq_mtssl.kmeans.features import ModelLayerReader
-
-    reader = ModelLayerReader(str(ckpt), layer=2)
-    assert reader.batchable and reader.frame_rate == 50 and reader.dim == 128  # layer_norm front end, tiny config
-    m = read_manifest(manifest_dir / "valid.tsv")
-    wavs = [sf.read(m.audio_path(i), dtype="float32")[0] for i in range(4)]
-    batched = reader(wavs)
-    for wav, feats in zip(wavs, batched):
-        alone = reader([wav])[0]
-        assert feats.shape == alone.shape == (reader.num_frames(len(wav)), 128)
-        assert abs(len(wav) / 320 - len(feats)) <= 2
-        np.testing.assert_allclose(feats, alone, atol=1e-4, rtol=1e-4)
 
 
 def test_checked_task_refuses_labels_that_do_not_fit_the_audio(manifest_dir, mfcc_labels, tmp_path):

@@ -2,7 +2,6 @@
 
 import difflib
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np

@@ -7,7 +7,6 @@ kaldi-native-fbank in the tests. Padding never changes a frame: each frame reads
 25 ms window, and deltas repeat each utterance's own edge frames.
 """
 
-import math
 from functools import lru_cache
 from typing import List, Sequence
 

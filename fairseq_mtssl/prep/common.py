@@ -4,7 +4,8 @@ import hashlib
 import os
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
-from typing import Iterable, List, Optional, Sequence, Tuple
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from tqdm import tqdm
 
@@ -22,6 +23,22 @@ def write_dictionary(path, symbols: Iterable[str]) -> None:
     """fairseq ``dict.*.txt``: ``symbol count`` a line, most frequent first (ties by symbol)."""
     counts = Counter(symbols)
     write_lines(path, (f"{s} {c}" for s, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))))
+
+
+def aligned_phones(alignments: Dict[str, list], utt: str, where: str, align_path) -> str:
+    """The phone sequence of ``utt`` from an alignment (``sil`` dropped); errors name the manifest line."""
+    from ..corpus.alignment import SILENCE
+
+    if utt not in alignments:
+        raise KeyError(f"{where}: utterance {utt} has no alignment in {align_path}")
+    return " ".join(s.label for s in alignments[utt] if s.label != SILENCE)
+
+
+def write_phone_transcripts(dest, split: str, phone_lines: List[str]) -> None:
+    """``{split}.phn``, and ``dict.phn.txt`` when ``split`` is the training split."""
+    write_lines(Path(dest) / f"{split}.phn", phone_lines)
+    if split == "train":
+        write_dictionary(Path(dest) / "dict.phn.txt", (p for line in phone_lines for p in line.split()))
 
 
 def in_valid_split(relative_path: str, valid_percent: float, seed: int) -> bool:

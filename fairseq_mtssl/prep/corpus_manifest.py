@@ -10,9 +10,9 @@ training split's ``dict.ltr.txt`` and ``dict.phn.txt``.
 import argparse
 from pathlib import Path
 
-from ..corpus.alignment import SILENCE, read_ctm
-from ..data.manifest import read_manifest, write_lines
-from .common import write_dictionary
+from ..corpus.alignment import read_ctm
+from ..data.manifest import read_manifest
+from .common import aligned_phones, write_phone_transcripts
 from .spokencoco_manifest import build_spokencoco_manifest
 
 SPLITS = ("train", "valid", "test")
@@ -28,15 +28,8 @@ def build_corpus_manifests(corpus, dest, workers: int = 0) -> dict:
         align_path = corpus / "alignments" / f"{split}.phones.ctm"
         segs = read_ctm(align_path)
         manifest = read_manifest(dest / f"{split}.tsv")
-        phones = []
-        for i, e in enumerate(manifest.entries):
-            utt = Path(e.path).stem
-            if utt not in segs:
-                raise KeyError(f"{manifest.where(i)}: utterance {utt} has no alignment in {align_path}")
-            phones.append(" ".join(s.label for s in segs[utt] if s.label != SILENCE))
-        write_lines(dest / f"{split}.phn", phones)
-        if split == "train":
-            write_dictionary(dest / "dict.phn.txt", (p for line in phones for p in line.split()))
+        phones = [aligned_phones(segs, Path(e.path).stem, manifest.where(i), align_path) for i, e in enumerate(manifest.entries)]
+        write_phone_transcripts(dest, split, phones)
     return counts
 
 

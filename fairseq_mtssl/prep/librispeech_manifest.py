@@ -12,9 +12,9 @@ import argparse
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from ..corpus.alignment import SILENCE, read_ctm
+from ..corpus.alignment import read_ctm
 from ..data.manifest import write_lines, write_manifest
-from .common import count_samples, letters, write_dictionary
+from .common import aligned_phones, count_samples, letters, write_dictionary, write_phone_transcripts
 
 
 def read_lexicon(path) -> Dict[str, List[str]]:
@@ -47,8 +47,8 @@ def pronounce(words: List[str], lexicon: Dict[str, List[str]], max_join: int = 3
     return phones
 
 
-def read_transcripts(root: Path, audio_ext: str) -> List[Tuple[str, str, str]]:
-    """``(relative audio path, utt id, transcript)`` for every line of every ``*.trans.txt``."""
+def read_transcripts(root: Path, audio_ext: str) -> List[Tuple[str, str, str, str]]:
+    """``(relative audio path, utt id, transcript, "file:line")`` for every line of every ``*.trans.txt``."""
     rows = []
     trans_files = sorted(root.rglob("*.trans.txt"))
     if not trans_files:
@@ -86,15 +86,9 @@ def build_librispeech_manifest(root, dest, split, lexicon: Optional[str] = None,
                 raise KeyError(f"{where}: word not in lexicon {lexicon}: {err.args[0]}") from None
     elif alignments:
         segs = read_ctm(alignments)
-        phones = []
-        for _, utt, _, where in rows:
-            if utt not in segs:
-                raise KeyError(f"{where}: utterance {utt} has no alignment in {alignments}")
-            phones.append(" ".join(s.label for s in segs[utt] if s.label != SILENCE))
+        phones = [aligned_phones(segs, utt, where, alignments) for _, utt, _, where in rows]
     if phones is not None:
-        write_lines(dest / f"{split}.phn", phones)
-        if split == "train":
-            write_dictionary(dest / "dict.phn.txt", (p for line in phones for p in line.split()))
+        write_phone_transcripts(dest, split, phones)
     return n
 
 
