@@ -1,0 +1,3 @@
+"""fairseq models registered by the plugin."""
+
+from . import mt4ssl  # noqa: F401

@@ -1,0 +1,193 @@
+"""MT4SSL (Ma et al., Interspeech 2023): a data2vec-audio student trained on two kinds of targets.
+
+- online: fairseq's data2vec regression onto an EMA teacher's average of its top-K instance-normed
+  layer outputs (``Data2VecAudioModel``'s own loss, unchanged);
+- offline: cross-entropy of each k-means label set (``.km`` files from the ``hubert_pretraining``
+  family of tasks) on the masked frames, through one head per label set: a linear softmax classifier
+  (the authors') or HuBERT's cosine-similarity logits with a temperature.
+
+Registered as ``mt4ssl``. The model subclasses ``Data2VecAudioModel`` rather than copying it:
+``apply_mask`` records the mask data2vec draws, and ``final_proj`` records its input (the student's
+outputs at the masked frames), so the offline heads see exactly the frames the regression uses and
+a checkpoint's parameter names stay those of data2vec. Ablations: ``online_weight=0`` is offline-only
+(no teacher is built or run), ``offline_weights`` all 0 (or no labels) is online-only.
+"""
+
+import logging
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils.weight_norm import WeightNorm
+from fairseq.dataclass import ChoiceEnum
+from fairseq.examples.data2vec.models.data2vec_audio import Data2VecAudioConfig, Data2VecAudioModel
+from fairseq.models import register_model
+
+logger = logging.getLogger(__name__)
+
+FEATURE_RATE = 50.0  # frames per second of the wav2vec 2.0 conv front end (stride 320 at 16 kHz)
+
+
+@dataclass
+class MT4SSLConfig(Data2VecAudioConfig):
+    online_weight: float = field(
+        default=1.0, metadata={"help": "weight of the EMA-teacher regression loss; 0 = offline-only (no teacher)"}
+    )
+    offline_weights: List[float] = field(
+        default_factory=lambda: [1.0],
+        metadata={"help": "weight of each label set's cross-entropy, in task.labels order; all 0 = online-only"},
+    )
+    offline_head: ChoiceEnum(["linear", "cosine"]) = field(
+        default="linear", metadata={"help": "linear: softmax classifier (MT4SSL); cosine: HuBERT's cosine logits"}
+    )
+    offline_logit_temp: float = field(default=0.1, metadata={"help": "temperature of the cosine head"})
+    offline_final_dim: int = field(default=256, metadata={"help": "projection size of the cosine head"})
+    label_frame_tolerance: int = field(
+        default=5, metadata={"help": "largest allowed gap, in feature frames, between labels and audio in a batch"}
+    )
+
+
+class CosineHead(nn.Module):
+    """HuBERT's prediction head: cosine similarity of a projection with label embeddings, / temperature."""
+
+    def __init__(self, dim: int, num_classes: int, final_dim: int, temperature: float):
+        super().__init__()
+        self.proj = nn.Linear(dim, final_dim)
+        self.label_embs = nn.Parameter(torch.empty(num_classes, final_dim).uniform_())
+        self.temperature = temperature
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(M, dim)`` -> logits ``(M, num_classes)``."""
+        return F.cosine_similarity(self.proj(x)[:, None, :], self.label_embs[None], dim=-1) / self.temperature
+
+
+class _InputRecordingLinear(nn.Linear):
+    """``nn.Linear`` that keeps its last input (data2vec applies ``final_proj`` to the masked frames)."""
+
+    recorded: Optional[torch.Tensor] = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.recorded = x
+        return super().forward(x)
+
+
+def frame_targets(targets: torch.Tensor, num_frames: int, label_rate: float, pad: int):
+    """Labels ``(B, L)`` at ``label_rate`` -> ``(one label per feature frame (B, num_frames), label frames (B,))``.
+
+    Frame t takes label ``round(t * label_rate / 50)``; frames past an utterance's labels get ``pad``.
+    The second output is how many feature frames each utterance's labels cover.
+    """
+    ratio = label_rate / FEATURE_RATE
+    lengths = (targets != pad).sum(1)
+    idx = (torch.arange(num_frames, device=targets.device) * ratio).round().long()
+    gathered = targets.gather(1, idx.clamp(max=targets.size(1) - 1)[None].expand(targets.size(0), -1))
+    out = torch.where(idx[None, :] < lengths[:, None], gathered, torch.full_like(gathered, pad))
+    return out, (lengths.float() / ratio).floor().long()
+
+
+@register_model("mt4ssl", dataclass=MT4SSLConfig)
+class MT4SSLModel(Data2VecAudioModel):
+    def __init__(self, cfg: MT4SSLConfig, num_classes: List[int], label_rates: List[float], pads: List[int]):
+        super().__init__(cfg)
+        self.final_proj = _InputRecordingLinear(self.embed, self.embed)
+        if len(cfg.offline_weights) != len(num_classes):
+            raise ValueError(
+                f"model.offline_weights has {len(cfg.offline_weights)} entries but the task gives {len(num_classes)} label sets"
+            )
+        self.offline_weights = list(cfg.offline_weights)
+        self.label_rates, self.pads = list(label_rates), list(pads)
+        if cfg.offline_head == "linear":
+            heads = [nn.Linear(self.embed, n) for n in num_classes]
+        else:
+            heads = [CosineHead(self.embed, n, cfg.offline_final_dim, cfg.offline_logit_temp) for n in num_classes]
+        self.offline_heads = nn.ModuleList(heads)
+        self._mask_indices: Optional[torch.Tensor] = None
+        if self.online_weight == 0 and not any(self.offline_weights):
+            raise ValueError("online_weight and every offline weight are 0: nothing to learn")
+
+    @property
+    def online_weight(self) -> float:
+        return self.cfg.online_weight
+
+    @classmethod
+    def build_model(cls, cfg: MT4SSLConfig, task=None):
+        if task is None or not hasattr(task, "dictionaries"):
+            return cls(cfg, [], [], [])  # online-only use without label sets
+        dicts = task.dictionaries
+        rates = getattr(task, "label_rates", None) or [float(task.cfg.label_rate)] * len(dicts)
+        return cls(cfg, [len(d) for d in dicts], rates, [d.pad() for d in dicts])
+
+    # -- data2vec hooks -------------------------------------------------------------------------
+    def apply_mask(self, x, padding_mask, mask_indices=None, mask_channel_indices=None):
+        x, mask_indices = super().apply_mask(x, padding_mask, mask_indices, mask_channel_indices)
+        self._mask_indices = mask_indices
+        return x, mask_indices
+
+    def make_ema_teacher(self):
+        # weight_norm keeps its derived `weight` as a non-leaf tensor after any forward (fairseq runs a
+        # dry-run validation first), and torch >= 2.1 refuses to deepcopy non-leaf tensors. The hook
+        # recomputes it before every forward, so a detached copy is equivalent.
+        for module in self.modules():
+            for hook in module._forward_pre_hooks.values():
+                if isinstance(hook, WeightNorm):
+                    setattr(module, hook.name, getattr(module, hook.name).detach())
+        super().make_ema_teacher()
+
+    def set_num_updates(self, num_updates):
+        if self.online_weight == 0:  # offline-only: no teacher to build or update
+            self.num_updates = num_updates
+            return
+        super().set_num_updates(num_updates)
+
+    # -- forward ------------------------------------------------------------------------------
+    def forward(self, source, padding_mask=None, target_list=None, mask=True, features_only=False, layer=None,
+                mask_indices=None, mask_channel_indices=None, padding_count=None) -> Dict:
+        """Data2vec's forward plus the offline losses. Returns ``{"losses", "sample_size", "logs", ...}``;
+        every loss is a sum over the masked frames and ``sample_size`` is their number."""
+        kwargs = dict(layer=layer, mask_indices=mask_indices, mask_channel_indices=mask_channel_indices, padding_count=padding_count)
+        if features_only:
+            return super().forward(source, padding_mask, mask=mask, features_only=True, **kwargs)
+        if self.online_weight != 0:
+            result = super().forward(source, padding_mask, mask=True, **kwargs)
+            result["losses"]["regression"] = result["losses"]["regression"] * self.online_weight
+            student = self.final_proj.recorded  # (M, C): the student's outputs at the masked frames
+            self.final_proj.recorded = None
+        else:
+            out = super().forward(source, padding_mask, mask=True, features_only=True, **kwargs)
+            student = out["x"][self._mask_indices]
+            result = {"losses": {}, "sample_size": student.size(0)}
+        mask_indices = self._mask_indices
+        logs = {}
+        for i, (head, weight) in enumerate(zip(self.offline_heads, self.offline_weights)):
+            if weight == 0:
+                continue
+            if target_list is None:
+                raise ValueError("offline targets requested (offline_weights) but the batch has no target_list")
+            labels, label_frames = frame_targets(target_list[i], mask_indices.size(1), self.label_rates[i], self.pads[i])
+            self._check_label_lengths(label_frames, padding_mask, source, i)
+            masked_labels = labels[mask_indices].long()
+            keep = masked_labels != self.pads[i]
+            logits = head(student[keep])
+            result["losses"][f"offline_{i}"] = F.cross_entropy(logits.float(), masked_labels[keep], reduction="sum") * weight
+            with torch.no_grad():
+                logs[f"_offline_correct_{i}"] = int((logits.argmax(-1) == masked_labels[keep]).sum())
+                logs[f"_offline_count_{i}"] = int(keep.sum())
+        result["logs"] = logs
+        return result
+
+    def _check_label_lengths(self, label_frames: torch.Tensor, padding_mask, source, i: int) -> None:
+        lengths = torch.full_like(label_frames, source.size(1)) if padding_mask is None else (~padding_mask).sum(1)
+        frames = self._get_feat_extract_output_lengths(lengths)
+        gap = (frames - label_frames).abs()
+        if int(gap.max()) > self.cfg.label_frame_tolerance:
+            b = int(gap.argmax())
+            raise ValueError(
+                f"label set {i} ({self.label_rates[i]:g} Hz): batch item {b} has labels for {int(label_frames[b])} "
+                f"feature frames but its audio gives {int(frames[b])} (label_rate wrong, or labels from another manifest?)"
+            )
+
+    def remove_pretraining_modules(self, last_layer=None):
+        super().remove_pretraining_modules(last_layer)
+        self.offline_heads = None
