@@ -63,6 +63,16 @@ class CosineHead(nn.Module):
         return F.cosine_similarity(self.proj(x)[:, None, :], self.label_embs[None], dim=-1) / self.temperature
 
 
+def detach_weight_norm_weights(model: nn.Module) -> None:
+    """Make ``model`` deep-copyable: weight norm keeps its derived ``weight`` as a non-leaf tensor,
+    which torch >= 2.1 refuses to deepcopy (so fairseq's data2vec cannot build its EMA teacher). The
+    weight-norm hook recomputes it before every forward, so a detached tensor is equivalent."""
+    for module in model.modules():
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, WeightNorm):
+                setattr(module, hook.name, getattr(module, hook.name).detach())
+
+
 class _InputRecordingLinear(nn.Linear):
     """``nn.Linear`` that keeps its last input (data2vec applies ``final_proj`` to the masked frames)."""
 
@@ -126,13 +136,7 @@ class MT4SSLModel(Data2VecAudioModel):
         return x, mask_indices
 
     def make_ema_teacher(self):
-        # weight_norm keeps its derived `weight` as a non-leaf tensor after any forward (fairseq runs a
-        # dry-run validation first), and torch >= 2.1 refuses to deepcopy non-leaf tensors. The hook
-        # recomputes it before every forward, so a detached copy is equivalent.
-        for module in self.modules():
-            for hook in module._forward_pre_hooks.values():
-                if isinstance(hook, WeightNorm):
-                    setattr(module, hook.name, getattr(module, hook.name).detach())
+        detach_weight_norm_weights(self)
         super().make_ema_teacher()
 
     def set_num_updates(self, num_updates):
