@@ -30,6 +30,17 @@ def manifest_dir(corpus_dir, tmp_path_factory):
     return dest
 
 
+@pytest.fixture(scope="session")
+def mfcc_labels(manifest_dir, tmp_path_factory):
+    """MFCC k-means (k=20) labels at 100 Hz for train and valid."""
+    work = tmp_path_factory.mktemp("labels")
+    run_cli("mtssl-dump-features", manifest_dir / "train.tsv", work / "feats", "--feature", "mfcc")
+    run_cli("mtssl-learn-kmeans", work / "feats", "train", "1", work / "km.joblib", "--n-clusters", "20")
+    for split in ("train", "valid"):
+        run_cli("mtssl-apply-kmeans", work / "km.joblib", work / "km", "--manifest", manifest_dir / f"{split}.tsv")
+    return work / "km"
+
+
 def run_cli(*args, check=True, cwd=None, timeout=600):
     """Run a console script of this environment; return the CompletedProcess (text output)."""
     cmd = [str(BIN / args[0]), *map(str, args[1:])]

@@ -3,8 +3,6 @@
 import re
 import shutil
 
-import pytest
-
 from conftest import PACKAGE_DIR, REPO, assert_batched_layer_features_match, run_cli
 
 CONFIG_DIR = REPO / "examples" / "hubert" / "config" / "pretrain"
@@ -22,16 +20,6 @@ def _train(run_dir, manifest_dir, label_dir, updates, *extra):
 
 def _losses(log: str):
     return [(int(u), float(l)) for l, u in re.findall(r"\[train_inner\].* loss=([\d.]+),.*num_updates=(\d+)", log)]
-
-
-@pytest.fixture(scope="module")
-def mfcc_labels(manifest_dir, tmp_path_factory):
-    work = tmp_path_factory.mktemp("labels")
-    run_cli("mtssl-dump-features", manifest_dir / "train.tsv", work / "feats", "--feature", "mfcc")
-    run_cli("mtssl-learn-kmeans", work / "feats", "train", "1", work / "km.joblib", "--n-clusters", "20")
-    for split in ("train", "valid"):
-        run_cli("mtssl-apply-kmeans", work / "km.joblib", work / "km", "--manifest", manifest_dir / f"{split}.tsv")
-    return work / "km"
 
 
 def test_hubert_trains_resumes_and_gives_iteration_2_labels(manifest_dir, mfcc_labels, tmp_path):

@@ -44,6 +44,14 @@ class MT4SSLConfig(Data2VecAudioConfig):
     )
     offline_logit_temp: float = field(default=0.1, metadata={"help": "temperature of the cosine head"})
     offline_final_dim: int = field(default=256, metadata={"help": "projection size of the cosine head"})
+    offline_num_classes: Optional[List[int]] = field(
+        default=None,
+        metadata={"help": "classes per label set; filled from the task's dictionaries when the model is first "
+                          "built and saved with the checkpoint, so fine-tuning never needs the label directory"},
+    )
+    offline_label_rates: Optional[List[float]] = field(
+        default=None, metadata={"help": "labels per second of each label set; filled like offline_num_classes"}
+    )
     label_frame_tolerance: int = field(
         default=5, metadata={"help": "largest allowed gap, in feature frames, between labels and audio in a batch"}
     )
@@ -108,6 +116,7 @@ class MT4SSLModel(Data2VecAudioModel):
             )
         self.offline_weights = list(cfg.offline_weights)
         self.label_rates, self.pads = list(label_rates), list(pads)
+        self._num_classes = list(num_classes)
         if cfg.offline_head == "linear":
             heads = [nn.Linear(self.embed, n) for n in num_classes]
         else:
@@ -123,11 +132,19 @@ class MT4SSLModel(Data2VecAudioModel):
 
     @classmethod
     def build_model(cls, cfg: MT4SSLConfig, task=None):
-        if task is None or not hasattr(task, "dictionaries"):
-            return cls(cfg, [], [], [])  # online-only use without label sets
-        dicts = task.dictionaries
-        rates = getattr(task, "label_rates", None) or [float(task.cfg.label_rate)] * len(dicts)
-        return cls(cfg, [len(d) for d in dicts], rates, [d.pad() for d in dicts])
+        """Head sizes come from the config when a checkpoint recorded them (e.g. when fairseq's
+        ``wav2vec_ctc`` rebuilds the model for fine-tuning), else from the task's dictionaries."""
+        if cfg.offline_num_classes is not None:
+            num_classes, rates = list(cfg.offline_num_classes), list(cfg.offline_label_rates)
+        else:
+            dicts = task.dictionaries
+            num_classes = [len(d) for d in dicts]
+            rates = getattr(task, "label_rates", None) or [float(task.cfg.label_rate)] * len(dicts)
+        return cls(cfg, num_classes, [float(r) for r in rates], [1] * len(num_classes))  # fairseq's <pad> is 1
+
+    def task_derived_config(self) -> Dict[str, object]:
+        """Config fields this model took from the task; the task writes them into the saved config."""
+        return {"offline_num_classes": list(self._num_classes), "offline_label_rates": list(self.label_rates)}
 
     # -- data2vec hooks -------------------------------------------------------------------------
     def apply_mask(self, x, padding_mask, mask_indices=None, mask_channel_indices=None):

@@ -8,6 +8,8 @@ Registered as ``hubert_pretraining_checked``:
   logs a warning or fails with a bare assertion;
 - ``label_rates`` gives each label set its own rate (e.g. MFCC k-means at 100 Hz next to HuBERT
   k-means at 50 Hz, as MT4SSL uses), where fairseq's task has one ``label_rate`` for all;
+- fields a model derives from the task (``task_derived_config()``, e.g. MT4SSL's head sizes) are
+  written into the saved model config, so fine-tuning can rebuild the model without the labels;
 - random crops start on a multiple of the coarsest label hop, so the crop cuts every label set at a
   frame boundary and audio and labels stay exactly aligned (fairseq rounds the label start).
 """
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 import numpy as np
+from omegaconf import OmegaConf, open_dict
 from fairseq.data.audio.hubert_dataset import HubertDataset
 from fairseq.tasks import register_task
 from fairseq.tasks.hubert_pretraining import HubertPretrainingConfig, HubertPretrainingTask, LabelEncoder
@@ -66,6 +69,17 @@ class CheckedHubertPretrainingTask(HubertPretrainingTask):
         if len(rates) != len(self.cfg.labels):
             raise ValueError(f"task.label_rates has {len(rates)} entries but task.labels has {len(self.cfg.labels)}")
         return [float(r) for r in rates]
+
+    def build_model(self, cfg, from_checkpoint=False):
+        """Build as fairseq does, then record in ``cfg`` (the config the checkpoint saves) what the model
+        took from the task, e.g. MT4SSL's head sizes, so rebuilding it later needs no label directory."""
+        model = super().build_model(cfg, from_checkpoint)
+        derived = getattr(model, "task_derived_config", None)
+        if derived is not None and OmegaConf.is_config(cfg):
+            with open_dict(cfg):
+                for key, value in derived().items():
+                    cfg[key] = value
+        return model
 
     def check_split(self, split: str) -> None:
         manifest = f"{self.cfg.data}/{split}.tsv"

@@ -1,0 +1,1 @@
+"""Checkpoint conversion in and out of the plugin's models."""

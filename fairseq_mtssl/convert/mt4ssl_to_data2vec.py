@@ -1,0 +1,65 @@
+"""Export an MT4SSL student as a plain fairseq ``data2vec_audio`` checkpoint.
+
+    mtssl-export-data2vec runs/mt4ssl/checkpoints/checkpoint_best.pt exported/data2vec_student.pt
+
+The result loads in vanilla fairseq (no ``user_dir``): model ``data2vec_audio`` under task
+``audio_pretraining``, with the student's weights and the EMA teacher (``_ema``, which fairseq's
+data2vec insists on when loading, as in data2vec's own checkpoints); the offline heads are dropped. Fine-tuning with ``wav2vec_ctc``
+(``model.w2v_path=...``) or feature extraction then works as for any data2vec model.
+"""
+
+import argparse
+from dataclasses import fields
+from pathlib import Path
+
+from ..atomic import save_torch_atomic
+from ..checkpoint_safety import load_checkpoint_safely
+
+
+class ExportError(ValueError):
+    pass
+
+
+def export_mt4ssl_student(src, dst) -> dict:
+    from fairseq.examples.data2vec.models.data2vec_audio import Data2VecAudioConfig
+
+    state = load_checkpoint_safely(src)
+    cfg = state.get("cfg")
+    model_cfg = (cfg or {}).get("model") or {}
+    if model_cfg.get("_name") != "mt4ssl":
+        raise ExportError(f"{src}: model is {model_cfg.get('_name')!r}, not an MT4SSL checkpoint")
+    keep = {f.name for f in fields(Data2VecAudioConfig)}
+    new_model_cfg = {k: v for k, v in model_cfg.items() if k in keep}
+    new_model_cfg["_name"] = "data2vec_audio"
+    task = cfg["task"]
+    new_task_cfg = {"_name": "audio_pretraining", "data": task.get("data"), "sample_rate": task.get("sample_rate", 16000),
+                    "normalize": task.get("normalize", False), "max_sample_size": task.get("max_sample_size"),
+                    "min_sample_size": task.get("min_sample_size")}
+    weights = {k: v for k, v in state["model"].items() if not k.startswith("offline_heads.")}
+    if "_ema" not in weights:
+        raise ExportError(f"{src}: no EMA teacher state (an offline-only run?); fairseq's data2vec requires one to load")
+    out = {
+        "cfg": {**{k: v for k, v in cfg.items() if k not in ("model", "task", "criterion")},
+                "model": new_model_cfg, "task": new_task_cfg, "criterion": {"_name": "model"}},
+        "model": weights,
+        "args": None,
+        "optimizer_history": state.get("optimizer_history", [])[-1:],  # metadata only; fairseq needs one entry
+        "extra_state": {},
+        "last_optimizer_state": None,
+    }
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    save_torch_atomic(out, dst)
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint")
+    p.add_argument("output")
+    a = p.parse_args(argv)
+    out = export_mt4ssl_student(a.checkpoint, a.output)
+    print(f"{a.output}: data2vec_audio, {len(out['model'])} tensors")
+
+
+if __name__ == "__main__":
+    main()
