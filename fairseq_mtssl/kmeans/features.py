@@ -48,7 +48,8 @@ def load_speech_model(checkpoint: str):
 
 
 class ModelLayerReader:
-    """Hidden states after transformer layer ``layer`` (1-based) of a fairseq speech model."""
+    """Hidden states after transformer layer ``layer`` (1-based) of a fairseq HuBERT, wav2vec 2.0,
+    data2vec-audio or MT4SSL model."""
 
     name = "model"
     batchable = True
@@ -56,6 +57,7 @@ class ModelLayerReader:
     def __init__(self, checkpoint: str, layer: int, device: str = "cpu", max_chunk: int = 1_600_000):
         if layer < 1:
             raise ValueError(f"layer must be >= 1 (1-based transformer layer), got {layer}")
+        from fairseq.examples.data2vec.models.data2vec_audio import Data2VecAudioModel
         from fairseq.models.hubert import HubertModel
         from fairseq.models.wav2vec import Wav2Vec2Model
 
@@ -67,10 +69,10 @@ class ModelLayerReader:
         self.normalize = bool(getattr(task_cfg, "normalize", False))
         if isinstance(self.model, HubertModel):
             self._kind = "hubert"
-        elif isinstance(self.model, Wav2Vec2Model):
-            self._kind = "wav2vec2"
+        elif isinstance(self.model, (Wav2Vec2Model, Data2VecAudioModel)):  # incl. the plugin's MT4SSL
+            self._kind = "wav2vec2"  # same extract_features(layer=0-based) and exact conv-length masks
         else:
-            raise TypeError(f"{checkpoint}: {type(self.model).__name__} is not a HuBERT or wav2vec 2.0 model")
+            raise TypeError(f"{checkpoint}: {type(self.model).__name__} is not a HuBERT, wav2vec 2.0 or data2vec model")
         n_layers = len(self.model.encoder.layers)
         if layer > n_layers:
             raise ValueError(f"{checkpoint}: layer {layer} requested but the model has {n_layers} layers")
