@@ -1,0 +1,110 @@
+"""Frame-level linear phone probe: how linearly decodable are phones from a frozen layer?
+
+    mtssl-phone-probe CHECKPOINT --layer 6 --manifests data/manifests --alignments data/corpus/alignments
+    mtssl-phone-probe mfcc --manifests data/manifests --alignments data/corpus/alignments   # baseline
+
+Each feature frame gets the phone (from ``{split}.phones.ctm``) at the centre of its receptive field
+(``hop * t + window / 2`` samples). A softmax classifier on standardised features is fitted on the
+train split (full batch, L-BFGS, a little L2) and scored by frame accuracy on valid and test (held-out
+speakers in the embedded corpus). A cheap proxy for SUPERB phone recognition, not a replacement.
+"""
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from ..atomic import atomic_write
+from ..corpus.alignment import Segment, read_ctm
+from ..data.batches import iter_audio_batches
+from ..data.manifest import read_manifest
+from ..kmeans.features import make_reader
+
+logger = logging.getLogger(__name__)
+
+
+def frame_phones(segments: Sequence[Segment], num_frames: int, hop: int, window: int, sample_rate: int = 16000) -> List[str]:
+    """The phone at the centre of each frame's receptive field."""
+    centres = (np.arange(num_frames) * hop + window / 2) / sample_rate
+    ends = np.array([s.end for s in segments])
+    idx = np.minimum(np.searchsorted(ends, centres, side="right"), len(segments) - 1)
+    return [segments[i].label for i in idx]
+
+
+def probe_data(reader, manifest_path, ctm_path, hop: int, window: int) -> Tuple[np.ndarray, List[str]]:
+    manifest, segs = read_manifest(manifest_path), read_ctm(ctm_path)
+    feats, labels = [], []
+    for indices, wavs in iter_audio_batches(manifest, list(range(len(manifest))), 800_000 if reader.batchable else 1):
+        for i, f in zip(indices, reader(wavs)):
+            utt = Path(manifest.entries[i].path).stem
+            if utt not in segs:
+                raise KeyError(f"{manifest.where(i)}: utterance {utt} has no alignment in {ctm_path}")
+            feats.append(f)
+            labels += frame_phones(segs[utt], len(f), hop, window)
+    return np.concatenate(feats).astype(np.float32), labels
+
+
+def fit_probe(x: np.ndarray, y: np.ndarray, n_classes: int, l2: float = 1e-4, max_iter: int = 300, seed: int = 0) -> torch.nn.Linear:
+    torch.manual_seed(seed)
+    X, Y = torch.from_numpy(x), torch.from_numpy(y)
+    clf = torch.nn.Linear(X.shape[1], n_classes)
+    opt = torch.optim.LBFGS(clf.parameters(), lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(clf(X), Y) + l2 * clf.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return clf
+
+
+def run_probe(checkpoint: str, layer: int, manifests, alignments, splits=("train", "valid", "test"), max_train_frames: int = 200_000) -> Dict:
+    if checkpoint == "mfcc":
+        reader, hop = make_reader("mfcc"), 160
+    else:
+        reader = make_reader("model", checkpoint, layer)
+        hop = int(16000 / reader.frame_rate)
+    data = {s: probe_data(reader, Path(manifests) / f"{s}.tsv", Path(alignments) / f"{s}.phones.ctm", hop, 400) for s in splits}
+    phones = sorted(set(data["train"][1]))
+    index = {p: i for i, p in enumerate(phones)}
+    x_tr, y_tr = data["train"][0], np.array([index[p] for p in data["train"][1]])
+    if len(x_tr) > max_train_frames:
+        keep = np.random.default_rng(0).choice(len(x_tr), max_train_frames, replace=False)
+        x_tr, y_tr = x_tr[keep], y_tr[keep]
+    mean, std = x_tr.mean(0), x_tr.std(0) + 1e-5
+    clf = fit_probe((x_tr - mean) / std, y_tr, len(phones))
+    result = {"checkpoint": checkpoint, "layer": layer, "phones": len(phones), "train_frames": int(len(x_tr))}
+    for s in splits:
+        x, labels = data[s]
+        y = np.array([index.get(p, -1) for p in labels])
+        with torch.no_grad():
+            pred = clf(torch.from_numpy((x - mean) / std)).argmax(1).numpy()
+        result[f"{s}_acc"] = round(float(np.mean(pred == y)), 4)
+        result[f"{s}_majority"] = round(float(np.mean(y == np.bincount(y_tr).argmax())), 4)
+    return result
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="fairseq / plugin checkpoint, or 'mfcc' for the MFCC baseline")
+    p.add_argument("--layer", type=int, default=1)
+    p.add_argument("--manifests", required=True, help="directory with train/valid/test .tsv")
+    p.add_argument("--alignments", required=True, help="directory with {split}.phones.ctm")
+    p.add_argument("--json", help="write the result here too")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    result = run_probe(a.checkpoint, a.layer, a.manifests, a.alignments)
+    print(json.dumps(result))
+    if a.json:
+        with atomic_write(a.json) as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
