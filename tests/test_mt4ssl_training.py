@@ -83,3 +83,26 @@ def test_mt4ssl_pretrain_resume_finetune_export(manifest_dir, mfcc_labels, tmp_p
     subprocess.run([sys.executable, "-c", _VANILLA_FEATURES, str(exported), str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
                    check=True, capture_output=True, text=True)
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), ours, atol=1e-5)
+
+
+def test_two_label_sets_at_different_rates(manifest_dir, mfcc_labels, tmp_path):
+    labels = tmp_path / "labels"
+    shutil.copytree(mfcc_labels, labels)
+    for split in ("train", "valid"):  # a 50 Hz label set: every other 100 Hz label
+        lines = (labels / f"{split}.km").read_text().splitlines()
+        (labels / f"{split}.km50").write_text("".join(" ".join(line.split()[::2]) + "\n" for line in lines))
+    shutil.copy(labels / "dict.km.txt", labels / "dict.km50.txt")
+    out = _pretrain(tmp_path / "run", manifest_dir, labels, 10, 'task.labels=["km","km50"]', "task.label_rates=[100,50]",
+                    "model.offline_weights=[1.0,0.5]")
+    assert re.search(r"loss_offline_0=[\d.]+, loss_offline_1=[\d.]+, acc_offline_0=[\d.]+, acc_offline_1=[\d.]+", out.stdout), out.stdout[-1500:]
+
+
+def test_random_crops_start_on_the_label_hop(manifest_dir, mfcc_labels):
+    from fairseq_mtssl.tasks.hubert_pretraining_checked import AlignedCropHubertDataset
+
+    ds = AlignedCropHubertDataset(
+        str(manifest_dir / "train.tsv"), sample_rate=16000, label_paths=[str(mfcc_labels / "train.km")], label_rates=[100.0],
+        pad_list=[1], eos_list=[2], max_sample_size=16000, random_crop=True, crop_hop=320)
+    wav = torch.arange(40000.0)
+    starts = {ds.crop_to_max_size(wav, 16000)[1] for _ in range(200)}
+    assert len(starts) > 20 and all(s % 320 == 0 and s <= 24000 for s in starts)
