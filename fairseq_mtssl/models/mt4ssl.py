@@ -163,9 +163,10 @@ class MT4SSLModel(Data2VecAudioModel):
         super().set_num_updates(num_updates)
 
     # -- forward ------------------------------------------------------------------------------
-    def forward(self, source, padding_mask=None, target_list=None, mask=True, features_only=False, layer=None,
-                mask_indices=None, mask_channel_indices=None, padding_count=None) -> Dict:
-        """Data2vec's forward plus the offline losses. Returns ``{"losses", "sample_size", "logs", ...}``;
+    def forward(self, source, padding_mask=None, mask=True, features_only=False, layer=None, mask_indices=None,
+                mask_channel_indices=None, padding_count=None, target_list=None) -> Dict:
+        """Data2vec's forward (same positional arguments) plus the offline losses of ``target_list``
+        (one ``(B, L_i)`` label tensor per label set). Returns ``{"losses", "sample_size", "logs", ...}``;
         every loss is a sum over the masked frames and ``sample_size`` is their number."""
         kwargs = dict(layer=layer, mask_indices=mask_indices, mask_channel_indices=mask_channel_indices, padding_count=padding_count)
         if features_only:
