@@ -21,7 +21,8 @@ from fairseq.examples.data2vec.models.data2vec_audio import Data2VecAudioConfig,
 from fairseq.models.hubert import HubertConfig, HubertModel
 from fairseq.tasks.hubert_pretraining import HubertPretrainingConfig
 
-from fairseq_mtssl.models.mt4ssl import MT4SSLConfig, MT4SSLModel, detach_weight_norm_weights
+from fairseq_mtssl.models.mt4ssl import MT4SSLConfig, MT4SSLModel
+from fairseq_mtssl.models.weight_norm import detach_weight_norm_weights
 
 
 def encoder_cfg(a):

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from fairseq.data.data_utils import compute_mask_indices
 from fairseq.examples.data2vec.models.data2vec_audio import Data2VecAudioConfig, Data2VecAudioModel, get_annealed_rate
 
-from fairseq_mtssl.models.mt4ssl import MT4SSLConfig, MT4SSLModel, detach_weight_norm_weights, frame_targets
+from fairseq_mtssl.models.mt4ssl import MT4SSLConfig, MT4SSLModel, frame_targets
+from fairseq_mtssl.models.weight_norm import detach_weight_norm_weights
 
 TINY = dict(
     extractor_mode="layer_norm", conv_feature_layers="[(32,10,5)] + [(32,3,2)] * 4 + [(32,2,2)] * 2",

@@ -37,6 +37,26 @@ def conv_output_frames(num_samples: int, conv_layers) -> int:
     return max(n, 0)
 
 
+def conv_layers_of(model) -> list:
+    """``[(channels, kernel, stride), ...]`` of a wav2vec 2.0-family model's conv front end."""
+    convs = [next(m for m in block if isinstance(m, torch.nn.Conv1d)) for block in model.feature_extractor.conv_layers]
+    return [(c.out_channels, c.kernel_size[0], c.stride[0]) for c in convs]
+
+
+def hubert_sample_padding_mask(conv_layers, lengths: Sequence[int], total: int, device="cpu") -> torch.Tensor:
+    """A sample-level mask ``(B, total)`` from which HuBERT derives exactly ``conv_output_frames(len)`` valid frames.
+
+    HuBERT splits the mask into ``total // F`` blocks and keeps a frame unless its whole block is
+    padding, which would let frames computed past an utterance's end into attention; so the mask
+    starts at the block of the first frame the conv stack does not produce.
+    """
+    block = total // conv_output_frames(total, conv_layers)
+    mask = torch.zeros(len(lengths), total, dtype=torch.bool, device=device)
+    for i, n in enumerate(lengths):
+        mask[i, conv_output_frames(n, conv_layers) * block :] = True
+    return mask
+
+
 def load_speech_model(checkpoint: str):
     """Load a fairseq HuBERT / wav2vec 2.0 (or plugin) checkpoint for feature extraction: ``(model, task_cfg)``."""
     import fairseq_mtssl  # noqa: F401  (registers the plugin's classes and the checkpoint allowlist)
@@ -77,8 +97,7 @@ class ModelLayerReader:
         if layer > n_layers:
             raise ValueError(f"{checkpoint}: layer {layer} requested but the model has {n_layers} layers")
         extractor = self.model.feature_extractor
-        convs = [next(m for m in block if isinstance(m, torch.nn.Conv1d)) for block in extractor.conv_layers]
-        self.conv_layers = [(c.out_channels, c.kernel_size[0], c.stride[0]) for c in convs]
+        self.conv_layers = conv_layers_of(self.model)
         self.frame_rate = 16000 / int(np.prod([s for _, _, s in self.conv_layers]))
         self.dim = self.model.encoder.embedding_dim
         # The "default" front end group-normalises over time, so a frame would depend on padding.
@@ -88,18 +107,15 @@ class ModelLayerReader:
         return conv_output_frames(num_samples, self.conv_layers)
 
     def sample_padding_mask(self, lengths: Sequence[int]) -> torch.Tensor:
-        """A sample-level mask ``(B, T)`` from which the model derives exactly ``num_frames(len)`` valid frames.
-
-        wav2vec 2.0 counts the unmasked samples and runs them through the conv length formula, so the
-        plain mask is right. HuBERT splits the mask into ``T // F`` blocks and keeps a frame unless its
-        whole block is padding, which would let frames computed past an utterance's end into attention:
-        there the mask starts at the block of the first frame the conv stack does not produce.
-        """
+        """A sample-level mask ``(B, T)`` from which the model derives exactly ``num_frames(len)`` valid frames:
+        wav2vec 2.0 / data2vec count unmasked samples through the conv formula, HuBERT needs
+        :func:`hubert_sample_padding_mask`."""
         total = max(lengths)
+        if self._kind == "hubert":
+            return hubert_sample_padding_mask(self.conv_layers, lengths, total, self.device)
         mask = torch.zeros(len(lengths), total, dtype=torch.bool, device=self.device)
-        block = total // self.num_frames(total) if self._kind == "hubert" else None
         for i, n in enumerate(lengths):
-            mask[i, (self.num_frames(n) * block if block else n) :] = True
+            mask[i, n:] = True
         return mask
 
     @torch.inference_mode()

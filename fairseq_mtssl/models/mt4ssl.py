@@ -20,10 +20,11 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.utils.weight_norm import WeightNorm
 from fairseq.dataclass import ChoiceEnum
 from fairseq.examples.data2vec.models.data2vec_audio import Data2VecAudioConfig, Data2VecAudioModel
 from fairseq.models import register_model
+
+from .weight_norm import detach_weight_norm_weights
 
 logger = logging.getLogger(__name__)
 
@@ -69,16 +70,6 @@ class CosineHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(M, dim)`` -> logits ``(M, num_classes)``."""
         return F.cosine_similarity(self.proj(x)[:, None, :], self.label_embs[None], dim=-1) / self.temperature
-
-
-def detach_weight_norm_weights(model: nn.Module) -> None:
-    """Make ``model`` deep-copyable: weight norm keeps its derived ``weight`` as a non-leaf tensor,
-    which torch >= 2.1 refuses to deepcopy (so fairseq's data2vec cannot build its EMA teacher). The
-    weight-norm hook recomputes it before every forward, so a detached tensor is equivalent."""
-    for module in model.modules():
-        for hook in module._forward_pre_hooks.values():
-            if isinstance(hook, WeightNorm):
-                setattr(module, hook.name, getattr(module, hook.name).detach())
 
 
 class _InputRecordingLinear(nn.Linear):

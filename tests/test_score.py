@@ -1,0 +1,79 @@
+"""SCORE through fairseq-hydra-train from a real HuBERT checkpoint, and the vanilla export."""
+
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import PACKAGE_DIR, REPO, run_cli
+
+_VANILLA = """
+import sys, argparse, numpy as np, torch
+from fairseq.data.dictionary import Dictionary
+torch.serialization.add_safe_globals([Dictionary, argparse.Namespace])  # what any torch>=2.6 fairseq user needs
+from fairseq import checkpoint_utils
+models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([sys.argv[1]])
+m = models[0].eval()
+assert type(m).__name__ == "HubertModel" and "fairseq_mtssl" not in sys.modules
+with torch.no_grad():
+    x, _ = m.extract_features(torch.from_numpy(np.load(sys.argv[2])), padding_mask=None, mask=False)
+np.save(sys.argv[3], x.numpy())
+"""
+
+
+@pytest.fixture(scope="module")
+def hubert_checkpoint(manifest_dir, mfcc_labels, tmp_path_factory):
+    run = tmp_path_factory.mktemp("hubert")
+    run_cli("fairseq-hydra-train", "--config-dir", REPO / "examples/hubert/config/pretrain", "--config-name", "hubert_tiny_cpu",
+            f"common.user_dir={PACKAGE_DIR}", f"task.data={manifest_dir}", f"task.label_dir={mfcc_labels}", 'task.labels=["km"]',
+            "model.label_rate=100", "optimization.max_update=20", f"hydra.run.dir={run}")
+    return run / "checkpoints" / "checkpoint_last.pt"
+
+
+def test_score_finetunes_top_layers_only_and_exports_a_vanilla_hubert(manifest_dir, hubert_checkpoint, tmp_path):
+    run = tmp_path / "score"
+    out = run_cli("fairseq-hydra-train", "--config-dir", REPO / "examples/score/config", "--config-name", "score_tiny_cpu",
+                  f"common.user_dir={PACKAGE_DIR}", f"task.data={manifest_dir}", f"model.hubert_path={hubert_checkpoint}",
+                  "optimization.max_update=30", "common.log_interval=5", f"hydra.run.dir={run}")
+    losses = [float(x) for x in re.findall(r"\[train_inner\].* loss=([\d.]+),", out.stdout)]
+    assert len(losses) >= 5 and losses[-1] < losses[0], losses
+
+    start = torch.load(hubert_checkpoint)["model"]
+    tuned = torch.load(run / "checkpoints" / "checkpoint_last.pt")["model"]
+    top = "encoder.layers.1."  # tiny HuBERT: 2 layers, trainable_layers 1
+    for k, v in start.items():
+        assert torch.equal(tuned[f"teacher.{k}"], v), f"teacher changed: {k}"
+        if not k.startswith(top):
+            assert torch.equal(tuned[f"student.{k}"], v), f"frozen student parameter changed: {k}"
+    assert any(not torch.equal(tuned[f"student.{k}"], v) for k, v in start.items() if k.startswith(top))
+
+    exported = tmp_path / "hubert_score.pt"
+    run_cli("mtssl-export-hubert", run / "checkpoints" / "checkpoint_last.pt", exported)
+    from fairseq_mtssl.convert.hubert_checkpoint import load_hubert
+
+    ours, _ = load_hubert(exported)
+    x = torch.randn(1, 20000)
+    np.save(tmp_path / "x.npy", x.numpy())
+    subprocess.run([sys.executable, "-c", _VANILLA, str(exported), str(tmp_path / "x.npy"), str(tmp_path / "y.npy")], check=True, capture_output=True)
+    with torch.no_grad():
+        expected, _ = ours.extract_features(x, padding_mask=None, mask=False)
+    assert np.abs(np.load(tmp_path / "y.npy") - expected.numpy()).max() < 1e-4
+    # and the exported student differs from the start where SCORE trained it
+    assert not torch.equal(torch.load(exported)["model"][f"{top}fc1.weight"], start[f"{top}fc1.weight"])
+
+
+def test_export_refuses_other_architectures(hubert_checkpoint, tmp_path):
+    from fairseq_mtssl.convert.hubert_checkpoint import NotAHubertCheckpoint, load_hubert
+    from fairseq_mtssl.convert.score_to_hubert import ExportError, export_score_student
+
+    with pytest.raises(ExportError, match="not a SCORE"):
+        export_score_student(hubert_checkpoint, tmp_path / "x.pt")
+    state = torch.load(hubert_checkpoint)
+    state["cfg"]["model"]["_name"] = "wav2vec2"
+    torch.save(state, tmp_path / "w2v.pt")
+    with pytest.raises(NotAHubertCheckpoint, match="w2v.pt: model is 'wav2vec2'"):
+        load_hubert(tmp_path / "w2v.pt")
+    assert not (tmp_path / "x.pt").exists()
