@@ -47,8 +47,29 @@ def pretrained_mt4ssl(manifest_dir, label_dir, tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def pretrained_hubert(manifest_dir, label_dir, tmp_path_factory):
+    """Freshly initialised HuBERT checkpoints, ``{"tiny": path, "base": path}``, for SCORE configs to start from."""
+    import fairseq_mtssl  # noqa: F401
+    from fairseq import tasks
+
+    paths = {}
+    for scale, name in (("tiny", "hubert_tiny_cpu"), ("base", "hubert_base_iter1")):
+        cfg = _compose(REPO / f"examples/hubert/config/pretrain/{name}.yaml", [
+            f"task.data={manifest_dir}", f"task.label_dir={label_dir}", 'task.labels=["km"]', "model.label_rate=100",
+            "hydra.run.dir=x"])
+        task = tasks.setup_task(cfg.task)
+        model = task.build_model(cfg.model)
+        paths[scale] = tmp_path_factory.mktemp("hubert") / f"{name}.pt"
+        torch.save({"cfg": OmegaConf.to_container(cfg, resolve=True), "model": model.state_dict(), "args": None,
+                    "task_state": {}, "extra_state": {},
+                    "optimizer_history": [{"criterion_name": "HubertCriterion", "optimizer_name": "Adam",
+                                           "lr_scheduler_state": {"best": None}, "num_updates": 0}]}, paths[scale])
+    return paths
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=[str(p.relative_to(REPO / "examples")) for p in CONFIGS])
-def test_config_builds_its_model(config, manifest_dir, label_dir, pretrained_mt4ssl):
+def test_config_builds_its_model(config, manifest_dir, label_dir, pretrained_mt4ssl, pretrained_hubert):
     import fairseq_mtssl  # noqa: F401
     from fairseq import tasks
 
@@ -60,6 +81,8 @@ def test_config_builds_its_model(config, manifest_dir, label_dir, pretrained_mt4
         overrides.append("task.label_rate=100" if "_name: mt4ssl" in text else "model.label_rate=100")
     if "w2v_path: ???" in text:
         overrides.append(f"model.w2v_path={pretrained_mt4ssl}")
+    if "hubert_path: ???" in text:
+        overrides.append(f"model.hubert_path={pretrained_hubert['base' if 'base' in config.name else 'tiny']}")
     cfg = _compose(config, overrides)
     if "w2v_path" in cfg.model:
         with open_dict(cfg):  # the paper-scale recipes expect normalised audio from an MT4SSL checkpoint
