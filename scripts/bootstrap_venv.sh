@@ -19,6 +19,7 @@ pip_install() {
 pip_install torch==2.13.0
 pip_install --no-deps ve-fairseq==0.12.3
 pip_install -r requirements.txt torch==2.13.0
+pip_install --no-deps s3prl==0.4.18  # only for the hubert_local interoperability test; it declares torchaudio
 pip_install --no-deps --no-build-isolation -e .
 "$VENV/bin/python" - <<'PY'
 import sys

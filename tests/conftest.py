@@ -41,6 +41,16 @@ def mfcc_labels(manifest_dir, tmp_path_factory):
     return work / "km"
 
 
+@pytest.fixture(scope="session")
+def tiny_hubert_checkpoint(manifest_dir, mfcc_labels, tmp_path_factory):
+    """A tiny HuBERT trained for 20 updates by fairseq-hydra-train with the plugin's task."""
+    run = tmp_path_factory.mktemp("hubert")
+    run_cli("fairseq-hydra-train", "--config-dir", REPO / "examples/hubert/config/pretrain", "--config-name", "hubert_tiny_cpu",
+            f"common.user_dir={PACKAGE_DIR}", f"task.data={manifest_dir}", f"task.label_dir={mfcc_labels}", 'task.labels=["km"]',
+            "model.label_rate=100", "optimization.max_update=20", f"hydra.run.dir={run}")
+    return run / "checkpoints" / "checkpoint_last.pt"
+
+
 def run_cli(*args, check=True, cwd=None, timeout=600):
     """Run a console script of this environment; return the CompletedProcess (text output)."""
     cmd = [str(BIN / args[0]), *map(str, args[1:])]

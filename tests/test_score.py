@@ -24,24 +24,15 @@ np.save(sys.argv[3], x.numpy())
 """
 
 
-@pytest.fixture(scope="module")
-def hubert_checkpoint(manifest_dir, mfcc_labels, tmp_path_factory):
-    run = tmp_path_factory.mktemp("hubert")
-    run_cli("fairseq-hydra-train", "--config-dir", REPO / "examples/hubert/config/pretrain", "--config-name", "hubert_tiny_cpu",
-            f"common.user_dir={PACKAGE_DIR}", f"task.data={manifest_dir}", f"task.label_dir={mfcc_labels}", 'task.labels=["km"]',
-            "model.label_rate=100", "optimization.max_update=20", f"hydra.run.dir={run}")
-    return run / "checkpoints" / "checkpoint_last.pt"
-
-
-def test_score_finetunes_top_layers_only_and_exports_a_vanilla_hubert(manifest_dir, hubert_checkpoint, tmp_path):
+def test_score_finetunes_top_layers_only_and_exports_a_vanilla_hubert(manifest_dir, tiny_hubert_checkpoint, tmp_path):
     run = tmp_path / "score"
     out = run_cli("fairseq-hydra-train", "--config-dir", REPO / "examples/score/config", "--config-name", "score_tiny_cpu",
-                  f"common.user_dir={PACKAGE_DIR}", f"task.data={manifest_dir}", f"model.hubert_path={hubert_checkpoint}",
+                  f"common.user_dir={PACKAGE_DIR}", f"task.data={manifest_dir}", f"model.hubert_path={tiny_hubert_checkpoint}",
                   "optimization.max_update=30", "common.log_interval=5", f"hydra.run.dir={run}")
     losses = [float(x) for x in re.findall(r"\[train_inner\].* loss=([\d.]+),", out.stdout)]
     assert len(losses) >= 5 and losses[-1] < losses[0], losses
 
-    start = torch.load(hubert_checkpoint)["model"]
+    start = torch.load(tiny_hubert_checkpoint)["model"]
     tuned = torch.load(run / "checkpoints" / "checkpoint_last.pt")["model"]
     top = "encoder.layers.1."  # tiny HuBERT: 2 layers, trainable_layers 1
     for k, v in start.items():
@@ -65,13 +56,13 @@ def test_score_finetunes_top_layers_only_and_exports_a_vanilla_hubert(manifest_d
     assert not torch.equal(torch.load(exported)["model"][f"{top}fc1.weight"], start[f"{top}fc1.weight"])
 
 
-def test_export_refuses_other_architectures(hubert_checkpoint, tmp_path):
+def test_export_refuses_other_architectures(tiny_hubert_checkpoint, tmp_path):
     from fairseq_mtssl.convert.hubert_checkpoint import NotAHubertCheckpoint, load_hubert
     from fairseq_mtssl.convert.score_to_hubert import ExportError, export_score_student
 
     with pytest.raises(ExportError, match="not a SCORE"):
-        export_score_student(hubert_checkpoint, tmp_path / "x.pt")
-    state = torch.load(hubert_checkpoint)
+        export_score_student(tiny_hubert_checkpoint, tmp_path / "x.pt")
+    state = torch.load(tiny_hubert_checkpoint)
     state["cfg"]["model"]["_name"] = "wav2vec2"
     torch.save(state, tmp_path / "w2v.pt")
     with pytest.raises(NotAHubertCheckpoint, match="w2v.pt: model is 'wav2vec2'"):

@@ -39,14 +39,12 @@ def load_hubert(path) -> Tuple[torch.nn.Module, dict]:
     path = str(path)
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
-    try:
-        state = checkpoint_utils.load_checkpoint_to_cpu(path)  # weights-only torch.load, args -> cfg upgrade
-    except Exception:
-        load_checkpoint_safely(path)  # raises CheckpointLoadError naming the file and what was refused
-        raise
-    name = _model_name(state)
+    raw = load_checkpoint_safely(path)  # CheckpointLoadError naming the file for corrupt or code-pickling files
+    name = _model_name(raw)
     if not name.startswith("hubert"):
         raise NotAHubertCheckpoint(f"{path}: model is {name or 'unknown'!r}, not a fairseq HuBERT checkpoint")
+    del raw
+    state = checkpoint_utils.load_checkpoint_to_cpu(path)  # weights-only again, plus fairseq's args -> cfg upgrade
     models, _, _ = checkpoint_utils.load_model_ensemble_and_task([path], state=state)
     model = models[0]
     if not isinstance(model, HubertModel):
