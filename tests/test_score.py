@@ -68,3 +68,33 @@ def test_export_refuses_other_architectures(tiny_hubert_checkpoint, tmp_path):
     with pytest.raises(NotAHubertCheckpoint, match="w2v.pt: model is 'wav2vec2'"):
         load_hubert(tmp_path / "w2v.pt")
     assert not (tmp_path / "x.pt").exists()
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["layer-norm-front-end(batched)", "group-norm-front-end(one-by-one)"])
+def test_student_split_forward_equals_the_full_forward(batched):
+    """The student's frozen bottom runs under no_grad and its top layers on top of it: same output as
+    fairseq's full extract_features (padded batch or one by one), gradient only into the top layers."""
+    from fairseq.data.dictionary import Dictionary
+    from fairseq.models.hubert import HubertConfig, HubertModel
+    from fairseq.tasks.hubert_pretraining import HubertPretrainingConfig
+
+    from fairseq_mtssl.models.score import ScoreHubertConfig, ScoreHubertModel
+
+    torch.manual_seed(0)
+    d = Dictionary()
+    cfg = HubertConfig(extractor_mode="layer_norm" if batched else "default", encoder_layers=4, encoder_embed_dim=64,
+                       encoder_ffn_embed_dim=128, encoder_attention_heads=4, conv_pos=16, conv_pos_groups=4, label_rate=50.0,
+                       conv_feature_layers="[(32,10,5)] + [(32,3,2)] * 4 + [(32,2,2)] * 2", dropout=0.0,
+                       attention_dropout=0.0, activation_dropout=0.0, encoder_layerdrop=0.0, final_dim=16)
+    hubert = HubertModel(cfg, HubertPretrainingConfig(labels=["km"], label_rate=50.0), [d])
+    model = ScoreHubertModel(ScoreHubertConfig(hubert_path="-", trainable_layers=2, proj_dim=8), hubert).train()
+    assert model.batchable == batched
+    sources = [torch.randn(9000), torch.randn(6400)]
+    x, lengths = model._encode(model.student, sources)
+    with torch.no_grad():
+        for i, s in enumerate(sources):
+            full, _ = model.student.extract_features(s[None], padding_mask=None, mask=False)
+            torch.testing.assert_close(x[i, : lengths[i]], full[0], atol=1e-5, rtol=1e-5)
+    x[0, : lengths[0]].sum().backward()
+    grads = {n for n, p in model.student.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert grads and all(n.startswith(("encoder.layers.2.", "encoder.layers.3.")) for n in grads), sorted(grads)

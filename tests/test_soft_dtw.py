@@ -59,3 +59,15 @@ def test_divergence_is_zero_on_itself_and_gradient_flows_to_features():
 def test_squared_euclidean_matches_cdist():
     x, y = torch.randn(2, 5, 3, dtype=torch.float64), torch.randn(2, 4, 3, dtype=torch.float64)
     torch.testing.assert_close(squared_euclidean(x, y), torch.cdist(x, y) ** 2)
+
+
+def test_divergence_equals_three_separate_soft_dtws_per_item():
+    """The one-batch divergence (both sides padded to a common length) against the definition, item by item."""
+    torch.manual_seed(3)
+    x, y = torch.randn(3, 9, 5, dtype=torch.float64), torch.randn(3, 13, 5, dtype=torch.float64)
+    lx, ly = torch.tensor([9, 4, 7]), torch.tensor([13, 13, 6])
+    got = soft_dtw_divergence(x, y, lx, ly, gamma=0.2, normalize=False)
+    for b in range(3):
+        xb, yb = x[b : b + 1, : lx[b]], y[b : b + 1, : ly[b]]
+        sd = lambda p, q: soft_dtw(squared_euclidean(p, q), gamma=0.2)[0]  # noqa: E731
+        torch.testing.assert_close(got[b], sd(xb, yb) - 0.5 * (sd(xb, xb) + sd(yb, yb)))

@@ -18,6 +18,7 @@ squared Euclidean frame costs, divided by ``len_x + len_y``.
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 
 def _diagonal_cells(d: int, n: int, m: int, device):
@@ -106,10 +107,18 @@ def squared_euclidean(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def soft_dtw_divergence(x: torch.Tensor, y: torch.Tensor, len_x: Optional[torch.Tensor] = None,
                         len_y: Optional[torch.Tensor] = None, gamma: float = 0.1, normalize: bool = True) -> torch.Tensor:
-    """SCORE's loss per item ``(B,)``: ``sdtw(x,y) - (sdtw(x,x) + sdtw(y,y)) / 2``, / ``(len_x + len_y)``."""
+    """SCORE's loss per item ``(B,)``: ``sdtw(x,y) - (sdtw(x,x) + sdtw(y,y)) / 2``, / ``(len_x + len_y)``.
+
+    ``x (B, N, C)``, ``y (B, M, C)``. The three soft-DTWs run as one ``3B`` batch (both sides padded
+    to ``max(N, M)`` frames; per-item lengths keep the padding out), so the anti-diagonal loop runs
+    once rather than three times.
+    """
     len_x, len_y = _lengths(x, len_x), _lengths(y, len_y)
-    xy = soft_dtw(squared_euclidean(x, y), len_x, len_y, gamma)
-    xx = soft_dtw(squared_euclidean(x, x), len_x, len_x, gamma)
-    yy = soft_dtw(squared_euclidean(y, y), len_y, len_y, gamma)
+    b, frames = x.size(0), max(x.size(1), y.size(1))
+    x = F.pad(x, (0, 0, 0, frames - x.size(1)))
+    y = F.pad(y, (0, 0, 0, frames - y.size(1)))
+    left, right = torch.cat([x, x, y]), torch.cat([y, x, y])
+    sdtw = soft_dtw(squared_euclidean(left, right), torch.cat([len_x, len_x, len_y]), torch.cat([len_y, len_x, len_y]), gamma)
+    xy, xx, yy = sdtw[:b], sdtw[b : 2 * b], sdtw[2 * b :]
     div = xy - 0.5 * (xx + yy)
     return div / (len_x + len_y).to(div.dtype) if normalize else div

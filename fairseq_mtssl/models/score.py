@@ -63,6 +63,21 @@ class ScoreHubertModel(BaseFairseqModel):
         self.teacher.train(mode and self.cfg.teacher_dropout)
         return self
 
+    def _extract(self, model, x: torch.Tensor, padding_mask) -> torch.Tensor:
+        """Last-layer output ``(B, T, C)``. For the student, the frozen bottom (front end and all but
+        the top ``trainable_layers``) runs without an autograd graph; only the top layers record one."""
+        n_frozen = len(model.encoder.layers) - self.cfg.trainable_layers
+        if model is self.teacher or n_frozen == 0 or not torch.is_grad_enabled():
+            return model.extract_features(x, padding_mask=padding_mask, mask=False)[0]
+        with torch.no_grad():
+            feats, frame_mask = model.extract_features(x, padding_mask=padding_mask, mask=False, output_layer=n_frozen)
+        h = feats.transpose(0, 1)  # (T, B, C), as fairseq's layers take it
+        for layer in model.encoder.layers[n_frozen:]:
+            h, _ = layer(h, self_attn_padding_mask=frame_mask, need_weights=False)
+        if model.encoder.layer_norm_first:
+            h = model.encoder.layer_norm(h)
+        return h.transpose(0, 1)
+
     def _encode(self, model, sources: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """Last-layer outputs ``(B, T, C)`` of padded or one-at-a-time inputs and frame lengths ``(B,)``."""
         if self.batchable and len(sources) > 1:
@@ -73,9 +88,9 @@ class ScoreHubertModel(BaseFairseqModel):
             layers = conv_layers_of(model)
             mask = hubert_sample_padding_mask(layers, [len(s) for s in sources], total, x.device)
             frames = [conv_output_frames(len(s), layers) for s in sources]
-            feats, _ = model.extract_features(x, padding_mask=mask, mask=False)
+            feats = self._extract(model, x, mask)
         else:
-            outs = [model.extract_features(s[None], padding_mask=None, mask=False)[0][0] for s in sources]
+            outs = [self._extract(model, s[None], None)[0] for s in sources]
             frames = [len(o) for o in outs]
             feats = nn.utils.rnn.pad_sequence(outs, batch_first=True)
         return feats, torch.tensor(frames, device=feats.device)

@@ -1,0 +1,106 @@
+"""A SCORE training step against a full HuBERT fine-tuning step, and soft-DTW's share of it.
+
+    .venv/bin/python benchmarks/bench_score_step.py [--preset base --batch 2 --seconds 3]
+
+Same HuBERT (``--preset base``: HuBERT Base's architecture, 12 x 768, group-normed front end),
+same audio, timed in interleaved rounds; medians and ratios are printed.
+  score      student forward (top 2 layers trainable), frozen teacher forward on the perturbed copy
+             (its length the mean over the paper's speed factors 0.9/1.0/1.1), projection
+             768 -> 256, soft-DTW divergence, backward
+  finetune   HuBERT CTC fine-tuning as fairseq's recipes run it: masked forward, every transformer
+             layer trainable (front end frozen, feature_grad_mult 0), linear head, CTC, backward
+  soft-DTW   the divergence forward+backward alone, on the step's projections
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from fairseq.data import Dictionary
+from fairseq.models.hubert import HubertConfig, HubertModel
+from fairseq.tasks.hubert_pretraining import HubertPretrainingConfig
+
+from fairseq_mtssl.losses.soft_dtw import soft_dtw_divergence
+from fairseq_mtssl.models.score import ScoreHubertConfig, ScoreHubertModel
+
+PRESETS = {
+    "base": dict(extractor_mode="default", encoder_layers=12, encoder_embed_dim=768, encoder_ffn_embed_dim=3072,
+                 encoder_attention_heads=12, conv_pos=128, conv_pos_groups=16),
+    "small": dict(extractor_mode="layer_norm", encoder_layers=4, encoder_embed_dim=256, encoder_ffn_embed_dim=1024,
+                  encoder_attention_heads=4, conv_pos=64, conv_pos_groups=16,
+                  conv_feature_layers="[(128,10,5)] + [(128,3,2)] * 4 + [(128,2,2)] * 2"),
+}
+
+
+def hubert(preset: str, **extra) -> HubertModel:
+    d = Dictionary()
+    for i in range(100):
+        d.add_symbol(str(i))
+    cfg = HubertConfig(**PRESETS[preset], label_rate=50, **extra)
+    return HubertModel(cfg, HubertPretrainingConfig(labels=["km"], label_rate=50), [d])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="base")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seconds", type=float, default=3.0)
+    p.add_argument("--rounds", type=int, default=5)
+    a = p.parse_args()
+    torch.manual_seed(0)
+
+    score = ScoreHubertModel(ScoreHubertConfig(hubert_path="(built in the benchmark)", trainable_layers=2, proj_dim=256), hubert(a.preset)).train()
+    score_params = [q for q in score.parameters() if q.requires_grad]
+    ft = hubert(a.preset, feature_grad_mult=0.0, mask_prob=0.65, mask_length=10).train()
+    head = torch.nn.Linear(ft.encoder.embedding_dim, 32)
+    ft_params = [q for q in ft.parameters() if q.requires_grad] + list(head.parameters())
+
+    n = int(a.seconds * 16000)
+    source = [torch.randn(n) for _ in range(a.batch)]
+    mean_stretch = sum(1 / f for f in (0.9, 1.0, 1.1)) / 3  # speed f makes the copy 1/f as long
+    perturbed = [torch.randn(int(n * mean_stretch)) for _ in range(a.batch)]
+    ft_source = torch.randn(a.batch, n)
+    targets = torch.randint(1, 32, (a.batch, int(a.seconds * 12)))  # ~12 characters per second
+    held = {}
+
+    def step_score():
+        out = score(source, perturbed)
+        held["out"] = {k: v.detach() for k, v in out.items()}
+        loss = soft_dtw_divergence(out["student"], out["teacher"], out["student_lengths"], out["teacher_lengths"], 0.1).sum()
+        loss.backward()
+        for q in score_params:
+            q.grad = None
+
+    def step_finetune():
+        x, padding = ft.extract_features(ft_source, padding_mask=None, mask=True)
+        logp = F.log_softmax(head(x), -1).transpose(0, 1)
+        lengths = torch.full((a.batch,), logp.size(0), dtype=torch.long)
+        loss = F.ctc_loss(logp, targets, lengths, torch.full((a.batch,), targets.size(1), dtype=torch.long))
+        loss.backward()
+        for q in ft_params:
+            q.grad = None
+
+    def step_sdtw():
+        o = held["out"]
+        x = o["student"].clone().requires_grad_(True)
+        soft_dtw_divergence(x, o["teacher"], o["student_lengths"], o["teacher_lengths"], 0.1).sum().backward()
+
+    times = {"score": [], "finetune": [], "soft-DTW": []}
+    step_score(), step_finetune(), step_sdtw()  # warm-up
+    for _ in range(a.rounds):
+        for name, fn in (("score", step_score), ("finetune", step_finetune), ("soft-DTW", step_sdtw)):
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"HuBERT {a.preset}, batch {a.batch} x {a.seconds:.1f} s, {torch.get_num_threads()} threads, median of {a.rounds} rounds")
+    for k, v in med.items():
+        print(f"  {k:<9} {v:8.3f} s")
+    print(f"  SCORE step / full fine-tune step   {med['score'] / med['finetune']:.3f}   (target <= 1)")
+    print(f"  soft-DTW share of a SCORE step     {med['soft-DTW'] / med['score']:.3f}   (target <= 0.15)")
+
+
+if __name__ == "__main__":
+    main()
