@@ -131,6 +131,28 @@ class ModelLayerReader:
             x = torch.nn.functional.layer_norm(x, x.shape)
         return x
 
+    def all_layers(self, wavs: Sequence[np.ndarray]) -> List[List[np.ndarray]]:
+        """Per utterance ``[layer 0, 1, ..., L]``: the input of the first transformer layer, then every
+        layer's output (a pre-LN model's final layer norm not applied), each ``(T, C)``."""
+        captured: List[torch.Tensor] = []
+        layers = self.model.encoder.layers
+        hooks = [layers[0].register_forward_pre_hook(lambda m, args: captured.append(args[0]))]
+        hooks += [layer.register_forward_hook(lambda m, args, out: captured.append(out[0])) for layer in layers]
+        saved, self.layer = self.layer, len(layers)
+        try:
+            per_layer = [[] for _ in range(len(layers) + 1)]
+            for w in wavs if not self.batchable else [wavs]:
+                batch = [w] if not self.batchable else list(w)
+                captured.clear()
+                self(batch)
+                for k, h in enumerate(captured):  # (T, B, C), T possibly padded to a multiple
+                    per_layer[k] += [h[: self.num_frames(len(x)), i].float().cpu().numpy() for i, x in enumerate(batch)]
+        finally:
+            self.layer = saved
+            for h in hooks:
+                h.remove()
+        return [[per_layer[k][u] for k in range(len(per_layer))] for u in range(len(wavs))]
+
     def __call__(self, wavs: Sequence[np.ndarray]) -> List[np.ndarray]:
         if not self.batchable or len(wavs) == 1:
             return [self._forward(self._prepare(w)[None], None)[0].float().cpu().numpy() for w in wavs]
