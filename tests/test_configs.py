@@ -81,6 +81,10 @@ def test_config_builds_its_model(config, manifest_dir, label_dir, pretrained_mt4
         overrides.append("task.label_rate=100" if "_name: mt4ssl" in text else "model.label_rate=100")
     if "w2v_path: ???" in text:
         overrides.append(f"model.w2v_path={pretrained_mt4ssl}")
+    if "upstream_path: ???" in text:  # SUPERB downstream: a fresh HuBERT of the config's scale as the upstream
+        overrides.append(f"model.upstream_path={pretrained_hubert['base' if 'base' in config.name else 'tiny']}")
+    if "normalize: ???" in text:
+        overrides.append("task.normalize=false")  # what the base HuBERT config trains with
     if "hubert_path: ???" in text:
         overrides.append(f"model.hubert_path={pretrained_hubert['base' if 'base' in config.name else 'tiny']}")
     cfg = _compose(config, overrides)

@@ -178,3 +178,14 @@ def test_spokencoco_missing_image_names_the_entry(corpus_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"caps.json: data\[1\]: image images/does_not_exist.png not found"):
         build_spokencoco_manifest(tmp_path / "caps.json", corpus_dir, corpus_dir, tmp_path / "out", "valid")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_corpus_dictionaries_cover_every_split(manifest_dir):
+    """Held-out speakers may use phones the training captions do not: they are listed with count 0."""
+    for labels in ("phn", "ltr"):
+        entries = dict(line.rsplit(" ", 1) for line in (manifest_dir / f"dict.{labels}.txt").read_text().splitlines())
+        train = set((manifest_dir / f"train.{labels}").read_text().split())
+        for split in ("train", "valid", "test"):
+            assert set((manifest_dir / f"{split}.{labels}").read_text().split()) <= set(entries), (labels, split)
+        assert all(int(c) > 0 for s, c in entries.items() if s in train)
+        assert all(int(c) == 0 for s, c in entries.items() if s not in train)

@@ -81,8 +81,13 @@ class ModelLayerReader:
         from fairseq.models.hubert import HubertModel
         from fairseq.models.wav2vec import Wav2Vec2Model
 
-        self.model, task_cfg = load_speech_model(checkpoint)
-        self.model.to(device)
+        from ..models.upstream import speech_encoder_of
+
+        model, task_cfg = load_speech_model(checkpoint)
+        try:
+            self.model = speech_encoder_of(model).eval().to(device)  # plugin wrappers: their speech encoder
+        except TypeError as err:
+            raise TypeError(f"{checkpoint}: {err}") from None
         self.device = device
         self.layer = layer
         self.max_chunk = max_chunk

@@ -105,5 +105,6 @@ class ScoreHubertModel(BaseFairseqModel):
             y, len_y = self._encode(self.teacher, target_source)
         return {"student": self.project(x), "student_lengths": len_x, "teacher": self.project(y), "teacher_lengths": len_y}
 
-    def student_hubert(self) -> nn.Module:
+    def speech_encoder(self) -> nn.Module:
+        """The student HuBERT: what downstream evaluation and export use."""
         return self.student

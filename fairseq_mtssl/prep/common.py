@@ -19,9 +19,12 @@ def letters(text: str) -> str:
     return " ".join(" ".join(w) + " |" for w in words)
 
 
-def write_dictionary(path, symbols: Iterable[str]) -> None:
-    """fairseq ``dict.*.txt``: ``symbol count`` a line, most frequent first (ties by symbol)."""
+def write_dictionary(path, symbols: Iterable[str], unseen: Iterable[str] = ()) -> None:
+    """fairseq ``dict.*.txt``: ``symbol count`` a line, most frequent first (ties by symbol).
+    ``unseen``: symbols of a closed inventory that other splits use, listed with count 0."""
     counts = Counter(symbols)
+    for u in unseen:
+        counts.setdefault(u, 0)
     write_lines(path, (f"{s} {c}" for s, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))))
 
 

@@ -4,7 +4,8 @@
 
 Writes, for each split (train, valid, test): ``.tsv``, ``.img``/``.images``/``.spk``/``.wrd``/``.ltr``
 (as :mod:`spokencoco_manifest`), ``.phn`` (phones from the alignments, ``sil`` dropped), and the
-training split's ``dict.ltr.txt`` and ``dict.phn.txt``.
+training split's ``dict.ltr.txt`` and ``dict.phn.txt`` (counts from train; symbols only other
+splits use listed with count 0).
 """
 
 import argparse
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from ..corpus.alignment import read_ctm
 from ..data.manifest import read_manifest
-from .common import aligned_phones, write_phone_transcripts
+from .common import aligned_phones, write_dictionary, write_phone_transcripts
 from .spokencoco_manifest import build_spokencoco_manifest
 
 SPLITS = ("train", "valid", "test")
@@ -30,6 +31,11 @@ def build_corpus_manifests(corpus, dest, workers: int = 0) -> dict:
         manifest = read_manifest(dest / f"{split}.tsv")
         phones = [aligned_phones(segs, Path(e.path).stem, manifest.where(i), align_path) for i, e in enumerate(manifest.entries)]
         write_phone_transcripts(dest, split, phones)
+    # The phone and letter inventories are closed: symbols only the held-out speakers' captions use
+    # are listed (count 0), so evaluation splits have no out-of-dictionary symbols.
+    for labels in ("phn", "ltr"):
+        lines = {split: (dest / f"{split}.{labels}").read_text(encoding="utf-8").split() for split in SPLITS}
+        write_dictionary(dest / f"dict.{labels}.txt", lines["train"], (s for split in SPLITS[1:] for s in lines[split]))
     return counts
 
 
