@@ -1,0 +1,80 @@
+"""Contrastive speech-image losses, with negatives gathered across data-parallel workers.
+
+Both take L2-normalised embeddings ``speech (B, E)`` and ``image (B, E)`` of paired items (row ``i``
+of each is a caption and its image) and ``image_ids (B,)``; other captions of the same image are
+not used as negatives (FaST-VGS). Each query's loss is a cross-entropy over all candidates of the
+(global) batch, in both directions (speech -> image, image -> speech), averaged over the two.
+
+- ``margin_infonce`` (FaST-VGS / the EUSIPCO paper): dot products, ``margin`` subtracted from the
+  positive's score, no temperature;
+- ``infonce``: dot products divided by ``temperature``.
+
+With ``torch.distributed`` initialised and more than one worker, candidates come from every worker
+(``torch.distributed.nn.functional.all_gather`` carries gradients back to their owner), so the sum
+of the workers' losses, and of their gradients, equals one process on the joined batch.
+"""
+
+from typing import Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def _world() -> Tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_batches(*tensors: torch.Tensor) -> Tuple[Tuple[torch.Tensor, ...], int]:
+    """Concatenate each tensor's first dimension over workers (with gradients for float tensors);
+    workers may hold different batch sizes. Returns the gathered tensors and this worker's offset."""
+    rank, world = _world()
+    if world == 1:
+        return tensors, 0
+    from torch.distributed.nn.functional import all_gather
+
+    n = torch.tensor([tensors[0].size(0)], device=tensors[0].device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    sizes = [int(s) for s in sizes]
+    most = max(sizes)
+    out = []
+    for t in tensors:
+        padded = F.pad(t, (0, 0) * (t.dim() - 1) + (0, most - t.size(0)))
+        if t.is_floating_point():
+            parts = all_gather(padded)
+        else:
+            parts = [torch.zeros_like(padded) for _ in range(world)]
+            dist.all_gather(parts, padded)
+        out.append(torch.cat([p[:s] for p, s in zip(parts, sizes)]))
+    return tuple(out), sum(sizes[:rank])
+
+
+def speech_image_loss(speech: torch.Tensor, image: torch.Tensor, image_ids: torch.Tensor, kind: str = "margin_infonce",
+                      margin: float = 1.0, temperature: float = 0.07, gather: bool = True) -> torch.Tensor:
+    """Summed loss over this worker's ``B`` pairs, ``(loss_s2i + loss_i2s) / 2`` per pair."""
+    if kind not in ("margin_infonce", "infonce"):
+        raise ValueError(f"unknown speech-image loss {kind!r} (margin_infonce or infonce)")
+    b = speech.size(0)
+    if gather:
+        (all_speech, all_image, all_ids), offset = gather_batches(speech, image, image_ids)
+    else:
+        all_speech, all_image, all_ids, offset = speech, image, image_ids, 0
+    rows = torch.arange(b, device=speech.device)
+    positive = rows + offset
+    # other captions of the same image are neither positives nor negatives
+    same_image = image_ids[:, None] == all_ids[None, :]
+    excluded = same_image & (torch.arange(len(all_ids), device=speech.device)[None, :] != positive[:, None])
+
+    def directional(queries, candidates):
+        logits = queries @ candidates.T
+        if kind == "margin_infonce":
+            logits = logits - margin * F.one_hot(positive, len(all_ids)).to(logits.dtype)
+        else:
+            logits = logits / temperature
+        logits = logits.masked_fill(excluded, float("-inf"))
+        return F.cross_entropy(logits, positive, reduction="sum")
+
+    return 0.5 * (directional(speech, all_image) + directional(image, all_speech))

@@ -1,0 +1,133 @@
+"""``vgs_ssl_pretraining`` task: wav2vec 2.0 audio pre-training data, each caption paired with its
+image's precomputed region features, optionally mixed with speech that has no image.
+
+Data (SpokenCOCO-style manifests, as ``mtssl-manifest-spokencoco`` / ``mtssl-manifest-corpus`` write):
+``{split}.tsv`` audio, ``{split}.img`` one image index per utterance into ``{split}.images``, and the
+features ``{image_features}/{split}.npy`` + ``.idx`` (``mtssl-image-features``). ``audio_only_manifest``
+(e.g. a LibriSpeech ``train.tsv``) adds utterances without images to the training split: the
+wav2vec 2.0 loss sees them, the speech-image loss skips them.
+
+A caption whose image has no feature row, an ``.img`` line count that does not match the manifest,
+or an index outside ``.images`` is an error naming the file and line.
+"""
+
+import os
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+from fairseq.data import BaseWrapperDataset, ConcatDataset, FileAudioDataset
+from fairseq.tasks import register_task
+from fairseq.tasks.audio_pretraining import AudioPretrainingConfig, AudioPretrainingTask
+
+from ..data.image_features import ImageFeatureError, ImageFeatureStore
+
+
+@dataclass
+class VgsSslPretrainingConfig(AudioPretrainingConfig):
+    image_features: Optional[str] = field(default=None, metadata={"help": "directory of {split}.npy/.idx image features (default: data)"})
+    audio_only_manifest: Optional[str] = field(default=None, metadata={"help": "manifest of speech without images, added to the train split"})
+    train_subset: str = field(default="train", metadata={"help": "the split audio-only speech is mixed into"})
+
+
+def read_image_ids(data: str, split: str, n_audio: int) -> List[str]:
+    """The image name of each utterance of ``split`` (``.img`` indices into ``.images``)."""
+    img_path, images_path = os.path.join(data, f"{split}.img"), os.path.join(data, f"{split}.images")
+    for p in (img_path, images_path):
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"{p}: needed to pair {split} captions with images")
+    with open(images_path, encoding="utf-8") as f:
+        images = f.read().splitlines()
+    with open(img_path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    if len(lines) != n_audio:
+        raise ValueError(f"{img_path}: {len(lines)} lines but {split}.tsv lists {n_audio} utterances")
+    names = []
+    for lineno, line in enumerate(lines, start=1):
+        try:
+            k = int(line)
+        except ValueError:
+            raise ValueError(f"{img_path}:{lineno}: expected an image index, got {line!r}") from None
+        if not 0 <= k < len(images):
+            raise ValueError(f"{img_path}:{lineno}: image index {k} outside {images_path} ({len(images)} images)")
+        names.append(images[k])
+    return names
+
+
+class ImagePairedAudioDataset(BaseWrapperDataset):
+    """Adds ``image_feats (B, R, D)``, ``image_padding_mask (B, R)`` to ``net_input`` and
+    ``image_ids (B,)`` (-1: no image) to each batch of a wav2vec 2.0 audio dataset."""
+
+    def __init__(self, dataset, image_names: Optional[List[str]], store: Optional[ImageFeatureStore], dim: int):
+        super().__init__(dataset)
+        self.names, self.store, self.dim = image_names, store, dim
+        self.ids = None
+        if image_names is not None:
+            vocab = {n: i for i, n in enumerate(sorted(set(image_names)))}
+            self.ids = [vocab[n] for n in image_names]
+
+    def __getitem__(self, index):
+        item = self.dataset[index]
+        if self.names is not None:
+            item["image"] = torch.from_numpy(self.store[self.names[index]])
+            item["image_id"] = self.ids[index]
+        return item
+
+    def collater(self, samples):
+        batch = self.dataset.collater(samples)
+        if not batch:
+            return batch
+        kept = [s for s in samples if s["source"] is not None]
+        regions = max([len(s["image"]) for s in kept if "image" in s], default=1)
+        feats = torch.zeros(len(kept), regions, self.dim)
+        mask = torch.ones(len(kept), regions, dtype=torch.bool)
+        ids = torch.full((len(kept),), -1, dtype=torch.long)
+        for i, s in enumerate(kept):
+            if "image" in s:
+                feats[i, : len(s["image"])] = s["image"]
+                mask[i, : len(s["image"])] = False
+                ids[i] = s["image_id"]
+        batch["net_input"]["image_feats"] = feats
+        batch["net_input"]["image_padding_mask"] = mask
+        batch["image_ids"] = ids
+        return batch
+
+
+@register_task("vgs_ssl_pretraining", dataclass=VgsSslPretrainingConfig)
+class VgsSslPretrainingTask(AudioPretrainingTask):
+    cfg: VgsSslPretrainingConfig
+
+    def __init__(self, cfg: VgsSslPretrainingConfig):
+        super().__init__(cfg)
+        self.image_feature_dim = None
+
+    def _store(self, split: str) -> ImageFeatureStore:
+        store = ImageFeatureStore(os.path.join(self.cfg.image_features or self.cfg.data, split))
+        if self.image_feature_dim is not None and store.dim != self.image_feature_dim:
+            raise ImageFeatureError(f"{store.prefix}.npy: {store.dim}-dim features, other splits have {self.image_feature_dim}")
+        self.image_feature_dim = store.dim
+        return store
+
+    def _audio(self, manifest: str) -> FileAudioDataset:
+        c = self.cfg
+        return FileAudioDataset(manifest_path=manifest, sample_rate=c.sample_rate, max_sample_size=c.max_sample_size,
+                                min_sample_size=c.min_sample_size, pad=c.enable_padding, normalize=c.normalize,
+                                num_buckets=0, compute_mask=False)
+
+    def load_dataset(self, split: str, task_cfg=None, **kwargs):
+        manifest = os.path.join(self.cfg.data, f"{split}.tsv")
+        audio = self._audio(manifest)
+        with open(manifest, encoding="utf-8") as f:
+            n_lines = sum(1 for _ in f) - 1
+        names = read_image_ids(self.cfg.data, split, n_lines)
+        store = self._store(split)
+        for lineno, name in enumerate(names, start=1):
+            if name not in store:
+                raise ImageFeatureError(f"{os.path.join(self.cfg.data, split)}.img:{lineno}: image {name} has no feature row in {store.prefix}.idx")
+        skipped = set(audio.skipped_indices)  # lines FileAudioDataset dropped (shorter than min_sample_size)
+        names = [n for i, n in enumerate(names) if i not in skipped]
+        dataset = ImagePairedAudioDataset(audio, names, store, store.dim)
+        if self.cfg.audio_only_manifest and split == self.cfg.train_subset:
+            speech = ImagePairedAudioDataset(self._audio(self.cfg.audio_only_manifest), None, None, store.dim)
+            dataset = ConcatDataset([dataset, speech])  # collates with the first dataset's collater, which knows both kinds
+        self.datasets[split] = dataset
