@@ -188,22 +188,3 @@ class Wav2Vec2VgsModel(BaseFairseqModel):
     def speech_encoder(self) -> nn.Module:
         """The wav2vec 2.0 model: what ABX, SUPERB and feature readers use."""
         return self.w2v
-
-    def parameter_groups(self) -> dict:
-        """Names of the parts a sequential hand-over reports on."""
-        k = self.cfg.vgs_layer
-        groups = {"front end": [], f"shared layers 1-{k}": [], f"SSL-only layers {k + 1}-{len(self.w2v.encoder.layers)}": [],
-                  "SSL heads (quantiser, projections)": [], "VGS audio head": [], "VGS image head": []}
-        for name, _ in self.named_parameters():
-            if name.startswith("w2v.encoder.layers."):
-                i = int(name.split(".")[3])
-                groups[f"shared layers 1-{k}" if i < k else f"SSL-only layers {k + 1}-{len(self.w2v.encoder.layers)}"].append(name)
-            elif name.startswith(("w2v.feature_extractor", "w2v.layer_norm", "w2v.post_extract_proj", "w2v.encoder.pos_conv", "w2v.encoder.layer_norm", "w2v.mask_emb")):
-                groups["front end"].append(name)
-            elif name.startswith("w2v."):
-                groups["SSL heads (quantiser, projections)"].append(name)
-            elif name.startswith("audio_"):
-                groups["VGS audio head"].append(name)
-            else:
-                groups["VGS image head"].append(name)
-        return groups

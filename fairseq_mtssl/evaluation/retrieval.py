@@ -1,0 +1,99 @@
+"""Speech <-> image retrieval recall@1/5/10 of a ``wav2vec2_vgs`` checkpoint (SpokenCOCO protocol).
+
+    mtssl-vgs-retrieval RUN/checkpoints/checkpoint_best.pt --split test [--json retrieval.json]
+
+Every caption of the split is embedded (unmasked forward) and every distinct image once.
+speech -> image: a caption's query succeeds at k when its image is among the k most similar images;
+image -> speech: an image succeeds at k when any of its captions (5 per image in SpokenCOCO) is
+among the k most similar captions. Similarities are computed in blocks, so 25k captions x 5k images
+take seconds and little memory.
+"""
+
+import argparse
+import json
+import os
+from typing import Dict, Sequence
+
+import numpy as np
+import torch
+
+from ..atomic import atomic_write
+
+KS = (1, 5, 10)
+
+
+def recall_at_k(speech: torch.Tensor, images: torch.Tensor, caption_image: torch.Tensor, ks: Sequence[int] = KS,
+                block: int = 1024) -> Dict[str, float]:
+    """``speech (N, E)``, ``images (M, E)``, ``caption_image (N,)`` the image index of each caption."""
+    n, m = len(speech), len(images)
+    s2i_rank = torch.empty(n, dtype=torch.long)
+    for a in range(0, n, block):
+        sims = speech[a : a + block] @ images.T  # (b, M)
+        true = sims.gather(1, caption_image[a : a + block, None])
+        s2i_rank[a : a + block] = (sims > true).sum(1)
+    i2s_rank = torch.full((m,), n, dtype=torch.long)
+    for a in range(0, m, block):
+        sims = images[a : a + block] @ speech.T  # (b, N)
+        own = caption_image[None, :] == torch.arange(a, min(a + block, m))[:, None]  # (b, N): the image's captions
+        best_own = sims.masked_fill(~own, float("-inf")).max(1, keepdim=True).values
+        i2s_rank[a : a + block] = (sims > best_own).sum(1)
+    out = {}
+    for k in ks:
+        out[f"s2i_r{k}"] = round(100.0 * float((s2i_rank < k).float().mean()), 2)
+        out[f"i2s_r{k}"] = round(100.0 * float((i2s_rank < k).float().mean()), 2)
+    return out
+
+
+@torch.no_grad()
+def embed_split(checkpoint: str, split: str, max_batch_samples: int = 800_000):
+    """``(caption embeddings (N, E), image embeddings (M, E), caption -> image index (N,))``."""
+    import fairseq_mtssl  # noqa: F401
+    from fairseq import checkpoint_utils
+
+    from ..data.batches import iter_audio_batches
+    from ..data.image_features import ImageFeatureStore
+    from ..data.manifest import read_manifest
+    from ..tasks.vgs_pretraining import read_image_ids
+
+    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([checkpoint])
+    model = models[0].eval()
+    data = cfg.task.data
+    manifest = read_manifest(os.path.join(data, f"{split}.tsv"))
+    names = read_image_ids(data, split, len(manifest))
+    store = ImageFeatureStore(os.path.join(cfg.task.image_features or data, split))
+    unique = sorted(set(names))
+    index = {name: i for i, name in enumerate(unique)}
+    image_emb = torch.cat([model.embed_images(torch.from_numpy(store[u])[None]) for u in unique])
+    speech = [None] * len(manifest)
+    batchable = not any(isinstance(m, torch.nn.GroupNorm) for m in model.w2v.feature_extractor.modules())
+    for indices, wavs in iter_audio_batches(manifest, list(range(len(manifest))), max_batch_samples if batchable else 1):
+        lengths = [len(w) for w in wavs]
+        source = torch.zeros(len(wavs), max(lengths))
+        padding = torch.ones(len(wavs), max(lengths), dtype=torch.bool)
+        for i, w in enumerate(wavs):
+            x = torch.from_numpy(np.asarray(w, dtype=np.float32))
+            source[i, : len(w)] = torch.nn.functional.layer_norm(x, x.shape) if cfg.task.normalize else x
+            padding[i, : len(w)] = False
+        emb = model.embed_speech(source, padding if len(wavs) > 1 else None)
+        for i, e in zip(indices, emb):
+            speech[i] = e
+    return torch.stack(speech), image_emb, torch.tensor([index[n] for n in names])
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint")
+    p.add_argument("--split", default="test")
+    p.add_argument("--json")
+    a = p.parse_args(argv)
+    speech, images, caption_image = embed_split(a.checkpoint, a.split)
+    result = {"checkpoint": a.checkpoint, "split": a.split, "captions": len(speech), "images": len(images),
+              **recall_at_k(speech, images, caption_image)}
+    print(json.dumps(result))
+    if a.json:
+        with atomic_write(a.json) as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

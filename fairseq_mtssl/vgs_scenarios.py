@@ -1,0 +1,157 @@
+"""Train wav2vec 2.0 + VGS in one of the EUSIPCO 2023 scenarios: one method alone, or two in sequence.
+
+    mtssl-vgs-train --scenario VGS+ --data runs/main/data/manifests --out runs/vgs/vgs_plus --updates 700
+    mtssl-vgs-train --scenario W2V2,VGS --data ... --out runs/vgs/w2v2_then_vgs --updates 700 [--freeze-shared 2]
+    mtssl-vgs-train --scenario W2V2,VGS --config-name vgs_ssl_base_spokencoco --data ... --out ... --updates 350000
+
+Methods: ``W2V2`` (wav2vec 2.0 loss only, ``criterion.alpha=1``), ``VGS`` (speech-image loss only,
+alpha 0), ``VGS+`` (both, alpha ``--alpha``, 0.5 as the paper). ``A,B`` trains A for 20/70 of the
+updates and B for the rest (the paper's 20 + 50 epochs), B starting from A's last checkpoint with a
+new optimiser, learning-rate schedule and data iterator (fairseq's ``reset_*``). Every parameter is
+handed over (the model is the same in all scenarios); ``handover.json`` reports, for each part of the
+model, whether stage A trained it, whether stage B changed it, and whether B froze it
+(``--freeze-shared n``: conv front end and layers 1..n). Each stage is a plain ``fairseq-hydra-train``
+run, recorded in ``commands.sh``; a rerun resumes an interrupted stage and skips finished ones.
+"""
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+
+from .atomic import atomic_write
+from .checkpoint_safety import load_checkpoint_safely
+
+ALPHA = {"W2V2": 1.0, "VGS": 0.0, "VGS+": None}  # VGS+: --alpha
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "vgs" / "config"
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def parameter_group(name: str, vgs_layer: int, n_layers: int) -> str:
+    if name.startswith("w2v.encoder.layers."):
+        i = int(name.split(".")[3])
+        return f"shared layers 1-{vgs_layer}" if i < vgs_layer else f"SSL-only layers {vgs_layer + 1}-{n_layers}"
+    if name.startswith(("w2v.feature_extractor", "w2v.layer_norm", "w2v.post_extract_proj", "w2v.encoder.pos_conv", "w2v.mask_emb")):
+        return "front end"
+    if name.startswith("w2v.encoder.layer_norm"):
+        return "front end"
+    if name.startswith("w2v."):
+        return "SSL heads (quantiser, projections)"
+    return "VGS audio head" if name.startswith("audio_") else "VGS image head"
+
+
+def trained_by(group: str, alpha: float) -> bool:
+    if group.startswith("VGS"):
+        return alpha < 1
+    if group.startswith(("SSL-only", "SSL heads")):
+        return alpha > 0
+    return True
+
+
+def handover_report(stage_a: Path, stage_b: Path, alpha_a: float, alpha_b: float, freeze: int) -> Dict:
+    a, b = load_checkpoint_safely(stage_a), load_checkpoint_safely(stage_b)
+    model_cfg = b["cfg"]["model"]
+    vgs_layer, n_layers = int(model_cfg["vgs_layer"]), int(model_cfg["encoder_layers"])
+    groups: Dict[str, Dict] = {}
+    for name, tensor in b["model"].items():
+        g = parameter_group(name, vgs_layer, n_layers)
+        entry = groups.setdefault(g, {"tensors": 0, "changed_in_b": False})
+        entry["tensors"] += 1
+        if name not in a["model"]:
+            raise KeyError(f"{stage_b}: parameter {name} is not in stage A's checkpoint {stage_a}")
+        entry["changed_in_b"] |= not torch.equal(a["model"][name], tensor)
+    for g, entry in groups.items():
+        entry["trained_in_a"] = trained_by(g, alpha_a)
+        entry["trained_in_b"] = trained_by(g, alpha_b)
+        entry["frozen_in_b"] = freeze > 0 and (g == "front end" or (g.startswith("shared") and freeze >= vgs_layer))
+        entry["status"] = ("new to training in B (initial weights from A's untouched init)" if not entry["trained_in_a"] and entry["trained_in_b"]
+                           else "kept but unused in B" if entry["trained_in_a"] and not entry["trained_in_b"]
+                           else "carried over and trained on" if entry["trained_in_b"] else "unused in both")
+    return groups
+
+
+class ScenarioRunner:
+    def __init__(self, a: argparse.Namespace):
+        self.a = a
+        self.out = Path(a.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+
+    def alpha(self, method: str) -> float:
+        if method not in ALPHA:
+            raise ValueError(f"unknown method {method!r}: choose W2V2, VGS or VGS+")
+        return self.a.alpha if ALPHA[method] is None else ALPHA[method]
+
+    def stage(self, name: str, method: str, updates: int, extra: List[str]) -> Path:
+        run = self.out / name
+        last = run / "checkpoints" / "checkpoint_last.pt"
+        if (run / "done").exists():
+            print(f"[{name}] done before", flush=True)
+            return last
+        cmd = [str(Path(sys.executable).parent / "fairseq-hydra-train"), "--config-dir", str(self.a.config_dir),
+               "--config-name", self.a.config_name, f"common.user_dir={PACKAGE_DIR}", f"task.data={Path(self.a.data).resolve()}",
+               f"criterion.alpha={self.alpha(method)}", f"optimization.max_update={updates}", f"hydra.run.dir={run.resolve()}",
+               *extra, *self.a.overrides]
+        with open(self.out / "commands.sh", "a", encoding="utf-8") as f:
+            f.write(f"# {name}: {method}\n{' '.join(shlex.quote(c) for c in cmd)}\n")
+        print(f"[{name}] {method}, {updates} updates", flush=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        (self.out / f"{name}.log").write_text(proc.stdout + proc.stderr)
+        if proc.returncode != 0:
+            raise RuntimeError(f"[{name}] fairseq-hydra-train failed ({proc.returncode}), log {self.out / f'{name}.log'}:\n{proc.stderr[-2000:]}")
+        (run / "done").write_text("")
+        return last
+
+    def run(self) -> Dict:
+        methods = self.a.scenario.split(",")
+        summary = {"scenario": self.a.scenario, "updates": self.a.updates}
+        if len(methods) == 1:
+            summary["final"] = str(self.stage("stage1_" + _slug(methods[0]), methods[0], self.a.updates, []))
+        elif len(methods) == 2:
+            first, second = methods
+            n_a = round(self.a.updates * 20 / 70)
+            ckpt_a = self.stage("stage1_" + _slug(first), first, n_a, [])
+            stage_b = "stage2_" + _slug(second)
+            resume = (self.out / stage_b / "checkpoints" / "checkpoint_last.pt").exists()
+            extra = [] if resume else [f"checkpoint.restore_file={ckpt_a.resolve()}", "checkpoint.reset_optimizer=true",
+                                       "checkpoint.reset_lr_scheduler=true", "checkpoint.reset_dataloader=true", "checkpoint.reset_meters=true"]
+            extra.append(f"model.freeze_shared_layers={self.a.freeze_shared}")
+            ckpt_b = self.stage(stage_b, second, self.a.updates - n_a, extra)
+            report = handover_report(ckpt_a, ckpt_b, self.alpha(first), self.alpha(second), self.a.freeze_shared)
+            with atomic_write(self.out / "handover.json") as f:
+                json.dump(report, f, indent=1)
+            for g, e in report.items():
+                print(f"  {g:<38} {e['status']}{', frozen in B' if e['frozen_in_b'] else ''}{', changed in B' if e['changed_in_b'] else ''}")
+            summary.update(final=str(ckpt_b), stage_a=str(ckpt_a), updates_a=n_a, updates_b=self.a.updates - n_a)
+        else:
+            raise ValueError(f"--scenario takes one method or two joined by a comma, got {self.a.scenario!r}")
+        with atomic_write(self.out / "summary.json") as f:
+            json.dump(summary, f, indent=1)
+        return summary
+
+
+def _slug(method: str) -> str:
+    return method.lower().replace("+", "_plus")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scenario", required=True, help="W2V2 | VGS | VGS+ | A,B (e.g. W2V2,VGS)")
+    p.add_argument("--data", required=True, help="manifest directory (with .img/.images and image features)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--updates", type=int, required=True, help="total updates (split 20:50 between two stages)")
+    p.add_argument("--alpha", type=float, default=0.5, help="wav2vec 2.0 weight for VGS+")
+    p.add_argument("--freeze-shared", type=int, default=0, help="stage B: freeze the front end and layers 1..n")
+    p.add_argument("--config-dir", default=str(EXAMPLES))
+    p.add_argument("--config-name", default="vgs_ssl_tiny_cpu")
+    p.add_argument("overrides", nargs="*", help="more hydra overrides for every stage")
+    a = p.parse_args(argv)
+    print(json.dumps(ScenarioRunner(a).run()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+"""VGS + SSL: losses against brute force and across 2 gloo workers, the composed model and criterion
+against fairseq's wav2vec 2.0, the data pipeline's errors, scenarios with hand-over, retrieval."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import PACKAGE_DIR, REPO, run_cli
+from fairseq_mtssl.losses.speech_image import speech_image_loss
+
+
+def brute_loss(speech, image, ids, kind, margin=1.0, temperature=0.07):
+    total = 0.0
+    n = len(ids)
+    for q_set, c_set in ((speech, image), (image, speech)):
+        for i in range(n):
+            scores = {}
+            for j in range(n):
+                if j != i and ids[j] == ids[i]:
+                    continue  # another caption of the same image: neither positive nor negative
+                s = float(q_set[i] @ c_set[j])
+                scores[j] = (s - margin if j == i else s) if kind == "margin_infonce" else s / temperature
+            total += 0.5 * (np.log(sum(np.exp(v) for v in scores.values())) - scores[i])
+    return total
+
+
+@pytest.mark.parametrize("kind", ["margin_infonce", "infonce"])
+def test_speech_image_loss_matches_brute_force(kind):
+    torch.manual_seed(0)
+    speech = torch.nn.functional.normalize(torch.randn(7, 5, dtype=torch.float64), dim=1)
+    image = torch.nn.functional.normalize(torch.randn(7, 5, dtype=torch.float64), dim=1)
+    ids = torch.tensor([0, 1, 1, 2, 3, 3, 3])  # captions sharing images
+    got = speech_image_loss(speech, image, ids, kind, margin=1.0, temperature=0.2)
+    assert float(got) == pytest.approx(brute_loss(speech.numpy(), image.numpy(), ids.tolist(), kind, 1.0, 0.2), rel=1e-10)
+
+
+_WORKER = textwrap.dedent("""
+    import os, sys, torch, torch.distributed as dist
+    from fairseq_mtssl.losses.speech_image import speech_image_loss
+    rank, world, out = int(sys.argv[1]), 2, sys.argv[2]
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[3], rank=rank, world_size=world)
+    data = torch.load(os.path.join(out, "batch.pt"))
+    rows = slice(0, 4) if rank == 0 else slice(4, 7)  # unequal shares
+    speech = data["speech"][rows].clone().requires_grad_(True)
+    image = data["image"][rows].clone().requires_grad_(True)
+    loss = speech_image_loss(speech, image, data["ids"][rows], "margin_infonce") / 7
+    loss.backward()
+    torch.save({"loss": loss.detach(), "speech": speech.grad, "image": image.grad}, os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+""")
+
+
+def test_negatives_across_two_gloo_workers_equal_one_process_on_the_joined_batch(tmp_path):
+    torch.manual_seed(1)
+    speech = torch.nn.functional.normalize(torch.randn(7, 6, dtype=torch.float64), dim=1)
+    image = torch.nn.functional.normalize(torch.randn(7, 6, dtype=torch.float64), dim=1)
+    ids = torch.tensor([0, 1, 2, 2, 3, 4, 0])  # image 0 and 2 have captions on both workers
+    torch.save({"speech": speech, "image": image, "ids": ids}, tmp_path / "batch.pt")
+    port = str(29500 + os.getpid() % 1000)
+    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(r), str(tmp_path), port], stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    for p in procs:
+        assert p.wait(timeout=120) == 0, p.stderr.read()[-2000:]
+    parts = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    s, i = speech.clone().requires_grad_(True), image.clone().requires_grad_(True)
+    full = speech_image_loss(s, i, ids, "margin_infonce", gather=False) / 7
+    full.backward()
+    torch.testing.assert_close(parts[0]["loss"] + parts[1]["loss"], full.detach())
+    torch.testing.assert_close(torch.cat([parts[0]["speech"], parts[1]["speech"]]), s.grad)
+    torch.testing.assert_close(torch.cat([parts[0]["image"], parts[1]["image"]]), i.grad)
+
+
+# ---------------------------------------------------------------------------- model, task, criterion
+
+
+@pytest.fixture(scope="module")
+def vgs_data(manifest_dir, corpus_dir, tmp_path_factory):
+    """The session manifests with scene image features for every split."""
+    import shutil
+
+    data = tmp_path_factory.mktemp("vgs_data")
+    for f in manifest_dir.iterdir():
+        shutil.copy(f, data / f.name)
+    for split in ("train", "valid", "test"):
+        run_cli("mtssl-image-features", "--images", data / f"{split}.images", "--root", corpus_dir, "--out", data / split)
+    return data
+
+
+def _setup(data, **model_overrides):
+    import fairseq_mtssl  # noqa: F401
+    from fairseq import tasks
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from fairseq.dataclass.initialize import hydra_init
+
+    hydra_init("vgs_ssl_tiny_cpu")
+    with initialize_config_dir(config_dir=str(REPO / "examples/vgs/config"), version_base="1.1"):
+        cfg = compose("vgs_ssl_tiny_cpu", overrides=[f"task.data={data}", "hydra.run.dir=x"])
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False, enum_to_str=True))
+    cfg.model.update(model_overrides)
+    task = tasks.setup_task(cfg.task)
+    task.load_dataset("valid")
+    return cfg, task
+
+
+def _batch(task, n=4):
+    ds = task.dataset("valid")
+    return ds.collater([ds[i] for i in range(n)])
+
+
+def test_alpha_one_is_exactly_fairseqs_wav2vec2_loss(vgs_data):
+    from fairseq.criterions.wav2vec_criterion import Wav2vecCriterion
+
+    from fairseq_mtssl.criterions.vgs_criterion import VgsSslCriterion
+
+    cfg, task = _setup(vgs_data, dropout_input=0.0, dropout_features=0.0, dropout=0.0, attention_dropout=0.0)
+    model = task.build_model(cfg.model).train()
+    sample = _batch(task)
+    # fairseq draws masks from an unseeded generator: fix one mask for both runs (negatives follow torch's seed)
+    from fairseq.data.data_utils import compute_mask_indices
+
+    frames = int(model.w2v._get_feat_extract_output_lengths(torch.tensor(sample["net_input"]["source"].size(1))))
+    sample["net_input"]["mask_indices"] = torch.from_numpy(compute_mask_indices((4, frames), None, 0.65, 10, min_masks=2))
+    kw = dict(infonce=True, loss_weights=[0.1, 10], log_keys=[])
+    torch.manual_seed(5), np.random.seed(5)
+    ours, n_ours, _ = VgsSslCriterion(task, alpha=1.0, **kw)(model, sample)
+    plain = {"id": sample["id"], "net_input": {k: v for k, v in sample["net_input"].items() if not k.startswith("image")}}
+    torch.manual_seed(5), np.random.seed(5)
+    theirs, n_theirs, _ = Wav2vecCriterion(task, **kw)(model.w2v, plain)
+    assert n_ours == n_theirs
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_alpha_mixes_the_two_losses_and_vgs_only_needs_images(vgs_data):
+    from fairseq_mtssl.criterions.vgs_criterion import VgsSslCriterion
+
+    cfg, task = _setup(vgs_data)
+    model = task.build_model(cfg.model).eval()  # no dropout: both criteria see one function
+    sample = _batch(task)
+    kw = dict(infonce=True, loss_weights=[0.1, 10], log_keys=[])
+    torch.manual_seed(3), np.random.seed(3)
+    mixed, size, log = VgsSslCriterion(task, alpha=0.3, **kw)(model, sample)
+    vgs_mean = log["vgs_loss"] / log["vgs_pairs"]
+    assert float(mixed) == pytest.approx(0.3 * log["ssl_loss"] + 0.7 * vgs_mean * size, rel=1e-5)
+    only, pairs, _ = VgsSslCriterion(task, alpha=0.0, **kw)(model, sample)
+    with torch.no_grad():  # VGS only: unmasked forward; the loss of the model's own embeddings, summed over pairs
+        ni = sample["net_input"]
+        speech = model.embed_speech(ni["source"], ni["padding_mask"])
+        image = model.embed_images(ni["image_feats"], ni["image_padding_mask"])
+        expected = speech_image_loss(speech, image, sample["image_ids"])
+    assert pairs == 4 and float(only) == pytest.approx(float(expected), rel=1e-5)
+    no_images = dict(sample, image_ids=torch.full_like(sample["image_ids"], -1))
+    with pytest.raises(ValueError, match="no images, and alpha=0"):
+        VgsSslCriterion(task, alpha=0.0, **kw)(model, no_images)
+
+
+def test_speech_embedding_reads_the_configured_layer(vgs_data):
+    cfg, task = _setup(vgs_data)
+    model = task.build_model(cfg.model).eval()
+    src = torch.randn(1, 20000)
+    with torch.no_grad():
+        h = model.w2v.extract_features(src, None, mask=False, layer=1)["x"]  # output of layer 2 (0-based 1)
+        expected = model._audio_embedding(h, None)
+        got = model.embed_speech(src)
+        out = model(src, ssl=False)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(out["speech_emb"], expected)
+    assert got.norm(dim=-1).sub(1).abs().max() < 1e-5
+
+
+def test_bad_image_inputs_are_named(vgs_data, tmp_path):
+    import shutil
+
+    from fairseq_mtssl.data.image_features import ImageFeatureError
+
+    data = tmp_path / "d"
+    shutil.copytree(vgs_data, data)
+    idx = (data / "valid.idx").read_text().splitlines()
+    missing = idx[1].split("\t")[0]
+    (data / "valid.idx").write_text("\n".join([idx[0]] + idx[2:]) + "\n")
+    first = next(i for i, line in enumerate((data / "valid.img").read_text().splitlines(), 1)
+                 if (data / "valid.images").read_text().splitlines()[int(line)] == missing)
+    with pytest.raises(ImageFeatureError, match=rf"valid.img:{first}: image {missing} has no feature row"):
+        _setup(data)
+    with pytest.raises(ValueError, match="image_dim=32 but the task's image features have 64"):
+        cfg, task = _setup(vgs_data, image_dim=32)
+        task.build_model(cfg.model)
+
+
+def test_recall_at_k_against_brute_force():
+    from fairseq_mtssl.evaluation.retrieval import recall_at_k
+
+    torch.manual_seed(0)
+    speech, images = torch.randn(40, 8), torch.randn(8, 8)
+    cap = torch.arange(40) % 8  # 5 captions per image
+    got = recall_at_k(speech, images, cap, block=3)
+    sims = (speech @ images.T).numpy()
+    for k in (1, 5, 10):
+        s2i = np.mean([cap[i].item() in np.argsort(-sims[i])[:k] for i in range(40)])
+        i2s = np.mean([any(cap[j].item() == m for j in np.argsort(-sims[:, m])[:k]) for m in range(8)])
+        assert got[f"s2i_r{k}"] == pytest.approx(100 * s2i, abs=0.01)
+        assert got[f"i2s_r{k}"] == pytest.approx(100 * i2s, abs=0.01)
+
+
+def test_sequential_scenario_hands_over_weights_and_freezes(vgs_data, tmp_path):
+    out = tmp_path / "w2v2_vgs"
+    run_cli("mtssl-vgs-train", "--scenario", "W2V2,VGS", "--data", vgs_data, "--out", out, "--updates", "14",
+            "--freeze-shared", "2", "checkpoint.save_interval_updates=5", timeout=900)
+    report = json.loads((out / "handover.json").read_text())
+    a = torch.load(out / "stage1_w2v2/checkpoints/checkpoint_last.pt")["model"]
+    b = torch.load(out / "stage2_vgs/checkpoints/checkpoint_last.pt")["model"]
+    # layer 3 serves only the SSL loss: stage B leaves it exactly as stage A trained it (so A's weights were loaded)
+    layer3 = [k for k in a if k.startswith("w2v.encoder.layers.2.")]
+    assert layer3 and all(torch.equal(a[k], b[k]) for k in layer3)
+    # frozen: the front end and the shared layers 1-2; trained: the VGS heads
+    frozen = [k for k in a if k.startswith(("w2v.feature_extractor", "w2v.encoder.layers.0.", "w2v.encoder.layers.1."))]
+    assert all(torch.equal(a[k], b[k]) for k in frozen)
+    assert not all(torch.equal(a[k], b[k]) for k in a if k.startswith("image_"))
+    assert report["VGS image head"]["status"].startswith("new to training") and report["VGS image head"]["changed_in_b"]
+    assert report["SSL-only layers 3-3"]["status"] == "kept but unused in B"
+    assert report["shared layers 1-2"]["frozen_in_b"] and not report["shared layers 1-2"]["changed_in_b"]
+    res = run_cli("mtssl-vgs-retrieval", out / "stage2_vgs/checkpoints/checkpoint_last.pt", "--split", "test", "--json", tmp_path / "r.json")
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["captions"] == 10 and all(0 <= r[f"{d}_r{k}"] <= 100 for d in ("s2i", "i2s") for k in (1, 5, 10))
+    # a rerun finds both stages done
+    again = run_cli("mtssl-vgs-train", "--scenario", "W2V2,VGS", "--data", vgs_data, "--out", out, "--updates", "14", "--freeze-shared", "2")
+    assert again.stdout.count("done before") == 2
