@@ -231,3 +231,24 @@ def test_sequential_scenario_hands_over_weights_and_freezes(vgs_data, tmp_path):
     # a rerun finds both stages done
     again = run_cli("mtssl-vgs-train", "--scenario", "W2V2,VGS", "--data", vgs_data, "--out", out, "--updates", "14", "--freeze-shared", "2")
     assert again.stdout.count("done before") == 2
+
+
+def test_image_features_from_a_torchscript_backbone_and_the_scene_feature(corpus_dir, manifest_dir, tmp_path):
+    from fairseq_mtssl.data.image_features import ImageFeatureStore
+
+    backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 7, stride=8), torch.nn.ReLU())
+    torch.jit.save(torch.jit.script(backbone), tmp_path / "backbone.ts")
+    run_cli("mtssl-image-features", "--images", manifest_dir / "valid.images", "--root", corpus_dir, "--out", tmp_path / "bb",
+            "--backbone", tmp_path / "backbone.ts", "--size", "32")
+    store = ImageFeatureStore(tmp_path / "bb")
+    names = (manifest_dir / "valid.images").read_text().splitlines()
+    assert store.dim == 8 + 4 and store[names[0]].shape == (16, 12)  # 4 x 4 map -> 16 regions + boxes
+    run_cli("mtssl-image-features", "--images", manifest_dir / "valid.images", "--root", corpus_dir, "--out", tmp_path / "s1")
+    run_cli("mtssl-image-features", "--images", manifest_dir / "valid.images", "--root", corpus_dir, "--out", tmp_path / "s2")
+    a, b = ImageFeatureStore(tmp_path / "s1"), ImageFeatureStore(tmp_path / "s2")
+    assert all(np.array_equal(a[n], b[n]) for n in names)  # deterministic
+    assert not np.array_equal(a[names[0]], a[names[1]])  # and it sees the pixels
+    (tmp_path / "broken.images").write_text(names[0] + "\nimages/missing.png\n")
+    with pytest.raises(AssertionError, match="broken.images:2: cannot read image"):
+        run_cli("mtssl-image-features", "--images", tmp_path / "broken.images", "--root", corpus_dir, "--out", tmp_path / "x")
+    assert not (tmp_path / "x.npy").exists()
