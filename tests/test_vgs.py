@@ -52,7 +52,11 @@ _WORKER = textwrap.dedent("""
     loss = speech_image_loss(speech, image, data["ids"][rows], "margin_infonce") / 7
     loss.backward()
     torch.save({"loss": loss.detach(), "speech": speech.grad, "image": image.grad}, os.path.join(out, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    dist.barrier()
+    # skip interpreter teardown: gloo's background threads can abort ("terminate called without an
+    # active exception") when the process exits under load, after the results are safely written
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(0)
 """)
 
 
