@@ -1,164 +1,219 @@
-"""The main job: embedded corpus -> manifests -> MFCC k-means labels -> tiny HuBERT iteration 1
--> iteration-2 labels from its layer features. Every stage is an ordinary command line (recorded in
-``{out}/commands.sh`` so any stage can be repeated at scale on other data); a finished stage is
-skipped on the next run and an interrupted training resumes from its ``checkpoint_last.pt``.
+"""The main job: every method of the plugin on the embedded corpus, evaluated, with a report.
 
-    mtssl-main-job --out runs/main
+    mtssl-main-job --out runs/main                      # about 20 minutes on 2 cores
+    mtssl-main-job --out runs/main --hours 2 --updates 3000 --pr-updates 1000 --jobs 1   # longer, better
+
+Stages (each a set of ordinary command lines, recorded in ``{out}/commands.sh``):
+
+  corpus, manifests, image_features, labels_mfcc, abx_items     data: espeak-ng corpus, fairseq
+                        manifests, scene features, MFCC k-means labels (``.km`` + ``dict.km.txt``)
+  train_hubert          HuBERT iteration 1 on the MFCC labels (the base model)
+  train_mt4ssl_both / _offline_only / _online_only            MT4SSL and its two ablations
+  train_vgs_plus        wav2vec 2.0 + VGS trained simultaneously (alpha 0.5)
+  train_w2v2_then_vgs   sequential: wav2vec 2.0, then VGS from its weights (20/70 : 50/70 of the updates)
+  train_score           SCORE fine-tuning of the HuBERT
+  eval_<model>          ABX per layer, SUPERB-style PR (PER), QbE (MTWV, MAP); retrieval for VGS models
+  eval_mfcc             the MFCC baseline (ABX, QbE)
+  labels_iter2          (``--iter2``) HuBERT iteration-2 labels from the base model's layer features
+  report                ``report.md``: every model x metric, PNG plots, the commands
+
+A finished stage is skipped by the next run; an interrupted training resumes from its last checkpoint
+(saved every ``--save-interval`` updates). ``--jobs`` stages run side by side, each with ``--threads``
+intra-op threads.
 """
 
 import argparse
 import json
-import re
-import shlex
-import subprocess
+import os
 import sys
-import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
+
+from .pipeline import Pipeline, latest_updates
+from .report import write_report
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-REPO_DIR = PACKAGE_DIR.parent
-HUBERT_CONFIG_DIR = REPO_DIR / "examples" / "hubert" / "config" / "pretrain"
+EXAMPLES = PACKAGE_DIR.parent / "examples"
 SPLITS = ("train", "valid", "test")
-
-
-class Stage:
-    """A named step whose completion is recorded in ``{out}/stages/{name}.json``."""
-
-    def __init__(self, job: "MainJob", name: str):
-        self.job, self.name = job, name
-        self.marker = job.out / "stages" / f"{name}.json"
-
-    @property
-    def done(self) -> bool:
-        return self.marker.exists()
-
-    def finish(self, **info) -> None:
-        self.marker.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.marker.with_suffix(".tmp")
-        tmp.write_text(json.dumps(info, indent=1))
-        tmp.replace(self.marker)
+MT4SSL_VARIANTS = {"both": [], "offline_only": ["model.online_weight=0"], "online_only": ["model.offline_weights=[0]"]}
+MODELS = ["hubert", "mt4ssl_both", "mt4ssl_offline_only", "mt4ssl_online_only", "vgs_plus", "w2v2_then_vgs", "score"]
+VGS_MODELS = {"vgs_plus": "VGS+", "w2v2_then_vgs": "W2V2,VGS"}
 
 
 class MainJob:
-    def __init__(self, args):
-        self.a = args
-        self.out = Path(args.out).resolve()
+    def __init__(self, a: argparse.Namespace):
+        self.a = a
+        self.out = Path(a.out).resolve()
         self.data = self.out / "data"
-        self.bin = Path(sys.executable).parent
-        self.summary: Dict[str, object] = {}
-
-    def run(self, cmd: List[str], stage: str) -> None:
-        """Run a console script of this venv, recording the command line."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        line = " ".join(shlex.quote(str(c)) for c in cmd)
-        with open(self.out / "commands.sh", "a") as f:
-            f.write(f"# stage {stage}\n{line}\n")
-        print(f"[{stage}] $ {line}", flush=True)
-        exe = [str(self.bin / cmd[0])] + [str(c) for c in cmd[1:]]
-        subprocess.run(exe, check=True, cwd=self.out)
-
-    def stage(self, name: str, fn) -> None:
-        st = Stage(self, name)
-        if st.done and not self.a.force:
-            print(f"[{name}] done earlier, skipped ({st.marker})", flush=True)
-            self.summary[name] = json.loads(st.marker.read_text())
-            return
-        t0 = time.time()
-        info = fn() or {}
-        info["seconds"] = round(time.time() - t0, 1)
-        st.finish(**info)
-        self.summary[name] = info
-        print(f"[{name}] finished in {info['seconds']} s", flush=True)
-
-    # -- stages ---------------------------------------------------------------------------------
-    def corpus(self):
-        self.run(["mtssl-synth-corpus", "--out", self.data / "corpus", "--hours", self.a.hours, "--seed", self.a.seed], "corpus")
-        return json.loads((self.data / "corpus" / "corpus.json").read_text())["utterances"]
-
-    def manifests(self):
-        self.run(["mtssl-manifest-corpus", self.data / "corpus", "--dest", self.data / "manifests"], "manifests")
+        self.manifests = self.data / "manifests"
+        self.items = self.data / "test.item"
+        self.p = Pipeline(self.out, jobs=a.jobs, threads=a.threads, force=a.force, bin_dir=Path(sys.executable).parent)
+        self.checkpoints: Dict[str, Path] = {}
 
     @property
     def mfcc_labels(self) -> Path:
         return self.data / "labels" / f"mfcc_km{self.a.clusters}"
 
+    def hydra_train(self, stage: str, config_dir: Path, config: str, run_dir: Path, *overrides: str) -> None:
+        self.p.run(stage, ["fairseq-hydra-train", "--config-dir", config_dir, "--config-name", config,
+                           f"common.user_dir={PACKAGE_DIR}", f"hydra.run.dir={run_dir}", "common.log_interval=10",
+                           f"checkpoint.save_interval_updates={self.a.save_interval}", *overrides])
+
+    # -- data -----------------------------------------------------------------------------------
+    def corpus(self):
+        self.p.run("corpus", ["mtssl-synth-corpus", "--out", self.data / "corpus", "--hours", self.a.hours, "--seed", self.a.seed])
+        return json.loads((self.data / "corpus" / "corpus.json").read_text())["utterances"]
+
+    def manifest_stage(self):
+        self.p.run("manifests", ["mtssl-manifest-corpus", self.data / "corpus", "--dest", self.manifests])
+
+    def image_features(self):
+        for split in SPLITS:
+            self.p.run("image_features", ["mtssl-image-features", "--images", self.manifests / f"{split}.images",
+                                          "--root", self.data / "corpus", "--out", self.manifests / split])
+
     def labels_mfcc(self):
         feats, km = self.data / "features" / "mfcc", self.mfcc_labels / "kmeans.joblib"
-        self.run(["mtssl-dump-features", self.data / "manifests" / "train.tsv", feats, "--feature", "mfcc"], "labels_mfcc")
-        self.run(["mtssl-learn-kmeans", feats, "train", "1", km, "--n-clusters", self.a.clusters, "--percent", "-1"], "labels_mfcc")
+        self.p.run("labels_mfcc", ["mtssl-dump-features", self.manifests / "train.tsv", feats, "--feature", "mfcc"])
+        self.p.run("labels_mfcc", ["mtssl-learn-kmeans", feats, "train", "1", km, "--n-clusters", self.a.clusters, "--percent", "-1"])
         for split in SPLITS:
-            self.run(["mtssl-apply-kmeans", km, self.mfcc_labels, "--manifest", self.data / "manifests" / f"{split}.tsv", "--feature", "mfcc"], "labels_mfcc")
+            self.p.run("labels_mfcc", ["mtssl-apply-kmeans", km, self.mfcc_labels, "--manifest", self.manifests / f"{split}.tsv", "--feature", "mfcc"])
+        return {"label_dir": str(self.mfcc_labels)}
 
-    @property
-    def hubert_dir(self) -> Path:
-        return self.out / "hubert_iter1"
+    def abx_items(self):
+        self.p.run("abx_items", ["mtssl-abx-items", "--alignments", self.data / "corpus" / "alignments" / "test.phones.ctm",
+                                 "--manifest", self.manifests / "test.tsv", "--out", self.items])
 
-    def hubert_iter1(self):
-        self.run(
-            [
-                "fairseq-hydra-train", "--config-dir", HUBERT_CONFIG_DIR, "--config-name", "hubert_tiny_cpu",
-                f"common.user_dir={PACKAGE_DIR}", f"task.data={self.data / 'manifests'}", f"task.label_dir={self.mfcc_labels}",
-                'task.labels=["km"]', "model.label_rate=100", f"optimization.max_update={self.a.updates}",
-                f"hydra.run.dir={self.hubert_dir}",
-            ],
-            "hubert_iter1",
-        )
-        return training_summary(self.hubert_dir / "hydra_train.log")
+    # -- training -------------------------------------------------------------------------------
+    def run_dir(self, model: str) -> Path:
+        return self.out / "models" / model
+
+    def train_hubert(self):
+        run = self.run_dir("hubert")
+        self.hydra_train("train_hubert", EXAMPLES / "hubert/config/pretrain", "hubert_tiny_cpu", run,
+                         f"task.data={self.manifests}", f"task.label_dir={self.mfcc_labels}", 'task.labels=["km"]',
+                         "model.label_rate=100", f"optimization.max_update={self.a.updates}")
+        return {"checkpoint": str(run / "checkpoints/checkpoint_last.pt"), "logs": [str(run / "hydra_train.log")]}
+
+    def train_mt4ssl(self, variant: str):
+        def fn():
+            run = self.run_dir(f"mt4ssl_{variant}")
+            self.hydra_train(f"train_mt4ssl_{variant}", EXAMPLES / "mt4ssl/config/pretrain", "mt4ssl_tiny_cpu", run,
+                             f"task.data={self.manifests}", f"task.label_dir={self.mfcc_labels}", 'task.labels=["km"]',
+                             "task.label_rate=100", f"optimization.max_update={self.a.updates}", *MT4SSL_VARIANTS[variant])
+            return {"checkpoint": str(run / "checkpoints/checkpoint_last.pt"), "logs": [str(run / "hydra_train.log")]}
+        return fn
+
+    def train_vgs(self, model: str):
+        def fn():
+            run = self.run_dir(model)
+            self.p.run(f"train_{model}", ["mtssl-vgs-train", "--scenario", VGS_MODELS[model], "--data", self.manifests, "--out", run,
+                                          "--updates", self.a.updates, "common.log_interval=10",
+                                          f"checkpoint.save_interval_updates={self.a.save_interval}"])
+            summary = json.loads((run / "summary.json").read_text())
+            logs = sorted(str(p) for p in run.glob("stage*/hydra_train.log"))
+            return {"checkpoint": summary["final"], "logs": logs, "scenario": summary["scenario"]}
+        return fn
+
+    def train_score(self):
+        run = self.run_dir("score")
+        start = self.p.results["train_hubert"]["checkpoint"]
+        self.hydra_train("train_score", EXAMPLES / "score/config", "score_tiny_cpu", run, f"task.data={self.manifests}",
+                         f"model.hubert_path={start}", f"optimization.max_update={self.a.score_updates}")
+        return {"checkpoint": str(run / "checkpoints/checkpoint_last.pt"), "logs": [str(run / "hydra_train.log")], "start": start}
 
     def labels_iter2(self):
-        ckpt = self.hubert_dir / "checkpoints" / "checkpoint_last.pt"
-        lab = self.data / "labels" / f"hubert_iter1_l{self.a.layer}_km{self.a.clusters}"
-        feats = self.data / "features" / f"hubert_iter1_l{self.a.layer}"
+        ckpt = self.p.results["train_hubert"]["checkpoint"]
+        lab = self.data / "labels" / f"hubert_l{self.a.layer}_km{self.a.clusters}"
+        feats = self.data / "features" / f"hubert_l{self.a.layer}"
         model_args = ["--feature", "model", "--checkpoint", ckpt, "--layer", self.a.layer]
-        self.run(["mtssl-dump-features", self.data / "manifests" / "train.tsv", feats, *model_args], "labels_iter2")
-        self.run(["mtssl-learn-kmeans", feats, "train", "1", lab / "kmeans.joblib", "--n-clusters", self.a.clusters], "labels_iter2")
+        self.p.run("labels_iter2", ["mtssl-dump-features", self.manifests / "train.tsv", feats, *model_args])
+        self.p.run("labels_iter2", ["mtssl-learn-kmeans", feats, "train", "1", lab / "kmeans.joblib", "--n-clusters", self.a.clusters])
         for split in SPLITS:
-            self.run(["mtssl-apply-kmeans", lab / "kmeans.joblib", lab, "--manifest", self.data / "manifests" / f"{split}.tsv", *model_args], "labels_iter2")
-        self.run(["mtssl-check-labels", self.data / "manifests" / "train.tsv", lab / "train.km", "--label-rate", "50"], "labels_iter2")
+            self.p.run("labels_iter2", ["mtssl-apply-kmeans", lab / "kmeans.joblib", lab, "--manifest", self.manifests / f"{split}.tsv", *model_args])
         return {"label_dir": str(lab)}
 
+    # -- evaluation -----------------------------------------------------------------------------
+    def evaluate(self, model: str):
+        def fn():
+            ck = "mfcc" if model == "mfcc" else self.p.results[f"train_{model}"]["checkpoint"]
+            out = self.out / "eval" / model
+            extra = ["--retrieval"] if model in VGS_MODELS else []
+            self.p.run(f"eval_{model}", ["mtssl-evaluate-upstream", ck, "--data", self.data, "--out", out, "--layer", self.a.layer,
+                                         "--pr-updates", 0 if model == "mfcc" else self.a.pr_updates, "--no-probe", "--items", self.items, *extra])
+            return {"results": str(out / "results.json")}
+        return fn
+
+    # -- the whole job --------------------------------------------------------------------------
+    def training_progress(self, model: str, target: int):
+        def progress() -> Optional[str]:
+            logs = sorted(self.run_dir(model).glob("**/hydra_train.log"), key=lambda p: p.stat().st_mtime)
+            n = latest_updates(logs[-1]) if logs else None
+            return None if n is None else f"update {n}/{target}"
+        return progress
+
+    def declare(self) -> None:
+        p, models = self.p, [m for m in MODELS if m in self.a.models]
+        p.add("corpus", self.corpus)
+        p.add("manifests", self.manifest_stage, after=["corpus"])
+        p.add("labels_mfcc", self.labels_mfcc, after=["manifests"])
+        p.add("image_features", self.image_features, after=["manifests"])
+        p.add("abx_items", self.abx_items, after=["manifests"])
+        # declaration order is scheduling priority: the longest chain (HuBERT -> SCORE) first
+        needs_hubert = "hubert" in models or "score" in models
+        if needs_hubert:
+            p.add("train_hubert", self.train_hubert, after=["labels_mfcc"], progress=self.training_progress("hubert", self.a.updates))
+        if "score" in models:
+            p.add("train_score", self.train_score, after=["train_hubert"], progress=self.training_progress("score", self.a.score_updates))
+        for m in models:
+            if m.startswith("mt4ssl_"):
+                p.add(f"train_{m}", self.train_mt4ssl(m[len("mt4ssl_"):]), after=["labels_mfcc"],
+                      progress=self.training_progress(m, self.a.updates))
+            elif m in VGS_MODELS:
+                p.add(f"train_{m}", self.train_vgs(m), after=["image_features"], progress=self.training_progress(m, self.a.updates))
+        for m in models:
+            p.add(f"eval_{m}", self.evaluate(m), after=[f"train_{m}", "abx_items"])
+        p.add("eval_mfcc", self.evaluate("mfcc"), after=["abx_items"])
+        if self.a.iter2:
+            p.add("labels_iter2", self.labels_iter2, after=["train_hubert"])
+        p.add("report", self.report, after=[f"eval_{m}" for m in models] + ["eval_mfcc"])
+
+    def report(self):
+        path = write_report(self.out, self.p.results, ["mfcc"] + [m for m in MODELS if m in self.a.models])
+        return {"report": str(path)}
+
     def main(self) -> Dict[str, object]:
-        t0 = time.time()
-        self.stage("corpus", self.corpus)
-        self.stage("manifests", self.manifests)
-        self.stage("labels_mfcc", self.labels_mfcc)
-        self.stage("hubert_iter1", self.hubert_iter1)
-        self.stage("labels_iter2", self.labels_iter2)
-        self.summary["total_seconds"] = round(time.time() - t0, 1)
-        (self.out / "summary.json").write_text(json.dumps(self.summary, indent=1))
-        return self.summary
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.declare()
+        print(f"main job in {self.out}: {len(self.p.specs)} stages, {self.a.jobs} at a time x {self.a.threads} threads", flush=True)
+        results = self.p.execute()
+        summary = {"stages": results, "peak_rss_mb_this_run": round(self.p.peak_rss_mb),
+                   "stage_seconds_total": round(sum(r.get("seconds", 0) for r in results.values()), 1)}
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        print(f"report: {results['report']['report']}\npeak memory of this run (all processes): {self.p.peak_rss_mb:.0f} MB", flush=True)
+        return summary
 
 
-_INNER = re.compile(r"\[train_inner\].*?num_updates=(\d+)")
-
-
-def training_summary(log_path: Path) -> Dict[str, object]:
-    """First and last logged training loss / masked accuracy of a fairseq-hydra-train log."""
-    rows = []
-    for line in Path(log_path).read_text().splitlines():
-        if "[train_inner]" not in line:
-            continue
-        fields = dict(kv.split("=", 1) for kv in re.findall(r"(\w+=[-\d.e]+)", line))
-        rows.append({k: float(v) for k, v in fields.items() if k in ("num_updates", "loss", "loss_m_0", "correct_m_0", "count_m_0")})
-    if not rows:
-        return {}
-    # fairseq's hubert criterion already logs correct_m_0 as a fraction of the masked frames
-    pick = lambda r: {"updates": int(r["num_updates"]), "loss": r["loss"], "masked_acc": r.get("correct_m_0")}  # noqa: E731
-    return {"first": pick(rows[0]), "last": pick(rows[-1])}
-
-
-def main(argv=None) -> None:
+def main(argv: Optional[List[str]] = None) -> None:
+    cores = len(os.sched_getaffinity(0))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/main", help="run folder (data, models, commands.sh, summary.json)")
-    p.add_argument("--hours", type=float, default=0.5, help="hours of training speech in the embedded corpus")
+    p.add_argument("--out", default="runs/main")
+    p.add_argument("--hours", type=float, default=0.5, help="hours of training speech in the corpus")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--clusters", type=int, default=50, help="k-means clusters for both label iterations")
-    p.add_argument("--updates", type=int, default=600, help="HuBERT iteration-1 updates")
-    p.add_argument("--layer", type=int, default=1, help="HuBERT layer for iteration-2 features")
-    p.add_argument("--force", action="store_true", help="redo finished stages")
-    summary = MainJob(p.parse_args(argv)).main()
-    print(json.dumps(summary, indent=1))
+    p.add_argument("--clusters", type=int, default=50, help="k-means clusters of the offline labels")
+    p.add_argument("--updates", type=int, default=300, help="pre-training updates of each model (HuBERT, MT4SSL, VGS)")
+    p.add_argument("--score-updates", type=int, default=150, help="SCORE fine-tuning updates")
+    p.add_argument("--pr-updates", type=int, default=150, help="SUPERB-style phone-recognition updates per model")
+    p.add_argument("--layer", type=int, default=2, help="layer for QbE (ABX covers every layer)")
+    p.add_argument("--save-interval", type=int, default=50, help="checkpoint every N updates (what a kill -9 can lose)")
+    p.add_argument("--models", nargs="+", default=MODELS, choices=MODELS, help="which models to train and evaluate")
+    p.add_argument("--iter2", action="store_true", help="also make HuBERT iteration-2 labels from the base model")
+    p.add_argument("--jobs", type=int, default=2, help="stages run side by side")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads per stage (default: cores / jobs)")
+    p.add_argument("--force", action="store_true", help="rerun finished stages")
+    a = p.parse_args(argv)
+    a.threads = a.threads or max(1, cores // a.jobs)
+    MainJob(a).main()
 
 
 if __name__ == "__main__":

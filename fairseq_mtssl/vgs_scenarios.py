@@ -25,6 +25,7 @@ from typing import Dict, List
 import torch
 
 from .atomic import atomic_write
+from .child_process import child_kwargs
 from .checkpoint_safety import load_checkpoint_safely
 
 ALPHA = {"W2V2": 1.0, "VGS": 0.0, "VGS+": None}  # VGS+: --alpha
@@ -99,7 +100,7 @@ class ScenarioRunner:
         with open(self.out / "commands.sh", "a", encoding="utf-8") as f:
             f.write(f"# {name}: {method}\n{' '.join(shlex.quote(c) for c in cmd)}\n")
         print(f"[{name}] {method}, {updates} updates", flush=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, **child_kwargs())
         (self.out / f"{name}.log").write_text(proc.stdout + proc.stderr)
         if proc.returncode != 0:
             raise RuntimeError(f"[{name}] fairseq-hydra-train failed ({proc.returncode}), log {self.out / f'{name}.log'}:\n{proc.stderr[-2000:]}")

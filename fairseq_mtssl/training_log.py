@@ -1,0 +1,43 @@
+"""Read the training curves out of ``fairseq-hydra-train`` logs (``hydra_train.log``)."""
+
+import re
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+_NUMBER = r"(-?[\d.]+(?:e-?\d+)?)"
+_FIELD = re.compile(r"(\w+)=" + _NUMBER + r"(?=[,\s]|$)")  # simple format: key=value, ...
+_PIPE_FIELD = re.compile(r"\|\s*(\w+)\s+" + _NUMBER + r"(?=\s|$)")  # valid lines: | key value |
+
+
+def read_curve(log: Path, kind: str = "train_inner", keys: Sequence[str] = ("loss",)) -> List[Dict[str, float]]:
+    """One dict per ``[kind]`` line (``train_inner`` or ``valid``): ``num_updates`` and ``keys``."""
+    rows = []
+    for line in Path(log).read_text(encoding="utf-8", errors="replace").splitlines():
+        if f"[{kind}]" not in line:
+            continue
+        text = line.split(" - ", 1)[-1]
+        fields = {k: float(v) for k, v in _FIELD.findall(text) + _PIPE_FIELD.findall(text)}
+        upd = fields.get("num_updates", fields.get(f"{kind}_num_updates"))
+        if upd is None:
+            continue
+        row = {"num_updates": int(upd)}
+        for k in keys:
+            v = fields.get(k, fields.get(f"{kind}_{k}"))
+            if v is not None:
+                row[k] = v
+        rows.append(row)
+    return rows
+
+
+def read_curves(logs: Sequence[Path], keys: Sequence[str] = ("loss",)) -> List[Dict[str, float]]:
+    """The curves of consecutive stages (sequential training) joined, each row tagged with its
+    ``stage`` (0, 1, ...); a stage that restarts at update 0 (optimiser reset) is counted on from
+    where the previous one ended."""
+    joined: List[Dict[str, float]] = []
+    for stage, log in enumerate(logs):
+        offset = joined[-1]["num_updates"] if joined else 0
+        rows = read_curve(Path(log), keys=keys)
+        if rows and joined and rows[0]["num_updates"] > offset:
+            offset = 0  # the log continues the count itself
+        joined += [{**r, "num_updates": r["num_updates"] + offset, "stage": stage} for r in rows]
+    return joined
