@@ -11,6 +11,7 @@ It prints frames per second, the speed-up of `batched` over each loop, and label
 """
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +28,9 @@ from fairseq_mtssl.kmeans.features import MfccReader
 from fairseq_mtssl.kmeans.learn_kmeans import fairseq_minibatch_kmeans
 from fairseq_mtssl.kmeans.mfcc import batch_mfcc, deltas
 from fairseq_mtssl.prep.corpus_manifest import build_corpus_manifests
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ratios import record  # noqa: E402
 
 
 def knf_features(wav: np.ndarray) -> np.ndarray:
@@ -91,6 +95,7 @@ def main():
             other = np.array(" ".join(lab).split(), dtype=int)
             agree = np.mean(other == batched_labels) if len(other) == len(batched_labels) else float("nan")
             print(f"{name:<10} {secs:8.2f} {frames / secs:10.0f} {secs / results['batched'][2]:16.2f}x {agree:24.6f}")
+        record("labels", "batched speed-up over the knf per-utterance loop", results["loop-knf"][2] / results["batched"][2])
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ its masked prediction of the same labels.
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,6 +25,9 @@ from fairseq.tasks.hubert_pretraining import HubertPretrainingConfig
 
 from fairseq_mtssl.models.mt4ssl import MT4SSLConfig, MT4SSLModel
 from fairseq_mtssl.models.weight_norm import detach_weight_norm_weights
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ratios import record  # noqa: E402
 
 
 def encoder_cfg(a):
@@ -103,6 +108,8 @@ def main():
         print(f"{k:<10} {v:14.4f}")
     print(f"mt4ssl / data2vec = {med['mt4ssl'] / med['data2vec']:.3f}   (target <= 1.05)")
     print(f"mt4ssl / hubert   = {med['mt4ssl'] / med['hubert']:.3f}")
+    record("mt4ssl_step", "MT4SSL step / data2vec step", med["mt4ssl"] / med["data2vec"], "<= 1.05")
+    record("mt4ssl_step", "MT4SSL step / HuBERT step", med["mt4ssl"] / med["hubert"])
 
 
 if __name__ == "__main__":

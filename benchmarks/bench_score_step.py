@@ -14,7 +14,9 @@ same audio, timed in interleaved rounds; medians and ratios are printed.
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +26,9 @@ from fairseq.tasks.hubert_pretraining import HubertPretrainingConfig
 
 from fairseq_mtssl.losses.soft_dtw import soft_dtw_divergence
 from fairseq_mtssl.models.score import ScoreHubertConfig, ScoreHubertModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ratios import record  # noqa: E402
 
 PRESETS = {
     "base": dict(extractor_mode="default", encoder_layers=12, encoder_embed_dim=768, encoder_ffn_embed_dim=3072,
@@ -100,6 +105,8 @@ def main():
         print(f"  {k:<9} {v:8.3f} s")
     print(f"  SCORE step / full fine-tune step   {med['score'] / med['finetune']:.3f}   (target <= 1)")
     print(f"  soft-DTW share of a SCORE step     {med['soft-DTW'] / med['score']:.3f}   (target <= 0.15)")
+    record("score_step", "SCORE step / full HuBERT fine-tune step", med["score"] / med["finetune"], "<= 1")
+    record("score_step", "soft-DTW share of a SCORE step", med["soft-DTW"] / med["score"], "<= 0.15")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ interleaved rounds; medians.
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -20,6 +22,9 @@ from fairseq.models.hubert import HubertConfig, HubertModel
 from fairseq.tasks.hubert_pretraining import HubertPretrainingConfig
 
 from fairseq_mtssl.models.superb import SuperbDownstreamConfig, SuperbDownstreamModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ratios import record  # noqa: E402
 
 
 def main():
@@ -60,6 +65,8 @@ def main():
     for k, v in med.items():
         share = f"   upstream share {med['upstream forward'] / v:.2f}" if k != "upstream forward" else ""
         print(f"  {k:<18} {v:8.3f} s{share}")
+        if k != "upstream forward":
+            record("superb_step", f"{k} step: upstream forward share", med["upstream forward"] / v, ">= 0.5")
 
 
 if __name__ == "__main__":

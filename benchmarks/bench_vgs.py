@@ -10,6 +10,8 @@ rounds, medians. Retrieval: recall@1/5/10 both ways for 25,000 captions x 5,000 
 """
 
 import argparse
+from pathlib import Path
+import sys
 import statistics
 import time
 from types import SimpleNamespace
@@ -21,6 +23,9 @@ from fairseq.data.data_utils import compute_mask_indices
 from fairseq_mtssl.criterions.vgs_criterion import VgsSslCriterion
 from fairseq_mtssl.evaluation.retrieval import recall_at_k
 from fairseq_mtssl.models.wav2vec2_vgs import Wav2Vec2VgsConfig, Wav2Vec2VgsModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ratios import record  # noqa: E402
 
 PRESETS = {
     "base": dict(encoder_layers=12, encoder_embed_dim=768, vgs_layer=8, vgs_dim=768, audio_downsample=4, image_layers=6,
@@ -73,12 +78,15 @@ def main():
     for k, v in med.items():
         print(f"  {k:<12} {v:8.3f} s")
     print(f"  VGS+SSL step / wav2vec 2.0 step   {med['VGS+SSL'] / med['wav2vec 2.0']:.3f}   (target <= 1.2)")
+    record("vgs", "VGS+SSL step / wav2vec 2.0 step", med["VGS+SSL"] / med["wav2vec 2.0"], "<= 1.2")
 
     speech = torch.nn.functional.normalize(torch.randn(25000, 768), dim=1)
     images = torch.nn.functional.normalize(torch.randn(5000, 768), dim=1)
     t = time.perf_counter()
     recall_at_k(speech, images, torch.arange(25000) % 5000)
-    print(f"retrieval recall@1/5/10 both ways, 25,000 captions x 5,000 images: {time.perf_counter() - t:.2f} s")
+    seconds = time.perf_counter() - t
+    print(f"retrieval recall@1/5/10 both ways, 25,000 captions x 5,000 images: {seconds:.2f} s")
+    record("vgs", "retrieval 25k captions x 5k images, seconds", seconds, "<= 10")
 
 
 if __name__ == "__main__":

@@ -178,6 +178,26 @@ def test_speech_embedding_reads_the_configured_layer(vgs_data):
     assert got.norm(dim=-1).sub(1).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("norm", ["instance", "batch"])
+def test_audio_feature_norm_uses_only_the_valid_frames(vgs_data, norm):
+    cfg, task = _setup(vgs_data, audio_feature_norm=norm)
+    model = task.build_model(cfg.model).train()
+    lengths = [7, 4]
+    h = torch.randn(2, 7, cfg.model.encoder_embed_dim) * 3 + 5
+    mask = torch.arange(7)[None, :] >= torch.tensor(lengths)[:, None]
+    got = model._normalise_features(h, mask)
+    if norm == "instance":  # each utterance, each channel, over its own frames (brute force)
+        for i, n in enumerate(lengths):
+            x = h[i, :n].double()
+            want = (x - x.mean(0)) / torch.sqrt(x.var(0, unbiased=False) + 1e-5)
+            torch.testing.assert_close(got[i, :n].double(), want, rtol=1e-4, atol=1e-4)
+    else:  # statistics of the 11 valid frames of the batch, not of the padding
+        x = torch.cat([h[0], h[1, :4]]).double()
+        want = (x - x.mean(0)) / torch.sqrt(x.var(0, unbiased=False) + 1e-5)
+        torch.testing.assert_close(torch.cat([got[0], got[1, :4]]).double(), want, rtol=1e-4, atol=1e-4)
+    assert got[1, 4:].abs().max() == 0
+
+
 def test_bad_image_inputs_are_named(vgs_data, tmp_path):
     import shutil
 

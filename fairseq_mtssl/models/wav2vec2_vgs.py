@@ -25,6 +25,7 @@ from fairseq.models import BaseFairseqModel, register_model
 from fairseq.models.wav2vec.wav2vec2 import TransformerSentenceEncoderLayer, Wav2Vec2Config, Wav2Vec2Model
 
 POOLING = ChoiceEnum(["cls", "attention"])
+FEATURE_NORM = ChoiceEnum(["none", "instance", "batch"])
 
 
 @dataclass
@@ -37,6 +38,11 @@ class Wav2Vec2VgsConfig(Wav2Vec2Config):
     image_dim: int = field(default=2052, metadata={"help": "region feature size (Faster R-CNN 2048 + 4 box coordinates)"})
     image_layers: int = field(default=6, metadata={"help": "transformer layers of the image head"})
     pooling: POOLING = field(default="cls", metadata={"help": "cls token or attention pooling"})
+    audio_feature_norm: FEATURE_NORM = field(default="instance", metadata={
+        "help": "normalise each channel of the wav2vec 2.0 layer features over the valid frames before the audio head: "
+                "instance (per utterance) or batch (per batch, running statistics at eval, as ResDAVEnet's BatchNorm). "
+                "Without it the features' large common component makes every pooled speech embedding nearly the same "
+                "(cosine 0.9997 on the embedded corpus) and the speech-image loss does not learn at small scale"})
     vgs_dropout: float = field(default=0.1, metadata={"help": "dropout in the heads"})
     freeze_shared_layers: int = field(default=0, metadata={"help": "freeze the conv front end and wav2vec 2.0 layers 1..n (sequential stage 2)"})
 
@@ -84,6 +90,7 @@ class Wav2Vec2VgsModel(BaseFairseqModel):
         for i in range(cfg.audio_downsample):
             convs += [nn.Conv1d(c if i == 0 else d, d, kernel_size=3, stride=2, padding=1), nn.GELU()]
         self.audio_in = nn.Sequential(*convs) if convs else nn.Linear(c, d)
+        self.audio_batch_norm = nn.BatchNorm1d(c, affine=False) if cfg.audio_feature_norm == "batch" else None
         self.audio_pool = _Pool(d, cfg.audio_layers, cfg.vgs_heads, cfg.vgs_dropout, cfg.pooling)
         self.audio_out = nn.Linear(d, d)
         self.image_in = nn.Sequential(nn.Linear(cfg.image_dim, d), nn.LayerNorm(d))
@@ -128,9 +135,27 @@ class Wav2Vec2VgsModel(BaseFairseqModel):
                 h.remove()
         return result, seen[-1].transpose(0, 1)
 
+    def _normalise_features(self, h: torch.Tensor, frame_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """Per-channel standardisation of ``h (B, T, C)`` over valid frames (see ``audio_feature_norm``)."""
+        if self.cfg.audio_feature_norm == "none":
+            return h
+        valid = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device) if frame_mask is None else ~frame_mask
+        if self.audio_batch_norm is not None:
+            out = torch.zeros_like(h)
+            out[valid] = self.audio_batch_norm(h[valid])
+            return out
+        w = valid[..., None].to(h.dtype)
+        n = w.sum(1, keepdim=True).clamp(min=1.0)
+        mean = (h * w).sum(1, keepdim=True) / n
+        var = ((h - mean) ** 2 * w).sum(1, keepdim=True) / n
+        return (h - mean) / torch.sqrt(var + 1e-5) * w
+
     def _audio_embedding(self, h: torch.Tensor, frame_mask: Optional[torch.Tensor]) -> torch.Tensor:
         if frame_mask is not None:
-            h = h[:, : frame_mask.size(1)].masked_fill(frame_mask[..., None], 0.0)
+            h = h[:, : frame_mask.size(1)]
+        h = self._normalise_features(h, frame_mask)
+        if frame_mask is not None:
+            h = h.masked_fill(frame_mask[..., None], 0.0)
         if self.cfg.audio_downsample:
             h = self.audio_in(h.transpose(1, 2)).transpose(1, 2)
             if frame_mask is not None:
