@@ -38,7 +38,7 @@ class Wav2Vec2VgsConfig(Wav2Vec2Config):
     image_dim: int = field(default=2052, metadata={"help": "region feature size (Faster R-CNN 2048 + 4 box coordinates)"})
     image_layers: int = field(default=6, metadata={"help": "transformer layers of the image head"})
     pooling: POOLING = field(default="cls", metadata={"help": "cls token or attention pooling"})
-    audio_feature_norm: FEATURE_NORM = field(default="instance", metadata={
+    audio_feature_norm: FEATURE_NORM = field(default="batch", metadata={
         "help": "normalise each channel of the wav2vec 2.0 layer features over the valid frames before the audio head: "
                 "instance (per utterance) or batch (per batch, running statistics at eval, as ResDAVEnet's BatchNorm). "
                 "Without it the features' large common component makes every pooled speech embedding nearly the same "
