@@ -187,10 +187,10 @@ class MainJob:
         self.declare()
         print(f"main job in {self.out}: {len(self.p.specs)} stages, {self.a.jobs} at a time x {self.a.threads} threads", flush=True)
         results = self.p.execute()
-        summary = {"stages": results, "peak_rss_mb_this_run": round(self.p.peak_rss_mb),
+        summary = {"stages": results, "peak_pss_mb_this_run": round(self.p.peak_rss_mb),
                    "stage_seconds_total": round(sum(r.get("seconds", 0) for r in results.values()), 1)}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
-        print(f"report: {results['report']['report']}\npeak memory of this run (all processes): {self.p.peak_rss_mb:.0f} MB", flush=True)
+        print(f"report: {results['report']['report']}\npeak memory of this run (PSS, all processes): {self.p.peak_rss_mb:.0f} MB", flush=True)
         return summary
 
 
@@ -203,7 +203,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--clusters", type=int, default=50, help="k-means clusters of the offline labels")
     p.add_argument("--updates", type=int, default=300, help="pre-training updates of each model (HuBERT, MT4SSL, VGS)")
     p.add_argument("--score-updates", type=int, default=150, help="SCORE fine-tuning updates")
-    p.add_argument("--pr-updates", type=int, default=150, help="SUPERB-style phone-recognition updates per model")
+    p.add_argument("--pr-updates", type=int, default=300, help="SUPERB-style phone-recognition updates per model")
     p.add_argument("--layer", type=int, default=2, help="layer for QbE (ABX covers every layer)")
     p.add_argument("--save-interval", type=int, default=50, help="checkpoint every N updates (what a kill -9 can lose)")
     p.add_argument("--models", nargs="+", default=MODELS, choices=MODELS, help="which models to train and evaluate")

@@ -10,8 +10,8 @@ The console shows one line when a stage starts or ends and, every ``heartbeat`` 
 running (with the latest ``num_updates`` of a training stage). Commands die with the runner
 (:mod:`fairseq_mtssl.child_process`), so a ``kill -9`` leaves no orphan writing into the run folder.
 Concurrent stages each get
-``threads`` intra-op threads (``OMP_NUM_THREADS``), and a sampler records the peak resident memory
-of all child processes together.
+``threads`` intra-op threads (``OMP_NUM_THREADS``), and a sampler records the peak memory (PSS) of
+all child processes together.
 """
 
 import json
@@ -198,13 +198,16 @@ def latest_updates(log: Path) -> Optional[int]:
 
 
 def _rss_mb(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
+    """Proportional set size (shared pages such as torch's libraries split among the processes that
+    map them, so a sum over processes is the memory they really take); RSS where PSS is unavailable."""
+    for path, key in ((f"/proc/{pid}/smaps_rollup", "Pss:"), (f"/proc/{pid}/status", "VmRSS:")):
+        try:
+            with open(path) as f:
+                for line in f:
+                    if line.startswith(key):
+                        return int(line.split()[1]) / 1024.0
+        except OSError:
+            continue
     return 0.0
 
 

@@ -83,9 +83,9 @@ def abx_table(rows: Dict[str, dict]) -> List[str]:
 
 
 def plot_all(rows: Dict[str, dict], plots: Path) -> List[str]:
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # fairseq's import sets the root logger to DEBUG
     import matplotlib
 
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # fairseq's import sets the root logger to DEBUG
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -64,4 +64,4 @@ def test_main_job_resumes_after_kill_9_and_writes_the_report(tmp_path):
     commands = (out / "commands.sh").read_text()
     assert "# stage train_score\n" in commands and "model.hubert_path=" in commands and "mtssl-evaluate-upstream" in commands
     summary = json.loads((out / "summary.json").read_text())
-    assert 0 < summary["peak_rss_mb_this_run"] < 4096
+    assert 0 < summary["peak_pss_mb_this_run"] < 4096
