@@ -114,12 +114,16 @@ def plot_all(rows: Dict[str, dict], plots: Path) -> List[str]:
         fig, (a_w, a_x) = plt.subplots(1, 2, figsize=(10, 3.5), sharey=True)
         for m, r in evaluated:
             abx = sorted(r["eval"]["abx"], key=lambda x: x["layer"])
-            style = "k--" if m == "mfcc" else "-o"
-            a_w.plot([x["layer"] for x in abx], [x["within"] for x in abx], style, label=r["label"], markersize=3)
-            a_x.plot([x["layer"] for x in abx], [x["across"] for x in abx], style, label=r["label"], markersize=3)
+            if len(abx) == 1:  # a feature with no layers (MFCC): a reference line
+                a_w.axhline(abx[0]["within"], color="k", linestyle="--", label=r["label"])
+                a_x.axhline(abx[0]["across"], color="k", linestyle="--", label=r["label"])
+                continue
+            a_w.plot([x["layer"] for x in abx], [x["within"] for x in abx], "-o", label=r["label"], markersize=3)
+            a_x.plot([x["layer"] for x in abx], [x["across"] for x in abx], "-o", label=r["label"], markersize=3)
         for ax, title in ((a_w, "ABX within speaker"), (a_x, "ABX across speaker")):
             ax.set_title(title)
             ax.set_xlabel("layer (0 = input of the transformer)")
+            ax.xaxis.get_major_locator().set_params(integer=True)
         a_w.set_ylabel("error (%)")
         a_x.legend(fontsize=7, loc="best")
         fig.tight_layout()
