@@ -5,7 +5,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import IO, Iterator, Union
+from typing import IO, Iterator, Optional, Union
 
 PathLike = Union[str, os.PathLike]
 
@@ -59,3 +59,14 @@ def save_torch_atomic(obj, path: PathLike) -> None:
 
     with atomic_write(path, "wb") as f:
         torch.save(obj, f)
+
+
+def report_result(result: dict, json_path: Optional[PathLike] = None) -> None:
+    """What the evaluation commands do with their result: one JSON line on stdout and, when asked,
+    an indented JSON file written through :func:`atomic_write`."""
+    import json
+
+    print(json.dumps(result))
+    if json_path:
+        with atomic_write(json_path) as f:
+            json.dump(result, f, indent=1)

@@ -10,7 +10,6 @@ speakers in the embedded corpus). A cheap proxy for SUPERB phone recognition, no
 """
 
 import argparse
-import json
 import logging
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
@@ -18,7 +17,7 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..atomic import atomic_write
+from ..atomic import report_result
 from ..corpus.alignment import Segment, read_ctm
 from ..data.batches import iter_audio_batches
 from ..data.manifest import read_manifest
@@ -100,10 +99,7 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     result = run_probe(a.checkpoint, a.layer, a.manifests, a.alignments)
-    print(json.dumps(result))
-    if a.json:
-        with atomic_write(a.json) as f:
-            json.dump(result, f, indent=1)
+    report_result(result, a.json)
 
 
 if __name__ == "__main__":

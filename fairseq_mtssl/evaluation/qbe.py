@@ -12,7 +12,6 @@ Reported: MTWV (maximum term-weighted value over one global threshold, ``beta`` 
 """
 
 import argparse
-import json
 import logging
 from collections import defaultdict
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..atomic import atomic_write
+from ..atomic import report_result
 from ..corpus.alignment import SILENCE, read_ctm
 from .abx import angular_distances
 
@@ -182,10 +181,7 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     result = run_qbe(a.checkpoint, a.layer, a.manifests, a.alignments, a.queries_split, a.documents_split, a.beta)
-    print(json.dumps(result))
-    if a.json:
-        with atomic_write(a.json) as f:
-            json.dump(result, f, indent=1)
+    report_result(result, a.json)
 
 
 if __name__ == "__main__":

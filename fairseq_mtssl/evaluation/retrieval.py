@@ -10,14 +10,13 @@ take seconds and little memory.
 """
 
 import argparse
-import json
 import os
 from typing import Dict, Sequence
 
 import numpy as np
 import torch
 
-from ..atomic import atomic_write
+from ..atomic import report_result
 
 KS = (1, 5, 10)
 
@@ -89,10 +88,7 @@ def main(argv=None) -> None:
     speech, images, caption_image = embed_split(a.checkpoint, a.split)
     result = {"checkpoint": a.checkpoint, "split": a.split, "captions": len(speech), "images": len(images),
               **recall_at_k(speech, images, caption_image)}
-    print(json.dumps(result))
-    if a.json:
-        with atomic_write(a.json) as f:
-            json.dump(result, f, indent=1)
+    report_result(result, a.json)
 
 
 if __name__ == "__main__":

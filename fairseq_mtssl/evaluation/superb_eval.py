@@ -7,13 +7,12 @@ boundaries) over words (WER) and letters (CER). No language model.
 """
 
 import argparse
-import json
 from typing import Dict, List, Sequence
 
 import editdistance
 import torch
 
-from ..atomic import atomic_write
+from ..atomic import report_result
 
 
 def ctc_greedy(lprobs: torch.Tensor, blank: int) -> List[int]:
@@ -72,10 +71,7 @@ def main(argv=None) -> None:
     p.add_argument("--json")
     a = p.parse_args(argv)
     result = evaluate(a.checkpoint, a.split)
-    print(json.dumps(result))
-    if a.json:
-        with atomic_write(a.json) as f:
-            json.dump(result, f, indent=1)
+    report_result(result, a.json)
 
 
 if __name__ == "__main__":
