@@ -48,7 +48,6 @@ class MainJob:
         self.manifests = self.data / "manifests"
         self.items = self.data / "test.item"
         self.p = Pipeline(self.out, jobs=a.jobs, threads=a.threads, force=a.force, bin_dir=Path(sys.executable).parent)
-        self.checkpoints: Dict[str, Path] = {}
 
     @property
     def mfcc_labels(self) -> Path:
