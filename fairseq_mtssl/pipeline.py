@@ -23,7 +23,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from .atomic import atomic_write
 from .child_process import child_kwargs
@@ -53,8 +53,10 @@ class Pipeline:
         self.results: Dict[str, dict] = {}
         self._lock = threading.Lock()
         self._running: Dict[str, float] = {}
-        self._procs: List[subprocess.Popen] = []
+        self._procs: List[Tuple[str, subprocess.Popen]] = []
         self.peak_rss_mb = 0.0
+        self.peak_breakdown_mb: Dict[str, float] = {}  # what each running stage held at the peak
+        self.stage_peak_mb: Dict[str, float] = {}  # each stage's own peak
         self.t0 = time.time()
 
     # -- declaring ------------------------------------------------------------------------------
@@ -84,10 +86,10 @@ class Pipeline:
             proc = subprocess.Popen([exe, *argv[1:]], stdout=f, stderr=subprocess.STDOUT, cwd=cwd or self.out, env=env,
                                     **child_kwargs())
             with self._lock:
-                self._procs.append(proc)
+                self._procs.append((stage, proc))
             rc = proc.wait()
             with self._lock:
-                self._procs.remove(proc)
+                self._procs.remove((stage, proc))
         if rc != 0:
             tail = "\n".join(log.read_text(encoding="utf-8", errors="replace").splitlines()[-25:])
             raise StageFailed(f"[{stage}] `{argv[0]}` exited with {rc}; full log: {log}\n{tail}")
@@ -115,9 +117,15 @@ class Pipeline:
     def _sample_memory(self, stop: threading.Event) -> None:
         while not stop.wait(0.5):
             with self._lock:
-                pids = [p.pid for p in self._procs]
-            total = sum(_tree_rss_mb(pid) for pid in pids) + _rss_mb(os.getpid())
-            self.peak_rss_mb = max(self.peak_rss_mb, total)
+                pids = [(stage, p.pid) for stage, p in self._procs]
+            by_stage = {"runner": _rss_mb(os.getpid())}
+            for stage, pid in pids:
+                by_stage[stage] = by_stage.get(stage, 0.0) + _tree_rss_mb(pid)
+            for stage, mb in by_stage.items():
+                self.stage_peak_mb[stage] = max(self.stage_peak_mb.get(stage, 0.0), mb)
+            total = sum(by_stage.values())
+            if total > self.peak_rss_mb:
+                self.peak_rss_mb, self.peak_breakdown_mb = total, by_stage
 
     def execute(self) -> Dict[str, dict]:
         (self.out / "stages").mkdir(parents=True, exist_ok=True)
@@ -167,7 +175,7 @@ class Pipeline:
                 time.sleep(0.2)
         except BaseException:
             with self._lock:  # their own children die with them (child_process)
-                for p in self._procs:
+                for _, p in self._procs:
                     p.kill()
             raise
         finally:

@@ -99,3 +99,14 @@ def _alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return stat.split(")")[-1].split()[0] != "Z"  # a zombie is dead, only not yet reaped
+
+
+def test_memory_is_attributed_to_the_stage_that_holds_it(tmp_path):
+    """A stage whose command holds 200 MB shows up with that much in the per-stage peaks and at the peak."""
+    p = Pipeline(tmp_path, jobs=2, heartbeat=3600)
+    hold = "import time; b = bytearray(200 * 2**20); b[::4096] = b'x' * len(b[::4096]); time.sleep(2)"
+    p.add("big", lambda: p.run("big", [sys.executable, "-c", hold]))
+    p.add("small", lambda: p.run("small", [sys.executable, "-c", "import time; time.sleep(2)"]))
+    p.execute()
+    assert p.stage_peak_mb["big"] > 190 and p.stage_peak_mb["small"] < 100
+    assert p.peak_breakdown_mb["big"] > 190 and p.peak_rss_mb >= sum(p.peak_breakdown_mb.values()) - 1e-6
