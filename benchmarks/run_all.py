@@ -22,6 +22,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = {  # name: (script, full arguments, quick arguments)
     "labels": ("bench_labels.py", [], ["--clusters", "50"]),
+    "malloc": ("bench_malloc.py", ["--rounds", "3"], ["--rounds", "1", "--updates", "30"]),
     "mt4ssl_step": ("bench_mt4ssl_step.py", [], ["--rounds", "3"]),
     "score_parts": ("bench_score_parts.py", [], ["--frames", "60", "--batch", "2"]),
     "score_step": ("bench_score_step.py", ["--rounds", "9"], ["--rounds", "2", "--preset", "small"]),

@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from .pipeline import Pipeline, latest_updates
+from .pipeline import MALLOC_TUNABLES, Pipeline, latest_updates
 from .report import write_report
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -47,7 +47,8 @@ class MainJob:
         self.data = self.out / "data"
         self.manifests = self.data / "manifests"
         self.items = self.data / "test.item"
-        self.p = Pipeline(self.out, jobs=a.jobs, threads=a.threads, force=a.force, bin_dir=Path(sys.executable).parent)
+        self.p = Pipeline(self.out, jobs=a.jobs, threads=a.threads, force=a.force, bin_dir=Path(sys.executable).parent,
+                          malloc_tunables=a.malloc_tunables)
 
     @property
     def mfcc_labels(self) -> Path:
@@ -211,7 +212,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--iter2", action="store_true", help="also make HuBERT iteration-2 labels from the base model")
     p.add_argument("--jobs", type=int, default=2, help="stages run side by side")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads per stage (default: cores / jobs)")
-    p.add_argument("--force", action="store_true", help="rerun finished stages")
+    p.add_argument("--force", action="store_true", help="rerun finished stages (a training resumes from its own "
+                   "checkpoint_last.pt; delete models/<model> to train it from scratch)")
+    p.add_argument("--malloc-tunables", default=MALLOC_TUNABLES,
+                   help="GLIBC_TUNABLES for the commands, unless already set ('' for none): about 40%% less memory per training "
+                        "for about 10%% more time (see fairseq_mtssl/pipeline.py)")
     a = p.parse_args(argv)
     a.threads = a.threads or max(1, cores // a.jobs)
     MainJob(a).main()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fairseq_mtssl.pipeline import Pipeline, StageFailed, latest_updates
+from fairseq_mtssl.pipeline import MALLOC_TUNABLES, Pipeline, StageFailed, latest_updates
 
 
 def _pipeline(out: Path, calls: list, fail: str = "", jobs: int = 2) -> Pipeline:
@@ -110,3 +110,20 @@ def test_memory_is_attributed_to_the_stage_that_holds_it(tmp_path):
     p.execute()
     assert p.stage_peak_mb["big"] > 190 and p.stage_peak_mb["small"] < 100
     assert p.peak_breakdown_mb["big"] > 190 and p.peak_rss_mb >= sum(p.peak_breakdown_mb.values()) - 1e-6
+
+
+def test_commands_get_the_malloc_tunables_unless_the_caller_set_their_own(tmp_path, monkeypatch):
+    show = "import os; print('TUNABLES=' + os.environ.get('GLIBC_TUNABLES', 'unset'))"
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    for name, kwargs in (("tuned", {}), ("off", {"malloc_tunables": ""})):
+        p = Pipeline(tmp_path / name, heartbeat=3600, **kwargs)
+        p.add("s", lambda p=p: p.run("s", [sys.executable, "-c", show]))
+        p.execute()
+    assert f"TUNABLES={MALLOC_TUNABLES}" in (tmp_path / "tuned" / "logs" / "s.log").read_text()
+    assert f"GLIBC_TUNABLES={MALLOC_TUNABLES} " in (tmp_path / "tuned" / "commands.sh").read_text()
+    assert "TUNABLES=unset" in (tmp_path / "off" / "logs" / "s.log").read_text()
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=1")
+    p = Pipeline(tmp_path / "own", heartbeat=3600)
+    p.add("s", lambda: p.run("s", [sys.executable, "-c", show]))
+    p.execute()
+    assert "TUNABLES=glibc.malloc.arena_max=1" in (tmp_path / "own" / "logs" / "s.log").read_text()
