@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from .atomic import atomic_write
-from .training_log import read_curves
+from .training_log import read_curves, trained_updates
 
 LABELS = {
     "mfcc": "MFCC (no training)",
@@ -41,7 +41,8 @@ def collect(results: Dict[str, dict], models: Sequence[str]) -> Dict[str, dict]:
         row: Dict[str, object] = {"label": LABELS.get(m, m)}
         train = results.get(f"train_{m}")
         if train:
-            row["curve"] = read_curves([Path(p) for p in train["logs"] if Path(p).exists()])
+            logs = [Path(p) for p in train["logs"] if Path(p).exists()]
+            row["curve"], row["updates"] = read_curves(logs), trained_updates(logs)
             row["train_seconds"] = train.get("seconds")
         ev = results.get(f"eval_{m}")
         if ev and Path(ev["results"]).exists():
@@ -56,7 +57,7 @@ def summary_table(rows: Dict[str, dict]) -> List[str]:
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for m, r in rows.items():
         curve, ev = r.get("curve") or [], r.get("eval") or {}
-        updates = str(curve[-1]["num_updates"]) if curve else "-"
+        updates = str(r["updates"]) if r.get("updates") else "-"
         loss = f"{curve[0]['loss']:.3f} -> {curve[-1]['loss']:.3f}" if curve else "-"
         abx = "-"
         if ev.get("abx"):

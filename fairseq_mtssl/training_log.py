@@ -29,15 +29,27 @@ def read_curve(log: Path, kind: str = "train_inner", keys: Sequence[str] = ("los
     return rows
 
 
+def _joined_stages(logs: Sequence[Path], keys: Sequence[str]):
+    """``(rows, end)``: the stages' ``train_inner`` rows on one update axis, and the last update."""
+    joined: List[Dict[str, float]] = []
+    end = 0
+    for stage, log in enumerate(logs):
+        rows = read_curve(Path(log), keys=keys)
+        offset = 0 if rows and joined and rows[0]["num_updates"] > end else end  # 0: the log continues the count itself
+        joined += [{**r, "num_updates": r["num_updates"] + offset, "stage": stage} for r in rows]
+        last = [r["num_updates"] for r in rows + read_curve(Path(log), kind="train", keys=())]
+        end = offset + max(last, default=0)
+    return joined, end
+
+
 def read_curves(logs: Sequence[Path], keys: Sequence[str] = ("loss",)) -> List[Dict[str, float]]:
     """The curves of consecutive stages (sequential training) joined, each row tagged with its
     ``stage`` (0, 1, ...); a stage that restarts at update 0 (optimiser reset) is counted on from
-    where the previous one ended."""
-    joined: List[Dict[str, float]] = []
-    for stage, log in enumerate(logs):
-        offset = joined[-1]["num_updates"] if joined else 0
-        rows = read_curve(Path(log), keys=keys)
-        if rows and joined and rows[0]["num_updates"] > offset:
-            offset = 0  # the log continues the count itself
-        joined += [{**r, "num_updates": r["num_updates"] + offset, "stage": stage} for r in rows]
-    return joined
+    where the previous one ended: its last update, which the end-of-epoch ``[train]`` lines give even
+    when it falls between two logged intervals."""
+    return _joined_stages(logs, keys)[0]
+
+
+def trained_updates(logs: Sequence[Path]) -> int:
+    """Updates the stages ran in all (not only up to the last logged interval)."""
+    return _joined_stages(logs, ())[1]

@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 from fairseq_mtssl.report import write_report
-from fairseq_mtssl.training_log import read_curve, read_curves
+from fairseq_mtssl.training_log import read_curve, read_curves, trained_updates
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -31,6 +31,17 @@ def test_curves_are_read_from_simple_and_valid_lines_and_stages_are_joined(tmp_p
     assert [(r["num_updates"], r["stage"]) for r in joined] == [(10, 0), (20, 0), (30, 1), (50, 1)]
     c = _log(tmp_path / "c.log", [(30, 3.0)])  # a log that continues the count is not shifted
     assert [r["num_updates"] for r in read_curves([a, c])] == [10, 20, 30]
+
+
+def test_a_stage_ending_between_logged_intervals_is_counted_to_its_last_update(tmp_path):
+    end_of_epoch = "[2026-11-24 12:05:22,665][train][INFO] - epoch 001 | loss 4.255 | ssl_loss 6.139 | num_updates {} | lr 0"
+    a = _log(tmp_path / "a.log", [(10, 7.5), (80, 6.0)])
+    a.write_text(a.read_text() + end_of_epoch.format(86) + "\n")  # stage 1 stopped at 86 (logged every 10)
+    b = _log(tmp_path / "b.log", [(10, 3.0), (210, 2.0)])
+    b.write_text(b.read_text() + end_of_epoch.format(214) + "\n")
+    assert [r["num_updates"] for r in read_curves([a, b])] == [10, 80, 96, 296]
+    assert trained_updates([a, b]) == 300 and trained_updates([a]) == 86
+    assert trained_updates([_log(tmp_path / "c.log", [(10, 1.0), (20, 1.0)])]) == 20  # no end-of-epoch line yet
 
 
 def _results(tmp_path: Path, model: str, abx, per=None, retrieval=None) -> Path:
