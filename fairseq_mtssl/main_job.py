@@ -215,8 +215,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--force", action="store_true", help="rerun finished stages (a training resumes from its own "
                    "checkpoint_last.pt; delete models/<model> to train it from scratch)")
     p.add_argument("--malloc-tunables", default=MALLOC_TUNABLES,
-                   help="GLIBC_TUNABLES for the commands, unless already set ('' for none): about 40%% less memory per training "
-                        "for about 10%% more time (see fairseq_mtssl/pipeline.py)")
+                   help="GLIBC_TUNABLES for the commands, unless already set ('' for none): about half the memory per training "
+                        "for about 6%% more time (see fairseq_mtssl/pipeline.py)")
     a = p.parse_args(argv)
     a.threads = a.threads or max(1, cores // a.jobs)
     MainJob(a).main()

@@ -14,10 +14,10 @@ Concurrent stages each get
 all child processes together, and of each stage.
 
 Memory: a CPU training allocates and frees tensors of many sizes between steps (batches differ in
-length), and glibc's heap keeps the freed memory, so a tiny training holds 1.6-1.8 GB of which
+length), and glibc's heap keeps the freed memory, so a tiny training holds 1.4-2.3 GB of which
 about 0.4 GB is live. With :data:`MALLOC_TUNABLES` (blocks of 4 MB and more are mapped on their own,
-on transparent huge pages, and go back to the system when freed) the same training peaks near
-1.0 GB for about 10 % more time. Commands get it unless the caller's environment sets
+on transparent huge pages, and go back to the system when freed) the same training peaks at about
+half of that for about 6 % more time (``benchmarks/bench_malloc.py``). Commands get it unless the caller's environment sets
 ``GLIBC_TUNABLES``; ``malloc_tunables=""`` turns it off.
 """
 
