@@ -1,6 +1,6 @@
 """The main job: every method of the plugin on the embedded corpus, evaluated, with a report.
 
-    mtssl-main-job --out runs/main                      # about 20 minutes on 2 cores
+    mtssl-main-job --out runs/main                      # about 18 minutes on 2 cores, 2.6 GB
     mtssl-main-job --out runs/main --hours 2 --updates 3000 --pr-updates 1000 --jobs 1   # longer, better
 
 Stages (each a set of ordinary command lines, recorded in ``{out}/commands.sh``):
