@@ -62,7 +62,7 @@ def embed_split(checkpoint: str, split: str, max_batch_samples: int = 800_000):
     store = ImageFeatureStore(os.path.join(cfg.task.image_features or data, split))
     unique = sorted(set(names))
     index = {name: i for i, name in enumerate(unique)}
-    image_emb = torch.cat([model.embed_images(torch.from_numpy(store[u])[None]) for u in unique])
+    image_emb = torch.cat([model.embed_images(torch.tensor(store[u])[None]) for u in unique])  # a copy: the store is read-only
     speech = [None] * len(manifest)
     batchable = not any(isinstance(m, torch.nn.GroupNorm) for m in model.w2v.feature_extractor.modules())
     for indices, wavs in iter_audio_batches(manifest, list(range(len(manifest))), max_batch_samples if batchable else 1):
