@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from fairseq_mtssl.corpus.synth import ensure_corpus
-from fairseq_mtssl.pipeline import MALLOC_TUNABLES, _rss_mb
+from fairseq_mtssl.pipeline import MALLOC_TUNABLES, pss_mb
 from fairseq_mtssl.prep.corpus_manifest import build_corpus_manifests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -41,7 +41,7 @@ def train_once(manifests: Path, run_dir: Path, updates: int, tunables: str) -> t
     with open(run_dir.parent / f"{run_dir.name}.log", "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         while proc.poll() is None:
-            peak = max(peak, _rss_mb(proc.pid))
+            peak = max(peak, pss_mb(proc.pid))
             time.sleep(0.2)
     if proc.returncode != 0:
         raise SystemExit(f"training failed ({proc.returncode}); log: {run_dir.parent / (run_dir.name + '.log')}")

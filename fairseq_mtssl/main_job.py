@@ -187,12 +187,12 @@ class MainJob:
         self.declare()
         print(f"main job in {self.out}: {len(self.p.specs)} stages, {self.a.jobs} at a time x {self.a.threads} threads", flush=True)
         results = self.p.execute()
-        summary = {"stages": results, "peak_pss_mb_this_run": round(self.p.peak_rss_mb),
+        summary = {"stages": results, "peak_pss_mb_this_run": round(self.p.peak_pss_mb),
                    "peak_pss_mb_by_stage_at_peak": {k: round(v) for k, v in self.p.peak_breakdown_mb.items()},
                    "stage_peak_pss_mb": {k: round(v) for k, v in sorted(self.p.stage_peak_mb.items())},
                    "stage_seconds_total": round(sum(r.get("seconds", 0) for r in results.values()), 1)}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
-        print(f"report: {results['report']['report']}\npeak memory of this run (PSS, all processes): {self.p.peak_rss_mb:.0f} MB", flush=True)
+        print(f"report: {results['report']['report']}\npeak memory of this run (PSS, all processes): {self.p.peak_pss_mb:.0f} MB", flush=True)
         return summary
 
 

@@ -17,8 +17,8 @@ Memory: a CPU training allocates and frees tensors of many sizes between steps (
 length), and glibc's heap keeps the freed memory, so a tiny training holds 1.4-2.3 GB of which
 about 0.4 GB is live. With :data:`MALLOC_TUNABLES` (blocks of 4 MB and more are mapped on their own,
 on transparent huge pages, and go back to the system when freed) the same training peaks at about
-half of that for about 6 % more time (``benchmarks/bench_malloc.py``). Commands get it unless the caller's environment sets
-``GLIBC_TUNABLES``; ``malloc_tunables=""`` turns it off.
+half of that for about 6 % more time (``benchmarks/bench_malloc.py``). Commands get it unless
+the caller's environment sets ``GLIBC_TUNABLES``; ``malloc_tunables=""`` turns it off.
 """
 
 import json
@@ -65,7 +65,6 @@ class Pipeline:
         self._lock = threading.Lock()
         self._running: Dict[str, float] = {}
         self._procs: List[Tuple[str, subprocess.Popen]] = []
-        self.peak_rss_mb = 0.0
         self.peak_breakdown_mb: Dict[str, float] = {}  # what each running stage held at the peak
         self.stage_peak_mb: Dict[str, float] = {}  # each stage's own peak
         self.t0 = time.time()
@@ -130,14 +129,18 @@ class Pipeline:
         while not stop.wait(0.5):
             with self._lock:
                 pids = [(stage, p.pid) for stage, p in self._procs]
-            by_stage = {"runner": _rss_mb(os.getpid())}
+            by_stage = {"runner": pss_mb(os.getpid())}
             for stage, pid in pids:
-                by_stage[stage] = by_stage.get(stage, 0.0) + _tree_rss_mb(pid)
+                by_stage[stage] = by_stage.get(stage, 0.0) + _tree_pss_mb(pid)
             for stage, mb in by_stage.items():
                 self.stage_peak_mb[stage] = max(self.stage_peak_mb.get(stage, 0.0), mb)
-            total = sum(by_stage.values())
-            if total > self.peak_rss_mb:
-                self.peak_rss_mb, self.peak_breakdown_mb = total, by_stage
+            if sum(by_stage.values()) > self.peak_pss_mb:
+                self.peak_breakdown_mb = by_stage
+
+    @property
+    def peak_pss_mb(self) -> float:
+        """The highest sampled total (runner and every running command)."""
+        return sum(self.peak_breakdown_mb.values())
 
     def execute(self) -> Dict[str, dict]:
         (self.out / "stages").mkdir(parents=True, exist_ok=True)
@@ -217,7 +220,7 @@ def latest_updates(log: Path) -> Optional[int]:
     return int(found[-1]) if found else None
 
 
-def _rss_mb(pid: int) -> float:
+def pss_mb(pid: int) -> float:
     """Proportional set size (shared pages such as torch's libraries split among the processes that
     map them, so a sum over processes is the memory they really take); RSS where PSS is unavailable."""
     for path, key in ((f"/proc/{pid}/smaps_rollup", "Pss:"), (f"/proc/{pid}/status", "VmRSS:")):
@@ -239,5 +242,5 @@ def _children(pid: int) -> List[int]:
         return []
 
 
-def _tree_rss_mb(pid: int) -> float:
-    return _rss_mb(pid) + sum(_tree_rss_mb(c) for c in _children(pid))
+def _tree_pss_mb(pid: int) -> float:
+    return pss_mb(pid) + sum(_tree_pss_mb(c) for c in _children(pid))

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from .atomic import atomic_write
-from .training_log import read_curves, trained_updates
+from .training_log import read_stages
 
 LABELS = {
     "mfcc": "MFCC (no training)",
@@ -42,7 +42,7 @@ def collect(results: Dict[str, dict], models: Sequence[str]) -> Dict[str, dict]:
         train = results.get(f"train_{m}")
         if train:
             logs = [Path(p) for p in train["logs"] if Path(p).exists()]
-            row["curve"], row["updates"] = read_curves(logs), trained_updates(logs)
+            row["curve"], row["updates"] = read_stages(logs)
             row["train_seconds"] = train.get("seconds")
         ev = results.get(f"eval_{m}")
         if ev and Path(ev["results"]).exists():

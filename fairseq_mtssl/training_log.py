@@ -2,7 +2,7 @@
 
 import re
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 _NUMBER = r"(-?[\d.]+(?:e-?\d+)?)"
 _FIELD = re.compile(r"(\w+)=" + _NUMBER + r"(?=[,\s]|$)")  # simple format: key=value, ...
@@ -11,8 +11,16 @@ _PIPE_FIELD = re.compile(r"\|\s*(\w+)\s+" + _NUMBER + r"(?=\s|$)")  # valid line
 
 def read_curve(log: Path, kind: str = "train_inner", keys: Sequence[str] = ("loss",)) -> List[Dict[str, float]]:
     """One dict per ``[kind]`` line (``train_inner`` or ``valid``): ``num_updates`` and ``keys``."""
+    return _parse(_lines(log), kind, keys)
+
+
+def _lines(log: Path) -> List[str]:
+    return Path(log).read_text(encoding="utf-8", errors="replace").splitlines()
+
+
+def _parse(lines: Sequence[str], kind: str, keys: Sequence[str]) -> List[Dict[str, float]]:
     rows = []
-    for line in Path(log).read_text(encoding="utf-8", errors="replace").splitlines():
+    for line in lines:
         if f"[{kind}]" not in line:
             continue
         text = line.split(" - ", 1)[-1]
@@ -29,27 +37,28 @@ def read_curve(log: Path, kind: str = "train_inner", keys: Sequence[str] = ("los
     return rows
 
 
-def _joined_stages(logs: Sequence[Path], keys: Sequence[str]):
-    """``(rows, end)``: the stages' ``train_inner`` rows on one update axis, and the last update."""
+def read_stages(logs: Sequence[Path], keys: Sequence[str] = ("loss",)) -> Tuple[List[Dict[str, float]], int]:
+    """``(curve, updates)`` of consecutive stages (sequential training): the ``train_inner`` rows on
+    one update axis, each tagged with its ``stage`` (0, 1, ...), and the updates run in all. A stage
+    that restarts at update 0 (optimiser reset) is counted on from where the previous one ended: its
+    last update, which the end-of-epoch ``[train]`` lines give even when it falls between two logged
+    intervals."""
     joined: List[Dict[str, float]] = []
     end = 0
     for stage, log in enumerate(logs):
-        rows = read_curve(Path(log), keys=keys)
+        lines = _lines(log)
+        rows = _parse(lines, "train_inner", keys)
         offset = 0 if rows and joined and rows[0]["num_updates"] > end else end  # 0: the log continues the count itself
         joined += [{**r, "num_updates": r["num_updates"] + offset, "stage": stage} for r in rows]
-        last = [r["num_updates"] for r in rows + read_curve(Path(log), kind="train", keys=())]
-        end = offset + max(last, default=0)
+        end = offset + max((r["num_updates"] for r in rows + _parse(lines, "train", ())), default=0)
     return joined, end
 
 
 def read_curves(logs: Sequence[Path], keys: Sequence[str] = ("loss",)) -> List[Dict[str, float]]:
-    """The curves of consecutive stages (sequential training) joined, each row tagged with its
-    ``stage`` (0, 1, ...); a stage that restarts at update 0 (optimiser reset) is counted on from
-    where the previous one ended: its last update, which the end-of-epoch ``[train]`` lines give even
-    when it falls between two logged intervals."""
-    return _joined_stages(logs, keys)[0]
+    """The joined curve of :func:`read_stages`."""
+    return read_stages(logs, keys)[0]
 
 
 def trained_updates(logs: Sequence[Path]) -> int:
     """Updates the stages ran in all (not only up to the last logged interval)."""
-    return _joined_stages(logs, ())[1]
+    return read_stages(logs, ())[1]

@@ -109,7 +109,7 @@ def test_memory_is_attributed_to_the_stage_that_holds_it(tmp_path):
     p.add("small", lambda: p.run("small", [sys.executable, "-c", "import time; time.sleep(2)"]))
     p.execute()
     assert p.stage_peak_mb["big"] > 190 and p.stage_peak_mb["small"] < 100
-    assert p.peak_breakdown_mb["big"] > 190 and p.peak_rss_mb >= sum(p.peak_breakdown_mb.values()) - 1e-6
+    assert p.peak_breakdown_mb["big"] > 190 and p.peak_pss_mb >= sum(p.peak_breakdown_mb.values()) - 1e-6
 
 
 def test_commands_get_the_malloc_tunables_unless_the_caller_set_their_own(tmp_path, monkeypatch):
