@@ -69,7 +69,9 @@ def main():
         build_corpus_manifests(corpus, Path(tmp) / "m")
         manifest_path = Path(tmp) / "m" / f"{a.split}.tsv"
         manifest = read_manifest(manifest_path)
-        sample = batch_mfcc([sf.read(manifest.audio_path(i), dtype="float32")[0] for i in range(min(200, len(manifest)))])
+        sample = batch_mfcc(
+            [sf.read(manifest.audio_path(i), dtype="float32")[0] for i in range(min(200, len(manifest)))]
+        )
         km = fairseq_minibatch_kmeans(a.clusters, n_init=3).fit(np.concatenate(sample))
         km_path = Path(tmp) / "km.joblib"
         import joblib
@@ -89,13 +91,19 @@ def main():
         results["batched"] = (lines, sum(len(x.split()) for x in lines), elapsed)
 
         batched_labels = np.array(" ".join(lines).split(), dtype=int)
-        print(f"{len(manifest)} utterances, {results['batched'][1]} frames, k={a.clusters}, torch threads={torch.get_num_threads()}")
-        print(f"{'variant':<10} {'seconds':>8} {'frames/s':>10} {'batched speed-up':>17} {'labels equal to batched':>24}")
+        print(
+            f"{len(manifest)} utterances, {results['batched'][1]} frames, k={a.clusters}, torch threads={torch.get_num_threads()}"
+        )
+        print(
+            f"{'variant':<10} {'seconds':>8} {'frames/s':>10} {'batched speed-up':>17} {'labels equal to batched':>24}"
+        )
         for name, (lab, frames, secs) in results.items():
             other = np.array(" ".join(lab).split(), dtype=int)
             agree = np.mean(other == batched_labels) if len(other) == len(batched_labels) else float("nan")
             print(f"{name:<10} {secs:8.2f} {frames / secs:10.0f} {secs / results['batched'][2]:16.2f}x {agree:24.6f}")
-        record("labels", "batched speed-up over the knf per-utterance loop", results["loop-knf"][2] / results["batched"][2])
+        record(
+            "labels", "batched speed-up over the knf per-utterance loop", results["loop-knf"][2] / results["batched"][2]
+        )
 
 
 if __name__ == "__main__":

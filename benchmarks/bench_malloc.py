@@ -33,10 +33,19 @@ def train_once(manifests: Path, run_dir: Path, updates: int, tunables: str) -> t
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     if tunables:
         env["GLIBC_TUNABLES"] = tunables
-    cmd = [str(Path(sys.executable).parent / "fairseq-hydra-train"), "--config-dir", str(ROOT / "examples/wav2vec2/config/pretraining"),
-           "--config-name", "wav2vec2_tiny_cpu", f"common.user_dir={ROOT / 'fairseq_mtssl'}", f"task.data={manifests}",
-           f"hydra.run.dir={run_dir}", f"optimization.max_update={updates}", "checkpoint.no_save=true",
-           "dataset.disable_validation=true"]
+    cmd = [
+        str(Path(sys.executable).parent / "fairseq-hydra-train"),
+        "--config-dir",
+        str(ROOT / "examples/wav2vec2/config/pretraining"),
+        "--config-name",
+        "wav2vec2_tiny_cpu",
+        f"common.user_dir={ROOT / 'fairseq_mtssl'}",
+        f"task.data={manifests}",
+        f"hydra.run.dir={run_dir}",
+        f"optimization.max_update={updates}",
+        "checkpoint.no_save=true",
+        "dataset.disable_validation=true",
+    ]
     start, peak = time.time(), 0.0
     with open(run_dir.parent / f"{run_dir.name}.log", "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -62,11 +71,15 @@ def main() -> None:
         for r in range(a.rounds):
             for name, tunables in (("default", ""), ("tuned", MALLOC_TUNABLES)):
                 runs[name].append(train_once(manifests, Path(tmp) / f"{name}{r}", a.updates, tunables))
-                print(f"round {r} {name:8s} peak PSS {runs[name][-1][0]:6.0f} MB  {runs[name][-1][1]:5.1f} s", flush=True)
+                print(
+                    f"round {r} {name:8s} peak PSS {runs[name][-1][0]:6.0f} MB  {runs[name][-1][1]:5.1f} s", flush=True
+                )
     med = {k: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v)) for k, v in runs.items()}
     mem, wall = med["tuned"][0] / med["default"][0], med["tuned"][1] / med["default"][1]
-    print(f"GLIBC_TUNABLES={MALLOC_TUNABLES}\nmedian peak PSS: default {med['default'][0]:.0f} MB, tuned {med['tuned'][0]:.0f} MB "
-          f"(ratio {mem:.2f}); wall: default {med['default'][1]:.1f} s, tuned {med['tuned'][1]:.1f} s (ratio {wall:.2f})")
+    print(
+        f"GLIBC_TUNABLES={MALLOC_TUNABLES}\nmedian peak PSS: default {med['default'][0]:.0f} MB, tuned {med['tuned'][0]:.0f} MB "
+        f"(ratio {mem:.2f}); wall: default {med['default'][1]:.1f} s, tuned {med['tuned'][1]:.1f} s (ratio {wall:.2f})"
+    )
     record("malloc", "peak PSS tuned / default (tiny wav2vec 2.0 training)", mem, "<= 0.75")
     record("malloc", "wall time tuned / default", wall, "<= 1.15")
 

@@ -32,10 +32,22 @@ from ratios import record  # noqa: E402
 
 def encoder_cfg(a):
     return dict(
-        extractor_mode="layer_norm", conv_feature_layers=f"[({a.conv},10,5)] + [({a.conv},3,2)] * 4 + [({a.conv},2,2)] * 2",
-        encoder_layers=a.layers, encoder_embed_dim=a.dim, encoder_ffn_embed_dim=4 * a.dim, encoder_attention_heads=4,
-        conv_pos=64, conv_pos_groups=16, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, encoder_layerdrop=0.0,
-        dropout_input=0.0, dropout_features=0.0, mask_prob=0.65, mask_length=10,
+        extractor_mode="layer_norm",
+        conv_feature_layers=f"[({a.conv},10,5)] + [({a.conv},3,2)] * 4 + [({a.conv},2,2)] * 2",
+        encoder_layers=a.layers,
+        encoder_embed_dim=a.dim,
+        encoder_ffn_embed_dim=4 * a.dim,
+        encoder_attention_heads=4,
+        conv_pos=64,
+        conv_pos_groups=16,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        encoder_layerdrop=0.0,
+        dropout_input=0.0,
+        dropout_features=0.0,
+        mask_prob=0.65,
+        mask_length=10,
     )
 
 
@@ -51,7 +63,12 @@ def main():
     a = p.parse_args()
     torch.manual_seed(0)
     enc = encoder_cfg(a)
-    d2v_extra = dict(average_top_k_layers=min(8, a.layers), instance_norm_target_layer=True, ema_anneal_end_step=1000, max_update=1000)
+    d2v_extra = dict(
+        average_top_k_layers=min(8, a.layers),
+        instance_norm_target_layer=True,
+        ema_anneal_end_step=1000,
+        max_update=1000,
+    )
     d2v = Data2VecAudioModel(Data2VecAudioConfig(**enc, **d2v_extra))
     mt = MT4SSLModel(MT4SSLConfig(**enc, **d2v_extra), [a.clusters + 4], [50.0], [1])
     mt.load_state_dict(d2v.state_dict(), strict=False)
@@ -86,7 +103,9 @@ def main():
         hub.train()
         out = hub(source, target_list=[labels], padding_mask=torch.zeros_like(source, dtype=torch.bool))
         logits, targets = hub.get_logits(out, True), hub.get_targets(out, True)
-        loss = sum(F.cross_entropy(lg, tg, reduction="sum") for lg, tg in zip(logits, targets)) + 10 * out["features_pen"]
+        loss = (
+            sum(F.cross_entropy(lg, tg, reduction="sum") for lg, tg in zip(logits, targets)) + 10 * out["features_pen"]
+        )
         loss.backward()
 
     steps = {"data2vec": step_d2v, "mt4ssl": step_mt, "hubert": step_hubert}
@@ -101,8 +120,10 @@ def main():
             f()
             times[name].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"batch {a.batch} x {a.seconds:g} s, {a.layers} layers x {a.dim}, conv {a.conv}, k={a.clusters}, "
-          f"torch threads {torch.get_num_threads()}, {a.rounds} interleaved rounds")
+    print(
+        f"batch {a.batch} x {a.seconds:g} s, {a.layers} layers x {a.dim}, conv {a.conv}, k={a.clusters}, "
+        f"torch threads {torch.get_num_threads()}, {a.rounds} interleaved rounds"
+    )
     print(f"{'model':<10} {'median step s':>14}")
     for k, v in med.items():
         print(f"{k:<10} {v:14.4f}")

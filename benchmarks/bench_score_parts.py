@@ -40,7 +40,9 @@ def plain_soft_dtw(D, gamma):
     R[0][0] = torch.tensor(0.0, dtype=D.dtype)
     for i in range(1, n + 1):
         for j in range(1, m + 1):
-            R[i][j] = D[i - 1, j - 1] - gamma * torch.logsumexp(-torch.stack([R[i - 1][j - 1], R[i - 1][j], R[i][j - 1]]) / gamma, 0)
+            R[i][j] = D[i - 1, j - 1] - gamma * torch.logsumexp(
+                -torch.stack([R[i - 1][j - 1], R[i - 1][j], R[i][j - 1]]) / gamma, 0
+            )
     return R[n][m]
 
 
@@ -55,9 +57,14 @@ def main():
     rng = np.random.default_rng(0)
     wav = (0.1 * rng.standard_normal(16000 * 10)).astype(np.float32)
     print("perturbation (10 s of audio, one core)      x real time")
-    for name, fn in [("speed 1.1", lambda: speed(wav, 1.1)), ("speed 0.9", lambda: speed(wav, 0.9)),
-                     ("pitch +2", lambda: pitch_shift(wav, 2)), ("pitch -2", lambda: pitch_shift(wav, -2)),
-                     ("noise 10 dB", lambda: add_noise(wav, 10, rng)), ("reverb 0.3 s", lambda: reverberate(wav, 0.3, rng))]:
+    for name, fn in [
+        ("speed 1.1", lambda: speed(wav, 1.1)),
+        ("speed 0.9", lambda: speed(wav, 0.9)),
+        ("pitch +2", lambda: pitch_shift(wav, 2)),
+        ("pitch -2", lambda: pitch_shift(wav, -2)),
+        ("noise 10 dB", lambda: add_noise(wav, 10, rng)),
+        ("reverb 0.3 s", lambda: reverberate(wav, 0.3, rng)),
+    ]:
         x_real_time = 10.0 / timed(fn)
         print(f"  {name:<14} {x_real_time:10.0f}")
         record("score_parts", f"perturbation {name}, x real time (one core)", x_real_time, ">= 50")
@@ -84,8 +91,12 @@ def main():
     print(f"\nsoft-DTW forward+backward, batch {a.batch}, {a.frames} x {D0.size(2)} frames")
     print(f"  analytic   {t_an:8.3f} s")
     print(f"  autograd   {t_ag:8.3f} s   analytic speed-up {t_ag / t_an:6.1f}x")
-    print(f"  plain      {t_plain:8.3f} s   analytic speed-up {t_plain / t_an:6.1f}x   (scaled from {n_small}x{n_small}, one item)")
-    record("score_parts", "soft-DTW fwd+bwd speed-up over autograd through the plain recursion", t_plain / t_an, ">= 20")
+    print(
+        f"  plain      {t_plain:8.3f} s   analytic speed-up {t_plain / t_an:6.1f}x   (scaled from {n_small}x{n_small}, one item)"
+    )
+    record(
+        "score_parts", "soft-DTW fwd+bwd speed-up over autograd through the plain recursion", t_plain / t_an, ">= 20"
+    )
 
 
 if __name__ == "__main__":

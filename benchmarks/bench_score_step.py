@@ -31,11 +31,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ratios import record  # noqa: E402
 
 PRESETS = {
-    "base": dict(extractor_mode="default", encoder_layers=12, encoder_embed_dim=768, encoder_ffn_embed_dim=3072,
-                 encoder_attention_heads=12, conv_pos=128, conv_pos_groups=16),
-    "small": dict(extractor_mode="layer_norm", encoder_layers=4, encoder_embed_dim=256, encoder_ffn_embed_dim=1024,
-                  encoder_attention_heads=4, conv_pos=64, conv_pos_groups=16,
-                  conv_feature_layers="[(128,10,5)] + [(128,3,2)] * 4 + [(128,2,2)] * 2"),
+    "base": dict(
+        extractor_mode="default",
+        encoder_layers=12,
+        encoder_embed_dim=768,
+        encoder_ffn_embed_dim=3072,
+        encoder_attention_heads=12,
+        conv_pos=128,
+        conv_pos_groups=16,
+    ),
+    "small": dict(
+        extractor_mode="layer_norm",
+        encoder_layers=4,
+        encoder_embed_dim=256,
+        encoder_ffn_embed_dim=1024,
+        encoder_attention_heads=4,
+        conv_pos=64,
+        conv_pos_groups=16,
+        conv_feature_layers="[(128,10,5)] + [(128,3,2)] * 4 + [(128,2,2)] * 2",
+    ),
 }
 
 
@@ -56,7 +70,9 @@ def main():
     a = p.parse_args()
     torch.manual_seed(0)
 
-    score = ScoreHubertModel(ScoreHubertConfig(hubert_path="(built in the benchmark)", trainable_layers=2, proj_dim=256), hubert(a.preset)).train()
+    score = ScoreHubertModel(
+        ScoreHubertConfig(hubert_path="(built in the benchmark)", trainable_layers=2, proj_dim=256), hubert(a.preset)
+    ).train()
     score_params = [q for q in score.parameters() if q.requires_grad]
     ft = hubert(a.preset, feature_grad_mult=0.0, mask_prob=0.65, mask_length=10).train()
     head = torch.nn.Linear(ft.encoder.embedding_dim, 32)
@@ -73,7 +89,9 @@ def main():
     def step_score():
         out = score(source, perturbed)
         held["out"] = {k: v.detach() for k, v in out.items()}
-        loss = soft_dtw_divergence(out["student"], out["teacher"], out["student_lengths"], out["teacher_lengths"], 0.1).sum()
+        loss = soft_dtw_divergence(
+            out["student"], out["teacher"], out["student_lengths"], out["teacher_lengths"], 0.1
+        ).sum()
         loss.backward()
         for q in score_params:
             q.grad = None
@@ -100,7 +118,9 @@ def main():
             fn()
             times[name].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"HuBERT {a.preset}, batch {a.batch} x {a.seconds:.1f} s, {torch.get_num_threads()} threads, median of {a.rounds} rounds")
+    print(
+        f"HuBERT {a.preset}, batch {a.batch} x {a.seconds:.1f} s, {torch.get_num_threads()} threads, median of {a.rounds} rounds"
+    )
     for k, v in med.items():
         print(f"  {k:<9} {v:8.3f} s")
     print(f"  SCORE step / full fine-tune step   {med['score'] / med['finetune']:.3f}   (target <= 1)")

@@ -13,7 +13,6 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -38,8 +37,10 @@ def main():
     upstream = HubertModel(HubertConfig(label_rate=50), HubertPretrainingConfig(labels=["km"], label_rate=50), [d])
     source = torch.randn(a.batch, int(a.seconds * 16000))
     targets = torch.randint(1, 40, (a.batch, int(a.seconds * 12)))
-    models = {name: SuperbDownstreamModel(SuperbDownstreamConfig(upstream_path="-", downstream=kind), upstream, 42).train()
-              for name, kind in (("PR (linear)", "linear"), ("ASR (BiLSTM)", "bilstm"))}
+    models = {
+        name: SuperbDownstreamModel(SuperbDownstreamConfig(upstream_path="-", downstream=kind), upstream, 42).train()
+        for name, kind in (("PR (linear)", "linear"), ("ASR (BiLSTM)", "bilstm"))
+    }
 
     def upstream_only():
         models["PR (linear)"].upstream_states(source, None)
@@ -61,7 +62,9 @@ def main():
             fn()
             times[k].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"HuBERT Base upstream, batch {a.batch} x {a.seconds:.1f} s, {torch.get_num_threads()} threads, median of {a.rounds}")
+    print(
+        f"HuBERT Base upstream, batch {a.batch} x {a.seconds:.1f} s, {torch.get_num_threads()} threads, median of {a.rounds}"
+    )
     for k, v in med.items():
         share = f"   upstream share {med['upstream forward'] / v:.2f}" if k != "upstream forward" else ""
         print(f"  {k:<18} {v:8.3f} s{share}")

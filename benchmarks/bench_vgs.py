@@ -10,10 +10,10 @@ rounds, medians. Retrieval: recall@1/5/10 both ways for 25,000 captions x 5,000 
 """
 
 import argparse
-from pathlib import Path
-import sys
 import statistics
+import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -28,11 +28,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ratios import record  # noqa: E402
 
 PRESETS = {
-    "base": dict(encoder_layers=12, encoder_embed_dim=768, vgs_layer=8, vgs_dim=768, audio_downsample=4, image_layers=6,
-                 image_dim=2052, regions=36),
-    "small": dict(encoder_layers=4, encoder_embed_dim=256, encoder_ffn_embed_dim=1024, encoder_attention_heads=4, vgs_layer=3,
-                  vgs_dim=256, audio_downsample=2, image_layers=2, image_dim=68, regions=16,
-                  conv_feature_layers="[(128,10,5)] + [(128,3,2)] * 4 + [(128,2,2)] * 2", extractor_mode="layer_norm"),
+    "base": dict(
+        encoder_layers=12,
+        encoder_embed_dim=768,
+        vgs_layer=8,
+        vgs_dim=768,
+        audio_downsample=4,
+        image_layers=6,
+        image_dim=2052,
+        regions=36,
+    ),
+    "small": dict(
+        encoder_layers=4,
+        encoder_embed_dim=256,
+        encoder_ffn_embed_dim=1024,
+        encoder_attention_heads=4,
+        vgs_layer=3,
+        vgs_dim=256,
+        audio_downsample=2,
+        image_layers=2,
+        image_dim=68,
+        regions=16,
+        conv_feature_layers="[(128,10,5)] + [(128,3,2)] * 4 + [(128,2,2)] * 2",
+        extractor_mode="layer_norm",
+    ),
 }
 
 
@@ -46,7 +65,9 @@ def main():
     torch.manual_seed(0)
     preset = dict(PRESETS[a.preset])
     regions = preset.pop("regions")
-    cfg = Wav2Vec2VgsConfig(**preset, quantize_targets=True, final_dim=256, encoder_layerdrop=0.0, feature_grad_mult=0.1)
+    cfg = Wav2Vec2VgsConfig(
+        **preset, quantize_targets=True, final_dim=256, encoder_layerdrop=0.0, feature_grad_mult=0.1
+    )
     model = Wav2Vec2VgsModel(cfg).train()
     task = SimpleNamespace()
     w2v_crit = Wav2vecCriterion(task, infonce=True, loss_weights=[0.1, 10], log_keys=[])
@@ -55,16 +76,26 @@ def main():
     frames = int(model.w2v._get_feat_extract_output_lengths(torch.tensor(source.size(1))))
     mask = torch.from_numpy(compute_mask_indices((a.batch, frames), None, 0.65, 10, min_masks=2))
     w2v_sample = {"id": torch.arange(a.batch), "net_input": {"source": source, "mask_indices": mask}}
-    vgs_sample = {"id": torch.arange(a.batch), "image_ids": torch.arange(a.batch),
-                  "net_input": {"source": source, "mask_indices": mask, "image_feats": torch.randn(a.batch, regions, cfg.image_dim),
-                                "image_padding_mask": torch.zeros(a.batch, regions, dtype=torch.bool)}}
+    vgs_sample = {
+        "id": torch.arange(a.batch),
+        "image_ids": torch.arange(a.batch),
+        "net_input": {
+            "source": source,
+            "mask_indices": mask,
+            "image_feats": torch.randn(a.batch, regions, cfg.image_dim),
+            "image_padding_mask": torch.zeros(a.batch, regions, dtype=torch.bool),
+        },
+    }
 
     def step(crit, net, sample):
         loss, _, _ = crit(net, sample)
         loss.backward()
         model.zero_grad(set_to_none=True)
 
-    runs = {"wav2vec 2.0": lambda: step(w2v_crit, model.w2v, w2v_sample), "VGS+SSL": lambda: step(vgs_crit, model, vgs_sample)}
+    runs = {
+        "wav2vec 2.0": lambda: step(w2v_crit, model.w2v, w2v_sample),
+        "VGS+SSL": lambda: step(vgs_crit, model, vgs_sample),
+    }
     times = {k: [] for k in runs}
     for fn in runs.values():
         fn()  # warm-up
@@ -74,7 +105,9 @@ def main():
             fn()
             times[k].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"wav2vec 2.0 {a.preset} (+ VGS heads), batch {a.batch} x {a.seconds:.1f} s, {torch.get_num_threads()} threads, median of {a.rounds}")
+    print(
+        f"wav2vec 2.0 {a.preset} (+ VGS heads), batch {a.batch} x {a.seconds:.1f} s, {torch.get_num_threads()} threads, median of {a.rounds}"
+    )
     for k, v in med.items():
         print(f"  {k:<12} {v:8.3f} s")
     print(f"  VGS+SSL step / wav2vec 2.0 step   {med['VGS+SSL'] / med['wav2vec 2.0']:.3f}   (target <= 1.2)")

@@ -19,4 +19,6 @@ def record(benchmark: str, figure: str, value: float, target: Optional[str] = No
         op, bound = target.split()
         met = value <= float(bound) if op == "<=" else value >= float(bound)
     with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps({"benchmark": benchmark, "figure": figure, "value": value, "target": target, "met": met}) + "\n")
+        f.write(
+            json.dumps({"benchmark": benchmark, "figure": figure, "value": value, "target": target, "met": met}) + "\n"
+        )

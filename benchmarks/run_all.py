@@ -59,16 +59,22 @@ def main(argv=None) -> int:
                 continue
             print(f"== {name}: {script} {' '.join(quick if a.quick else full)}", flush=True)
             start = time.time()
-            proc = subprocess.run([sys.executable, str(HERE / script), *(quick if a.quick else full)],
-                                  env=dict(os.environ, MTSSL_BENCH_JSON=str(sink)))
+            proc = subprocess.run(
+                [sys.executable, str(HERE / script), *(quick if a.quick else full)],
+                env=dict(os.environ, MTSSL_BENCH_JSON=str(sink)),
+            )
             print(f"   ({time.time() - start:.0f} s)", flush=True)
             if proc.returncode != 0:
                 failed.append(name)
         if sink.exists():
             rows = [json.loads(line) for line in sink.read_text().splitlines()]
     where = machine()
-    lines = [f"measured {time.strftime('%Y-%m-%d')} on {where}{' (--quick)' if a.quick else ''}", "",
-             "| benchmark | figure | value | target | met |", "| --- | --- | --- | --- | --- |"]
+    lines = [
+        f"measured {time.strftime('%Y-%m-%d')} on {where}{' (--quick)' if a.quick else ''}",
+        "",
+        "| benchmark | figure | value | target | met |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
         met = "-" if r["met"] is None else ("yes" if r["met"] else "NO")
         lines.append(f"| {r['benchmark']} | {r['figure']} | {r['value']:.3f} | {r['target'] or '-'} | {met} |")

@@ -10,7 +10,7 @@ import logging
 # fairseq logs an INFO line about tensorboardX on every import; it says nothing about this plugin.
 logging.getLogger("fairseq.tasks.text_to_speech").setLevel(logging.WARNING)
 
-from .checkpoint_safety import allow_fairseq_checkpoint_classes
+from .checkpoint_safety import allow_fairseq_checkpoint_classes  # noqa: E402
 
 allow_fairseq_checkpoint_classes()
 

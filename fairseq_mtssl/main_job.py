@@ -47,21 +47,42 @@ class MainJob:
         self.data = self.out / "data"
         self.manifests = self.data / "manifests"
         self.items = self.data / "test.item"
-        self.p = Pipeline(self.out, jobs=a.jobs, threads=a.threads, force=a.force, bin_dir=Path(sys.executable).parent,
-                          malloc_tunables=a.malloc_tunables)
+        self.p = Pipeline(
+            self.out,
+            jobs=a.jobs,
+            threads=a.threads,
+            force=a.force,
+            bin_dir=Path(sys.executable).parent,
+            malloc_tunables=a.malloc_tunables,
+        )
 
     @property
     def mfcc_labels(self) -> Path:
         return self.data / "labels" / f"mfcc_km{self.a.clusters}"
 
     def hydra_train(self, stage: str, config_dir: Path, config: str, run_dir: Path, *overrides: str) -> None:
-        self.p.run(stage, ["fairseq-hydra-train", "--config-dir", config_dir, "--config-name", config,
-                           f"common.user_dir={PACKAGE_DIR}", f"hydra.run.dir={run_dir}", "common.log_interval=10",
-                           f"checkpoint.save_interval_updates={self.a.save_interval}", *overrides])
+        self.p.run(
+            stage,
+            [
+                "fairseq-hydra-train",
+                "--config-dir",
+                config_dir,
+                "--config-name",
+                config,
+                f"common.user_dir={PACKAGE_DIR}",
+                f"hydra.run.dir={run_dir}",
+                "common.log_interval=10",
+                f"checkpoint.save_interval_updates={self.a.save_interval}",
+                *overrides,
+            ],
+        )
 
     # -- data -----------------------------------------------------------------------------------
     def corpus(self):
-        self.p.run("corpus", ["mtssl-synth-corpus", "--out", self.data / "corpus", "--hours", self.a.hours, "--seed", self.a.seed])
+        self.p.run(
+            "corpus",
+            ["mtssl-synth-corpus", "--out", self.data / "corpus", "--hours", self.a.hours, "--seed", self.a.seed],
+        )
         return json.loads((self.data / "corpus" / "corpus.json").read_text())["utterances"]
 
     def manifest_stage(self):
@@ -69,20 +90,54 @@ class MainJob:
 
     def image_features(self):
         for split in SPLITS:
-            self.p.run("image_features", ["mtssl-image-features", "--images", self.manifests / f"{split}.images",
-                                          "--root", self.data / "corpus", "--out", self.manifests / split])
+            self.p.run(
+                "image_features",
+                [
+                    "mtssl-image-features",
+                    "--images",
+                    self.manifests / f"{split}.images",
+                    "--root",
+                    self.data / "corpus",
+                    "--out",
+                    self.manifests / split,
+                ],
+            )
 
     def labels_mfcc(self):
         feats, km = self.data / "features" / "mfcc", self.mfcc_labels / "kmeans.joblib"
         self.p.run("labels_mfcc", ["mtssl-dump-features", self.manifests / "train.tsv", feats, "--feature", "mfcc"])
-        self.p.run("labels_mfcc", ["mtssl-learn-kmeans", feats, "train", "1", km, "--n-clusters", self.a.clusters, "--percent", "-1"])
+        self.p.run(
+            "labels_mfcc",
+            ["mtssl-learn-kmeans", feats, "train", "1", km, "--n-clusters", self.a.clusters, "--percent", "-1"],
+        )
         for split in SPLITS:
-            self.p.run("labels_mfcc", ["mtssl-apply-kmeans", km, self.mfcc_labels, "--manifest", self.manifests / f"{split}.tsv", "--feature", "mfcc"])
+            self.p.run(
+                "labels_mfcc",
+                [
+                    "mtssl-apply-kmeans",
+                    km,
+                    self.mfcc_labels,
+                    "--manifest",
+                    self.manifests / f"{split}.tsv",
+                    "--feature",
+                    "mfcc",
+                ],
+            )
         return {"label_dir": str(self.mfcc_labels)}
 
     def abx_items(self):
-        self.p.run("abx_items", ["mtssl-abx-items", "--alignments", self.data / "corpus" / "alignments" / "test.phones.ctm",
-                                 "--manifest", self.manifests / "test.tsv", "--out", self.items])
+        self.p.run(
+            "abx_items",
+            [
+                "mtssl-abx-items",
+                "--alignments",
+                self.data / "corpus" / "alignments" / "test.phones.ctm",
+                "--manifest",
+                self.manifests / "test.tsv",
+                "--out",
+                self.items,
+            ],
+        )
 
     # -- training -------------------------------------------------------------------------------
     def run_dir(self, model: str) -> Path:
@@ -90,37 +145,80 @@ class MainJob:
 
     def train_hubert(self):
         run = self.run_dir("hubert")
-        self.hydra_train("train_hubert", EXAMPLES / "hubert/config/pretrain", "hubert_tiny_cpu", run,
-                         f"task.data={self.manifests}", f"task.label_dir={self.mfcc_labels}", 'task.labels=["km"]',
-                         "model.label_rate=100", f"optimization.max_update={self.a.updates}")
+        self.hydra_train(
+            "train_hubert",
+            EXAMPLES / "hubert/config/pretrain",
+            "hubert_tiny_cpu",
+            run,
+            f"task.data={self.manifests}",
+            f"task.label_dir={self.mfcc_labels}",
+            'task.labels=["km"]',
+            "model.label_rate=100",
+            f"optimization.max_update={self.a.updates}",
+        )
         return {"checkpoint": str(run / "checkpoints/checkpoint_last.pt"), "logs": [str(run / "hydra_train.log")]}
 
     def train_mt4ssl(self, variant: str):
         def fn():
             run = self.run_dir(f"mt4ssl_{variant}")
-            self.hydra_train(f"train_mt4ssl_{variant}", EXAMPLES / "mt4ssl/config/pretrain", "mt4ssl_tiny_cpu", run,
-                             f"task.data={self.manifests}", f"task.label_dir={self.mfcc_labels}", 'task.labels=["km"]',
-                             "task.label_rate=100", f"optimization.max_update={self.a.updates}", *MT4SSL_VARIANTS[variant])
+            self.hydra_train(
+                f"train_mt4ssl_{variant}",
+                EXAMPLES / "mt4ssl/config/pretrain",
+                "mt4ssl_tiny_cpu",
+                run,
+                f"task.data={self.manifests}",
+                f"task.label_dir={self.mfcc_labels}",
+                'task.labels=["km"]',
+                "task.label_rate=100",
+                f"optimization.max_update={self.a.updates}",
+                *MT4SSL_VARIANTS[variant],
+            )
             return {"checkpoint": str(run / "checkpoints/checkpoint_last.pt"), "logs": [str(run / "hydra_train.log")]}
+
         return fn
 
     def train_vgs(self, model: str):
         def fn():
             run = self.run_dir(model)
-            self.p.run(f"train_{model}", ["mtssl-vgs-train", "--scenario", VGS_MODELS[model], "--data", self.manifests, "--out", run,
-                                          "--updates", self.a.updates, "common.log_interval=10",
-                                          f"checkpoint.save_interval_updates={self.a.save_interval}"])
+            self.p.run(
+                f"train_{model}",
+                [
+                    "mtssl-vgs-train",
+                    "--scenario",
+                    VGS_MODELS[model],
+                    "--data",
+                    self.manifests,
+                    "--out",
+                    run,
+                    "--updates",
+                    self.a.updates,
+                    "common.log_interval=10",
+                    f"checkpoint.save_interval_updates={self.a.save_interval}",
+                ],
+            )
             summary = json.loads((run / "summary.json").read_text())
             logs = sorted(str(p) for p in run.glob("stage*/hydra_train.log"))
             return {"checkpoint": summary["final"], "logs": logs, "scenario": summary["scenario"]}
+
         return fn
 
     def train_score(self):
         run = self.run_dir("score")
         start = self.p.results["train_hubert"]["checkpoint"]
-        self.hydra_train("train_score", EXAMPLES / "score/config", "score_tiny_cpu", run, f"task.data={self.manifests}",
-                         f"model.hubert_path={start}", f"optimization.max_update={self.a.score_updates}")
-        return {"checkpoint": str(run / "checkpoints/checkpoint_last.pt"), "logs": [str(run / "hydra_train.log")], "start": start}
+        self.hydra_train(
+            "train_score",
+            EXAMPLES / "score/config",
+            "score_tiny_cpu",
+            run,
+            f"task.data={self.manifests}",
+            f"model.hubert_path={start}",
+            f"optimization.max_update={self.a.score_updates}",
+        )
+        return {
+            "checkpoint": str(run / "checkpoints/checkpoint_last.pt"),
+            "logs": [str(run / "hydra_train.log")],
+            "start": start,
+        }
 
     def labels_iter2(self):
         ckpt = self.p.results["train_hubert"]["checkpoint"]
@@ -128,9 +226,22 @@ class MainJob:
         feats = self.data / "features" / f"hubert_l{self.a.layer}"
         model_args = ["--feature", "model", "--checkpoint", ckpt, "--layer", self.a.layer]
         self.p.run("labels_iter2", ["mtssl-dump-features", self.manifests / "train.tsv", feats, *model_args])
-        self.p.run("labels_iter2", ["mtssl-learn-kmeans", feats, "train", "1", lab / "kmeans.joblib", "--n-clusters", self.a.clusters])
+        self.p.run(
+            "labels_iter2",
+            ["mtssl-learn-kmeans", feats, "train", "1", lab / "kmeans.joblib", "--n-clusters", self.a.clusters],
+        )
         for split in SPLITS:
-            self.p.run("labels_iter2", ["mtssl-apply-kmeans", lab / "kmeans.joblib", lab, "--manifest", self.manifests / f"{split}.tsv", *model_args])
+            self.p.run(
+                "labels_iter2",
+                [
+                    "mtssl-apply-kmeans",
+                    lab / "kmeans.joblib",
+                    lab,
+                    "--manifest",
+                    self.manifests / f"{split}.tsv",
+                    *model_args,
+                ],
+            )
         return {"label_dir": str(lab)}
 
     # -- evaluation -----------------------------------------------------------------------------
@@ -139,9 +250,27 @@ class MainJob:
             ck = "mfcc" if model == "mfcc" else self.p.results[f"train_{model}"]["checkpoint"]
             out = self.out / "eval" / model
             extra = ["--retrieval"] if model in VGS_MODELS else []
-            self.p.run(f"eval_{model}", ["mtssl-evaluate-upstream", ck, "--data", self.data, "--out", out, "--layer", self.a.layer,
-                                         "--pr-updates", 0 if model == "mfcc" else self.a.pr_updates, "--no-probe", "--items", self.items, *extra])
+            self.p.run(
+                f"eval_{model}",
+                [
+                    "mtssl-evaluate-upstream",
+                    ck,
+                    "--data",
+                    self.data,
+                    "--out",
+                    out,
+                    "--layer",
+                    self.a.layer,
+                    "--pr-updates",
+                    0 if model == "mfcc" else self.a.pr_updates,
+                    "--no-probe",
+                    "--items",
+                    self.items,
+                    *extra,
+                ],
+            )
             return {"results": str(out / "results.json")}
+
         return fn
 
     # -- the whole job --------------------------------------------------------------------------
@@ -150,6 +279,7 @@ class MainJob:
             logs = sorted(self.run_dir(model).glob("**/hydra_train.log"), key=lambda p: p.stat().st_mtime)
             n = latest_updates(logs[-1]) if logs else None
             return None if n is None else f"update {n}/{target}"
+
         return progress
 
     def declare(self) -> None:
@@ -162,15 +292,34 @@ class MainJob:
         # declaration order is scheduling priority: the longest chain (HuBERT -> SCORE) first
         needs_hubert = "hubert" in models or "score" in models
         if needs_hubert:
-            p.add("train_hubert", self.train_hubert, after=["labels_mfcc"], progress=self.training_progress("hubert", self.a.updates))
+            p.add(
+                "train_hubert",
+                self.train_hubert,
+                after=["labels_mfcc"],
+                progress=self.training_progress("hubert", self.a.updates),
+            )
         if "score" in models:
-            p.add("train_score", self.train_score, after=["train_hubert"], progress=self.training_progress("score", self.a.score_updates))
+            p.add(
+                "train_score",
+                self.train_score,
+                after=["train_hubert"],
+                progress=self.training_progress("score", self.a.score_updates),
+            )
         for m in models:
             if m.startswith("mt4ssl_"):
-                p.add(f"train_{m}", self.train_mt4ssl(m[len("mt4ssl_"):]), after=["labels_mfcc"],
-                      progress=self.training_progress(m, self.a.updates))
+                p.add(
+                    f"train_{m}",
+                    self.train_mt4ssl(m[len("mt4ssl_") :]),
+                    after=["labels_mfcc"],
+                    progress=self.training_progress(m, self.a.updates),
+                )
             elif m in VGS_MODELS:
-                p.add(f"train_{m}", self.train_vgs(m), after=["image_features"], progress=self.training_progress(m, self.a.updates))
+                p.add(
+                    f"train_{m}",
+                    self.train_vgs(m),
+                    after=["image_features"],
+                    progress=self.training_progress(m, self.a.updates),
+                )
         for m in models:
             p.add(f"eval_{m}", self.evaluate(m), after=[f"train_{m}", "abx_items"])
         p.add("eval_mfcc", self.evaluate("mfcc"), after=["abx_items"])
@@ -185,14 +334,23 @@ class MainJob:
     def main(self) -> Dict[str, object]:
         self.out.mkdir(parents=True, exist_ok=True)
         self.declare()
-        print(f"main job in {self.out}: {len(self.p.specs)} stages, {self.a.jobs} at a time x {self.a.threads} threads", flush=True)
+        print(
+            f"main job in {self.out}: {len(self.p.specs)} stages, {self.a.jobs} at a time x {self.a.threads} threads",
+            flush=True,
+        )
         results = self.p.execute()
-        summary = {"stages": results, "peak_pss_mb_this_run": round(self.p.peak_pss_mb),
-                   "peak_pss_mb_by_stage_at_peak": {k: round(v) for k, v in self.p.peak_breakdown_mb.items()},
-                   "stage_peak_pss_mb": {k: round(v) for k, v in sorted(self.p.stage_peak_mb.items())},
-                   "stage_seconds_total": round(sum(r.get("seconds", 0) for r in results.values()), 1)}
+        summary = {
+            "stages": results,
+            "peak_pss_mb_this_run": round(self.p.peak_pss_mb),
+            "peak_pss_mb_by_stage_at_peak": {k: round(v) for k, v in self.p.peak_breakdown_mb.items()},
+            "stage_peak_pss_mb": {k: round(v) for k, v in sorted(self.p.stage_peak_mb.items())},
+            "stage_seconds_total": round(sum(r.get("seconds", 0) for r in results.values()), 1),
+        }
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
-        print(f"report: {results['report']['report']}\npeak memory of this run (PSS, all processes): {self.p.peak_pss_mb:.0f} MB", flush=True)
+        print(
+            f"report: {results['report']['report']}\npeak memory of this run (PSS, all processes): {self.p.peak_pss_mb:.0f} MB",
+            flush=True,
+        )
         return summary
 
 
@@ -212,11 +370,18 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--iter2", action="store_true", help="also make HuBERT iteration-2 labels from the base model")
     p.add_argument("--jobs", type=int, default=2, help="stages run side by side")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads per stage (default: cores / jobs)")
-    p.add_argument("--force", action="store_true", help="rerun finished stages (a training resumes from its own "
-                   "checkpoint_last.pt; delete models/<model> to train it from scratch)")
-    p.add_argument("--malloc-tunables", default=MALLOC_TUNABLES,
-                   help="GLIBC_TUNABLES for the commands, unless already set ('' for none): about half the memory per training "
-                        "for about 6%% more time (see fairseq_mtssl/pipeline.py)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="rerun finished stages (a training resumes from its own "
+        "checkpoint_last.pt; delete models/<model> to train it from scratch)",
+    )
+    p.add_argument(
+        "--malloc-tunables",
+        default=MALLOC_TUNABLES,
+        help="GLIBC_TUNABLES for the commands, unless already set ('' for none): about half the memory per training "
+        "for about 6%% more time (see fairseq_mtssl/pipeline.py)",
+    )
     a = p.parse_args(argv)
     a.threads = a.threads or max(1, cores // a.jobs)
     MainJob(a).main()

@@ -53,9 +53,23 @@ class StageSpec:
 
 
 class Pipeline:
-    def __init__(self, out: Path, jobs: int = 1, threads: int = 1, force: bool = False, heartbeat: float = 30.0,
-                 bin_dir: Optional[Path] = None, malloc_tunables: str = MALLOC_TUNABLES):
-        self.out, self.jobs, self.threads, self.force, self.heartbeat = Path(out), max(1, jobs), max(1, threads), force, heartbeat
+    def __init__(
+        self,
+        out: Path,
+        jobs: int = 1,
+        threads: int = 1,
+        force: bool = False,
+        heartbeat: float = 30.0,
+        bin_dir: Optional[Path] = None,
+        malloc_tunables: str = MALLOC_TUNABLES,
+    ):
+        self.out, self.jobs, self.threads, self.force, self.heartbeat = (
+            Path(out),
+            max(1, jobs),
+            max(1, threads),
+            force,
+            heartbeat,
+        )
         self.bin = Path(bin_dir) if bin_dir else None
         self.env = {"OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)}
         if malloc_tunables and "GLIBC_TUNABLES" not in os.environ:
@@ -94,8 +108,9 @@ class Pipeline:
         with open(log, "a", encoding="utf-8") as f:
             f.write(f"$ {line}\n")
             f.flush()
-            proc = subprocess.Popen([exe, *argv[1:]], stdout=f, stderr=subprocess.STDOUT, cwd=cwd or self.out, env=env,
-                                    **child_kwargs())
+            proc = subprocess.Popen(
+                [exe, *argv[1:]], stdout=f, stderr=subprocess.STDOUT, cwd=cwd or self.out, env=env, **child_kwargs()
+            )
             with self._lock:
                 self._procs.append((stage, proc))
             rc = proc.wait()

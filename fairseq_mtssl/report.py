@@ -52,8 +52,10 @@ def collect(results: Dict[str, dict], models: Sequence[str]) -> Dict[str, dict]:
 
 
 def summary_table(rows: Dict[str, dict]) -> List[str]:
-    head = ("| model | updates | train loss first -> last | ABX within / across, best layer (%) | PR PER (%) | QbE MTWV / MAP "
-            "| s->i R@1/5/10 | i->s R@1/5/10 |")
+    head = (
+        "| model | updates | train loss first -> last | ABX within / across, best layer (%) | PR PER (%) | QbE MTWV / MAP "
+        "| s->i R@1/5/10 | i->s R@1/5/10 |"
+    )
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for m, r in rows.items():
         curve, ev = r.get("curve") or [], r.get("eval") or {}
@@ -100,13 +102,19 @@ def plot_all(rows: Dict[str, dict], plots: Path) -> List[str]:
         for ax, (m, r) in zip(axes.flat, trained):
             for stage in sorted({c["stage"] for c in r["curve"]}):
                 pts = [c for c in r["curve"] if c["stage"] == stage]
-                ax.plot([c["num_updates"] for c in pts], [c["loss"] for c in pts], "-o", markersize=2, label=f"stage {stage + 1}")
+                ax.plot(
+                    [c["num_updates"] for c in pts],
+                    [c["loss"] for c in pts],
+                    "-o",
+                    markersize=2,
+                    label=f"stage {stage + 1}",
+                )
             ax.set_title(r["label"], fontsize=9)
             ax.set_xlabel("updates")
             ax.set_ylabel("train loss")
             if len({c["stage"] for c in r["curve"]}) > 1:
                 ax.legend(fontsize=7)
-        for ax in list(axes.flat)[len(trained):]:
+        for ax in list(axes.flat)[len(trained) :]:
             ax.axis("off")
         fig.tight_layout()
         written.append(_save(fig, plots / "loss.png"))
@@ -167,23 +175,46 @@ def write_report(out: Path, results: Dict[str, dict], models: Sequence[str]) -> 
     plots = plot_all(rows, out / "plots")
     stage_times = [f"| {name} | {info.get('seconds', 0):.0f} |" for name, info in results.items() if name != "report"]
     lines = [
-        "# fairseq-mtssl main job report", "",
+        "# fairseq-mtssl main job report",
+        "",
         f"Run folder: `{out}`. Every command each stage ran is in [`commands.sh`](commands.sh) (grouped by "
         "`# stage <name>`), its output in `logs/<stage>.log`; replace the manifests, labels and configs to run "
-        "any stage at scale on your own data.", "",
+        "any stage at scale on your own data.",
+        "",
         "ABX: error rate (%) on triphone items of the held-out test speakers, lower is better. PR: SUPERB-style "
         "phone recognition (frozen upstream, weighted layer sum, linear CTC head), PER on the test split. QbE: "
-        "spoken-word queries against test utterances, DTW at the chosen layer. Retrieval: test split, recall (%).", "",
-        "## Summary", "", *summary_table(rows), "",
-        "## ABX per layer (within / across speaker, %)", "", *abx_table(rows), "",
-        "## Plots", "", *[f"![{p}](plots/{p})" for p in plots], "",
-        "## Stage times (seconds, as run; a stage skipped on a rerun keeps its first time)", "",
-        "| stage | seconds |", "| --- | --- |", *stage_times, "",
+        "spoken-word queries against test utterances, DTW at the chosen layer. Retrieval: test split, recall (%).",
+        "",
+        "## Summary",
+        "",
+        *summary_table(rows),
+        "",
+        "## ABX per layer (within / across speaker, %)",
+        "",
+        *abx_table(rows),
+        "",
+        "## Plots",
+        "",
+        *[f"![{p}](plots/{p})" for p in plots],
+        "",
+        "## Stage times (seconds, as run; a stage skipped on a rerun keeps its first time)",
+        "",
+        "| stage | seconds |",
+        "| --- | --- |",
+        *stage_times,
+        "",
     ]
     path = out / "report.md"
     with atomic_write(path) as f:
         f.write("\n".join(lines))
     with atomic_write(out / "report.json") as f:
-        json.dump({m: {k: v for k, v in r.items() if k != "curve"} | {"final_loss": (r.get("curve") or [{}])[-1].get("loss")}
-                   for m, r in rows.items()}, f, indent=1)
+        json.dump(
+            {
+                m: {k: v for k, v in r.items() if k != "curve"}
+                | {"final_loss": (r.get("curve") or [{}])[-1].get("loss")}
+                for m, r in rows.items()
+            },
+            f,
+            indent=1,
+        )
     return path

@@ -25,8 +25,8 @@ from typing import Dict, List
 import torch
 
 from .atomic import atomic_write
-from .child_process import child_kwargs
 from .checkpoint_safety import load_checkpoint_safely
+from .child_process import child_kwargs
 
 ALPHA = {"W2V2": 1.0, "VGS": 0.0, "VGS+": None}  # VGS+: --alpha
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "vgs" / "config"
@@ -37,7 +37,9 @@ def parameter_group(name: str, vgs_layer: int, n_layers: int) -> str:
     if name.startswith("w2v.encoder.layers."):
         i = int(name.split(".")[3])
         return f"shared layers 1-{vgs_layer}" if i < vgs_layer else f"SSL-only layers {vgs_layer + 1}-{n_layers}"
-    if name.startswith(("w2v.feature_extractor", "w2v.layer_norm", "w2v.post_extract_proj", "w2v.encoder.pos_conv", "w2v.mask_emb")):
+    if name.startswith(
+        ("w2v.feature_extractor", "w2v.layer_norm", "w2v.post_extract_proj", "w2v.encoder.pos_conv", "w2v.mask_emb")
+    ):
         return "front end"
     if name.startswith("w2v.encoder.layer_norm"):
         return "front end"
@@ -70,9 +72,15 @@ def handover_report(stage_a: Path, stage_b: Path, alpha_a: float, alpha_b: float
         entry["trained_in_a"] = trained_by(g, alpha_a)
         entry["trained_in_b"] = trained_by(g, alpha_b)
         entry["frozen_in_b"] = freeze > 0 and (g == "front end" or (g.startswith("shared") and freeze >= vgs_layer))
-        entry["status"] = ("new to training in B (initial weights from A's untouched init)" if not entry["trained_in_a"] and entry["trained_in_b"]
-                           else "kept but unused in B" if entry["trained_in_a"] and not entry["trained_in_b"]
-                           else "carried over and trained on" if entry["trained_in_b"] else "unused in both")
+        entry["status"] = (
+            "new to training in B (initial weights from A's untouched init)"
+            if not entry["trained_in_a"] and entry["trained_in_b"]
+            else "kept but unused in B"
+            if entry["trained_in_a"] and not entry["trained_in_b"]
+            else "carried over and trained on"
+            if entry["trained_in_b"]
+            else "unused in both"
+        )
     return groups
 
 
@@ -93,17 +101,29 @@ class ScenarioRunner:
         if (run / "done").exists():
             print(f"[{name}] done before", flush=True)
             return last
-        cmd = [str(Path(sys.executable).parent / "fairseq-hydra-train"), "--config-dir", str(self.a.config_dir),
-               "--config-name", self.a.config_name, f"common.user_dir={PACKAGE_DIR}", f"task.data={Path(self.a.data).resolve()}",
-               f"criterion.alpha={self.alpha(method)}", f"optimization.max_update={updates}", f"hydra.run.dir={run.resolve()}",
-               *extra, *self.a.overrides]
+        cmd = [
+            str(Path(sys.executable).parent / "fairseq-hydra-train"),
+            "--config-dir",
+            str(self.a.config_dir),
+            "--config-name",
+            self.a.config_name,
+            f"common.user_dir={PACKAGE_DIR}",
+            f"task.data={Path(self.a.data).resolve()}",
+            f"criterion.alpha={self.alpha(method)}",
+            f"optimization.max_update={updates}",
+            f"hydra.run.dir={run.resolve()}",
+            *extra,
+            *self.a.overrides,
+        ]
         with open(self.out / "commands.sh", "a", encoding="utf-8") as f:
             f.write(f"# {name}: {method}\n{' '.join(shlex.quote(c) for c in cmd)}\n")
         print(f"[{name}] {method}, {updates} updates", flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True, **child_kwargs())
         (self.out / f"{name}.log").write_text(proc.stdout + proc.stderr)
         if proc.returncode != 0:
-            raise RuntimeError(f"[{name}] fairseq-hydra-train failed ({proc.returncode}), log {self.out / f'{name}.log'}:\n{proc.stderr[-2000:]}")
+            raise RuntimeError(
+                f"[{name}] fairseq-hydra-train failed ({proc.returncode}), log {self.out / f'{name}.log'}:\n{proc.stderr[-2000:]}"
+            )
         (run / "done").write_text("")
         return last
 
@@ -118,15 +138,26 @@ class ScenarioRunner:
             ckpt_a = self.stage("stage1_" + _slug(first), first, n_a, [])
             stage_b = "stage2_" + _slug(second)
             resume = (self.out / stage_b / "checkpoints" / "checkpoint_last.pt").exists()
-            extra = [] if resume else [f"checkpoint.restore_file={ckpt_a.resolve()}", "checkpoint.reset_optimizer=true",
-                                       "checkpoint.reset_lr_scheduler=true", "checkpoint.reset_dataloader=true", "checkpoint.reset_meters=true"]
+            extra = (
+                []
+                if resume
+                else [
+                    f"checkpoint.restore_file={ckpt_a.resolve()}",
+                    "checkpoint.reset_optimizer=true",
+                    "checkpoint.reset_lr_scheduler=true",
+                    "checkpoint.reset_dataloader=true",
+                    "checkpoint.reset_meters=true",
+                ]
+            )
             extra.append(f"model.freeze_shared_layers={self.a.freeze_shared}")
             ckpt_b = self.stage(stage_b, second, self.a.updates - n_a, extra)
             report = handover_report(ckpt_a, ckpt_b, self.alpha(first), self.alpha(second), self.a.freeze_shared)
             with atomic_write(self.out / "handover.json") as f:
                 json.dump(report, f, indent=1)
             for g, e in report.items():
-                print(f"  {g:<38} {e['status']}{', frozen in B' if e['frozen_in_b'] else ''}{', changed in B' if e['changed_in_b'] else ''}")
+                print(
+                    f"  {g:<38} {e['status']}{', frozen in B' if e['frozen_in_b'] else ''}{', changed in B' if e['changed_in_b'] else ''}"
+                )
             summary.update(final=str(ckpt_b), stage_a=str(ckpt_a), updates_a=n_a, updates_b=self.a.updates - n_a)
         else:
             raise ValueError(f"--scenario takes one method or two joined by a comma, got {self.a.scenario!r}")

@@ -45,9 +45,20 @@ def mfcc_labels(manifest_dir, tmp_path_factory):
 def tiny_hubert_checkpoint(manifest_dir, mfcc_labels, tmp_path_factory):
     """A tiny HuBERT trained for 20 updates by fairseq-hydra-train with the plugin's task."""
     run = tmp_path_factory.mktemp("hubert")
-    run_cli("fairseq-hydra-train", "--config-dir", REPO / "examples/hubert/config/pretrain", "--config-name", "hubert_tiny_cpu",
-            f"common.user_dir={PACKAGE_DIR}", f"task.data={manifest_dir}", f"task.label_dir={mfcc_labels}", 'task.labels=["km"]',
-            "model.label_rate=100", "optimization.max_update=20", f"hydra.run.dir={run}")
+    run_cli(
+        "fairseq-hydra-train",
+        "--config-dir",
+        REPO / "examples/hubert/config/pretrain",
+        "--config-name",
+        "hubert_tiny_cpu",
+        f"common.user_dir={PACKAGE_DIR}",
+        f"task.data={manifest_dir}",
+        f"task.label_dir={mfcc_labels}",
+        'task.labels=["km"]',
+        "model.label_rate=100",
+        "optimization.max_update=20",
+        f"hydra.run.dir={run}",
+    )
     return run / "checkpoints" / "checkpoint_last.pt"
 
 
@@ -57,7 +68,9 @@ def run_cli(*args, check=True, cwd=None, timeout=600):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
     return proc
 
 

@@ -7,10 +7,17 @@ from collections import defaultdict
 import numpy as np
 import pytest
 import torch
-
 from conftest import run_cli
-from fairseq_mtssl.evaluation.abx import (AbxItem, abx_error, angular_distances, dtw_path_mean, make_items, read_items,
-                                          write_items)
+
+from fairseq_mtssl.evaluation.abx import (
+    AbxItem,
+    abx_error,
+    angular_distances,
+    dtw_path_mean,
+    make_items,
+    read_items,
+    write_items,
+)
 
 
 def brute_dtw(dist: np.ndarray) -> float:
@@ -50,7 +57,9 @@ def brute_abx(items, feats, mode, context="triphone"):
         if A.speaker != B.speaker or (mode == "within") != (X.speaker == A.speaker):
             continue
         dax, dbx = d(a, x), d(b, x)
-        cells[((A.prev, A.next) if context == "triphone" else (), A.speaker, X.speaker, A.phone, B.phone)].append(1 - (dax < dbx) - 0.5 * (dax == dbx))
+        cells[((A.prev, A.next) if context == "triphone" else (), A.speaker, X.speaker, A.phone, B.phone)].append(
+            1 - (dax < dbx) - 0.5 * (dax == dbx)
+        )
     by_speaker = defaultdict(list)
     for (ctx, sa, sx, pa, pb), errs in cells.items():
         by_speaker[(sa, sx, pa, pb)].append(np.mean(errs))
@@ -112,11 +121,23 @@ def test_angular_distance_range():
 
 def test_item_file_from_the_corpus_round_trips_and_bad_lines_are_named(corpus_dir, manifest_dir, tmp_path):
     out = tmp_path / "test.item"
-    run_cli("mtssl-abx-items", "--alignments", corpus_dir / "alignments/test.phones.ctm", "--manifest", manifest_dir / "test.tsv", "--out", out)
+    run_cli(
+        "mtssl-abx-items",
+        "--alignments",
+        corpus_dir / "alignments/test.phones.ctm",
+        "--manifest",
+        manifest_dir / "test.tsv",
+        "--out",
+        out,
+    )
     items = read_items(out)
     assert len(items) > 50 and all(it.phone != "sil" for it in items)
     assert len({it.speaker for it in items}) >= 2
-    speakers = dict(zip((manifest_dir / "test.tsv").read_text().split("\n")[1:], (manifest_dir / "test.spk").read_text().split("\n")))
+    speakers = dict(
+        zip(
+            (manifest_dir / "test.tsv").read_text().split("\n")[1:], (manifest_dir / "test.spk").read_text().split("\n")
+        )
+    )
     by_utt = {line.split("\t")[0].rsplit("/", 1)[-1][:-4]: spk for line, spk in speakers.items() if line}
     assert all(by_utt[it.file] == it.speaker for it in items)
     write_items(items, tmp_path / "again.item")
@@ -136,9 +157,10 @@ def test_make_items_skips_edges_and_silence(tmp_path):
 
 
 def test_all_layers_equal_single_layer_reads_and_cli_table(tiny_hubert_checkpoint, manifest_dir, corpus_dir, tmp_path):
+    import soundfile as sf
+
     from fairseq_mtssl.data.manifest import read_manifest
     from fairseq_mtssl.kmeans.features import ModelLayerReader
-    import soundfile as sf
 
     manifest = read_manifest(manifest_dir / "test.tsv")
     wavs = [sf.read(manifest.audio_path(i), dtype="float32")[0] for i in range(3)]
@@ -151,9 +173,27 @@ def test_all_layers_equal_single_layer_reads_and_cli_table(tiny_hubert_checkpoin
             np.testing.assert_allclose(every[u][layer], single[u], atol=1e-5)
 
     items = tmp_path / "test.item"
-    run_cli("mtssl-abx-items", "--alignments", corpus_dir / "alignments/test.phones.ctm", "--manifest", manifest_dir / "test.tsv", "--out", items)
-    out = run_cli("mtssl-abx", tiny_hubert_checkpoint, "--manifest", manifest_dir / "test.tsv", "--items", items, "--context", "none",
-                  "--json", tmp_path / "abx.json")
+    run_cli(
+        "mtssl-abx-items",
+        "--alignments",
+        corpus_dir / "alignments/test.phones.ctm",
+        "--manifest",
+        manifest_dir / "test.tsv",
+        "--out",
+        items,
+    )
+    out = run_cli(
+        "mtssl-abx",
+        tiny_hubert_checkpoint,
+        "--manifest",
+        manifest_dir / "test.tsv",
+        "--items",
+        items,
+        "--context",
+        "none",
+        "--json",
+        tmp_path / "abx.json",
+    )
     rows = json.loads((tmp_path / "abx.json").read_text())["layers"]
     assert [r["layer"] for r in rows] == [0, 1, 2] and "within" in out.stdout
     assert all(0 <= r["within"] <= 100 and 0 <= r["across"] <= 100 for r in rows)

@@ -4,10 +4,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import PACKAGE_DIR, REPO
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
-
-from conftest import PACKAGE_DIR, REPO
 
 CONFIGS = sorted(p for p in (REPO / "examples").rglob("*.yaml"))
 
@@ -31,47 +30,92 @@ def label_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pretrained_mt4ssl(manifest_dir, label_dir, tmp_path_factory):
     """A freshly initialised tiny MT4SSL checkpoint for the fine-tuning configs to load."""
-    import fairseq_mtssl  # noqa: F401
     from fairseq import tasks
 
-    cfg = _compose(REPO / "examples/mt4ssl/config/pretrain/mt4ssl_tiny_cpu.yaml", [
-        f"task.data={manifest_dir}", f"task.label_dir={label_dir}", 'task.labels=["km"]', "task.label_rate=100", "hydra.run.dir=x"])
+    import fairseq_mtssl  # noqa: F401
+
+    cfg = _compose(
+        REPO / "examples/mt4ssl/config/pretrain/mt4ssl_tiny_cpu.yaml",
+        [
+            f"task.data={manifest_dir}",
+            f"task.label_dir={label_dir}",
+            'task.labels=["km"]',
+            "task.label_rate=100",
+            "hydra.run.dir=x",
+        ],
+    )
     task = tasks.setup_task(cfg.task)
     model = task.build_model(cfg.model)
     path = tmp_path_factory.mktemp("ckpt") / "mt4ssl.pt"
     model.set_num_updates(0)
-    torch.save({"cfg": OmegaConf.to_container(cfg, resolve=True), "model": model.state_dict(), "args": None,
-                "optimizer_history": [{"criterion_name": "MT4SSLCriterion", "optimizer_name": "Adam",
-                                                    "lr_scheduler_state": {"best": None}, "num_updates": 0}],
-                "extra_state": {}}, path)
+    torch.save(
+        {
+            "cfg": OmegaConf.to_container(cfg, resolve=True),
+            "model": model.state_dict(),
+            "args": None,
+            "optimizer_history": [
+                {
+                    "criterion_name": "MT4SSLCriterion",
+                    "optimizer_name": "Adam",
+                    "lr_scheduler_state": {"best": None},
+                    "num_updates": 0,
+                }
+            ],
+            "extra_state": {},
+        },
+        path,
+    )
     return path
 
 
 @pytest.fixture(scope="module")
 def pretrained_hubert(manifest_dir, label_dir, tmp_path_factory):
     """Freshly initialised HuBERT checkpoints, ``{"tiny": path, "base": path}``, for SCORE configs to start from."""
-    import fairseq_mtssl  # noqa: F401
     from fairseq import tasks
+
+    import fairseq_mtssl  # noqa: F401
 
     paths = {}
     for scale, name in (("tiny", "hubert_tiny_cpu"), ("base", "hubert_base_iter1")):
-        cfg = _compose(REPO / f"examples/hubert/config/pretrain/{name}.yaml", [
-            f"task.data={manifest_dir}", f"task.label_dir={label_dir}", 'task.labels=["km"]', "model.label_rate=100",
-            "hydra.run.dir=x"])
+        cfg = _compose(
+            REPO / f"examples/hubert/config/pretrain/{name}.yaml",
+            [
+                f"task.data={manifest_dir}",
+                f"task.label_dir={label_dir}",
+                'task.labels=["km"]',
+                "model.label_rate=100",
+                "hydra.run.dir=x",
+            ],
+        )
         task = tasks.setup_task(cfg.task)
         model = task.build_model(cfg.model)
         paths[scale] = tmp_path_factory.mktemp("hubert") / f"{name}.pt"
-        torch.save({"cfg": OmegaConf.to_container(cfg, resolve=True), "model": model.state_dict(), "args": None,
-                    "task_state": {}, "extra_state": {},
-                    "optimizer_history": [{"criterion_name": "HubertCriterion", "optimizer_name": "Adam",
-                                           "lr_scheduler_state": {"best": None}, "num_updates": 0}]}, paths[scale])
+        torch.save(
+            {
+                "cfg": OmegaConf.to_container(cfg, resolve=True),
+                "model": model.state_dict(),
+                "args": None,
+                "task_state": {},
+                "extra_state": {},
+                "optimizer_history": [
+                    {
+                        "criterion_name": "HubertCriterion",
+                        "optimizer_name": "Adam",
+                        "lr_scheduler_state": {"best": None},
+                        "num_updates": 0,
+                    }
+                ],
+            },
+            paths[scale],
+        )
     return paths
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[str(p.relative_to(REPO / "examples")) for p in CONFIGS])
 def test_config_builds_its_model(config, manifest_dir, label_dir, pretrained_mt4ssl, pretrained_hubert):
-    import fairseq_mtssl  # noqa: F401
     from fairseq import tasks
+
+    import fairseq_mtssl  # noqa: F401
 
     overrides = [f"common.user_dir={PACKAGE_DIR}", f"task.data={manifest_dir}", "hydra.run.dir=x"]
     text = config.read_text()

@@ -29,7 +29,9 @@ def test_layout_and_audio_format(corpus_dir):
 
 
 def test_test_speakers_are_held_out(corpus_dir):
-    spk = {s: {c["speaker"] for d in _captions(corpus_dir, s) for c in d["captions"]} for s in ("train", "valid", "test")}
+    spk = {
+        s: {c["speaker"] for d in _captions(corpus_dir, s) for c in d["captions"]} for s in ("train", "valid", "test")
+    }
     assert spk["test"].isdisjoint(spk["train"] | spk["valid"])
     assert len(spk["train"]) >= 8 and len(spk["test"]) >= 3
     images = {s: {d["image"] for d in _captions(corpus_dir, s)} for s in ("train", "valid", "test")}

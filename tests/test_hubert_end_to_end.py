@@ -10,16 +10,29 @@ CONFIG_DIR = REPO / "examples" / "hubert" / "config" / "pretrain"
 
 def _train(run_dir, manifest_dir, label_dir, updates, *extra):
     return run_cli(
-        "fairseq-hydra-train", "--config-dir", CONFIG_DIR, "--config-name", "hubert_tiny_cpu",
-        f"common.user_dir={PACKAGE_DIR}", f"task.data={manifest_dir}", f"task.label_dir={label_dir}",
-        'task.labels=["km"]', "model.label_rate=100", f"optimization.max_update={updates}",
-        "checkpoint.save_interval_updates=50", "common.log_interval=5", f"hydra.run.dir={run_dir}", *extra,
+        "fairseq-hydra-train",
+        "--config-dir",
+        CONFIG_DIR,
+        "--config-name",
+        "hubert_tiny_cpu",
+        f"common.user_dir={PACKAGE_DIR}",
+        f"task.data={manifest_dir}",
+        f"task.label_dir={label_dir}",
+        'task.labels=["km"]',
+        "model.label_rate=100",
+        f"optimization.max_update={updates}",
+        "checkpoint.save_interval_updates=50",
+        "common.log_interval=5",
+        f"hydra.run.dir={run_dir}",
+        *extra,
         check=False,
     )
 
 
 def _losses(log: str):
-    return [(int(u), float(l)) for l, u in re.findall(r"\[train_inner\].* loss=([\d.]+),.*num_updates=(\d+)", log)]
+    return [
+        (int(u), float(loss)) for loss, u in re.findall(r"\[train_inner\].* loss=([\d.]+),.*num_updates=(\d+)", log)
+    ]
 
 
 def test_hubert_trains_resumes_and_gives_iteration_2_labels(manifest_dir, mfcc_labels, tmp_path):
@@ -42,8 +55,12 @@ def test_hubert_trains_resumes_and_gives_iteration_2_labels(manifest_dir, mfcc_l
     model_args = ["--feature", "model", "--checkpoint", ckpt, "--layer", "2"]
     run_cli("mtssl-dump-features", manifest_dir / "train.tsv", work / "feats", *model_args)
     run_cli("mtssl-learn-kmeans", work / "feats", "train", "1", work / "km.joblib", "--n-clusters", "10")
-    run_cli("mtssl-apply-kmeans", work / "km.joblib", work / "km", "--manifest", manifest_dir / "train.tsv", *model_args)
-    run_cli("mtssl-apply-kmeans", work / "km.joblib", work / "km_dumped", "--split", "train", "--feat-dir", work / "feats")
+    run_cli(
+        "mtssl-apply-kmeans", work / "km.joblib", work / "km", "--manifest", manifest_dir / "train.tsv", *model_args
+    )
+    run_cli(
+        "mtssl-apply-kmeans", work / "km.joblib", work / "km_dumped", "--split", "train", "--feat-dir", work / "feats"
+    )
     assert (work / "km" / "train.km").read_text() == (work / "km_dumped" / "train.km").read_text()
     out = run_cli("mtssl-check-labels", manifest_dir / "train.tsv", work / "km" / "train.km", "--label-rate", "50")
     assert "OK" in out.stdout

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-
 from conftest import run_cli
 
 
@@ -24,9 +23,15 @@ def fairseq_hidden_states(model, wav: torch.Tensor):
     the layer inputs and the encoder output.
     """
     inputs, outputs = [], []
-    hooks = [layer.register_forward_pre_hook(lambda m, args: inputs.append(args[0].transpose(0, 1)[0].clone()))
-             for layer in model.encoder.layers]
-    hooks.append(model.encoder.layers[-1].register_forward_hook(lambda m, args, out: outputs.append(out[0].transpose(0, 1)[0].clone())))
+    hooks = [
+        layer.register_forward_pre_hook(lambda m, args: inputs.append(args[0].transpose(0, 1)[0].clone()))
+        for layer in model.encoder.layers
+    ]
+    hooks.append(
+        model.encoder.layers[-1].register_forward_hook(
+            lambda m, args, out: outputs.append(out[0].transpose(0, 1)[0].clone())
+        )
+    )
     try:
         with torch.no_grad():
             final, _ = model.extract_features(wav[None], padding_mask=None, mask=False)
@@ -51,10 +56,19 @@ def _build_checkpoint(path, extractor_mode: str, layer_norm_first: bool) -> None
     from omegaconf import OmegaConf
 
     torch.manual_seed(0)
-    model_cfg = HubertConfig(extractor_mode=extractor_mode, layer_norm_first=layer_norm_first, encoder_layers=3,
-                             encoder_embed_dim=96, encoder_ffn_embed_dim=192, encoder_attention_heads=4,
-                             conv_feature_layers="[(32,10,5)] + [(32,3,2)] * 4 + [(32,2,2)] * 2", conv_pos=16,
-                             conv_pos_groups=8, final_dim=32, label_rate=50.0)
+    model_cfg = HubertConfig(
+        extractor_mode=extractor_mode,
+        layer_norm_first=layer_norm_first,
+        encoder_layers=3,
+        encoder_embed_dim=96,
+        encoder_ffn_embed_dim=192,
+        encoder_attention_heads=4,
+        conv_feature_layers="[(32,10,5)] + [(32,3,2)] * 4 + [(32,2,2)] * 2",
+        conv_pos=16,
+        conv_pos_groups=8,
+        final_dim=32,
+        label_rate=50.0,
+    )
     task_cfg = HubertPretrainingConfig(data="unused", labels=["km"], label_rate=50.0)
     d = Dictionary()
     for i in range(10):
@@ -64,13 +78,32 @@ def _build_checkpoint(path, extractor_mode: str, layer_norm_first: bool) -> None
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.add_(0.3 * torch.randn_like(p))
-    cfg = {"model": {**OmegaConf.to_container(OmegaConf.structured(model_cfg), enum_to_str=True), "_name": "hubert"},
-           "task": {**OmegaConf.to_container(OmegaConf.structured(task_cfg), enum_to_str=True), "_name": "hubert_pretraining"},
-           "common": {}}
-    torch.save({"cfg": cfg, "model": model.state_dict(), "args": None, "task_state": {"dictionaries": [d]},
-                "optimizer_history": [{"criterion_name": "HubertCriterion", "optimizer_name": "Adam",
-                                       "lr_scheduler_state": {"best": None}, "num_updates": 0}],
-                "extra_state": {}}, path)
+    cfg = {
+        "model": {**OmegaConf.to_container(OmegaConf.structured(model_cfg), enum_to_str=True), "_name": "hubert"},
+        "task": {
+            **OmegaConf.to_container(OmegaConf.structured(task_cfg), enum_to_str=True),
+            "_name": "hubert_pretraining",
+        },
+        "common": {},
+    }
+    torch.save(
+        {
+            "cfg": cfg,
+            "model": model.state_dict(),
+            "args": None,
+            "task_state": {"dictionaries": [d]},
+            "optimizer_history": [
+                {
+                    "criterion_name": "HubertCriterion",
+                    "optimizer_name": "Adam",
+                    "lr_scheduler_state": {"best": None},
+                    "num_updates": 0,
+                }
+            ],
+            "extra_state": {},
+        },
+        path,
+    )
 
 
 _TRANSFORMERS = """
@@ -104,8 +137,11 @@ def _run(script: str, *args) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-@pytest.mark.parametrize("extractor_mode,layer_norm_first", [("default", False), ("layer_norm", True)],
-                         ids=["group-norm-post-ln(base)", "layer-norm-pre-ln(large)"])
+@pytest.mark.parametrize(
+    "extractor_mode,layer_norm_first",
+    [("default", False), ("layer_norm", True)],
+    ids=["group-norm-post-ln(base)", "layer-norm-pre-ln(large)"],
+)
 def test_transformers_export_matches_fairseq_hidden_states(extractor_mode, layer_norm_first, manifest_dir, tmp_path):
     from fairseq_mtssl.convert.hubert_checkpoint import load_hubert
 

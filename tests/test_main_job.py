@@ -15,14 +15,36 @@ BIN = Path(sys.executable).parent
 
 
 def _main_job(out: Path, **popen):
-    cmd = [str(BIN / "mtssl-main-job"), "--out", str(out), "--hours", "0.03", "--models", "hubert", "score",
-           "--updates", "60", "--score-updates", "10", "--pr-updates", "10", "--save-interval", "20", "--jobs", "2"]
+    cmd = [
+        str(BIN / "mtssl-main-job"),
+        "--out",
+        str(out),
+        "--hours",
+        "0.03",
+        "--models",
+        "hubert",
+        "score",
+        "--updates",
+        "60",
+        "--score-updates",
+        "10",
+        "--pr-updates",
+        "10",
+        "--save-interval",
+        "20",
+        "--jobs",
+        "2",
+    ]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
 
 def _checkpoint_updates(log: Path):
     """Update counts of every checkpoint fairseq reported saving (interval and end-of-epoch ones)."""
-    return [int(u) for u in re.findall(r"Saved checkpoint \S+ \(epoch \d+ @ (\d+) updates", log.read_text())] if log.exists() else []
+    return (
+        [int(u) for u in re.findall(r"Saved checkpoint \S+ \(epoch \d+ @ (\d+) updates", log.read_text())]
+        if log.exists()
+        else []
+    )
 
 
 @pytest.mark.slow
@@ -62,6 +84,10 @@ def test_main_job_resumes_after_kill_9_and_writes_the_report(tmp_path):
     for png in ("loss", "abx"):
         assert (out / "plots" / f"{png}.png").read_bytes()[:4] == b"\x89PNG"
     commands = (out / "commands.sh").read_text()
-    assert "# stage train_score\n" in commands and "model.hubert_path=" in commands and "mtssl-evaluate-upstream" in commands
+    assert (
+        "# stage train_score\n" in commands
+        and "model.hubert_path=" in commands
+        and "mtssl-evaluate-upstream" in commands
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert 0 < summary["peak_pss_mb_this_run"] < 4096

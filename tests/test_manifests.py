@@ -121,12 +121,17 @@ def test_librispeech_layout_with_lexicon_and_alignments(corpus_dir, manifest_dir
     ltr = (tmp_path / "out/train.ltr").read_text().splitlines()
     phn = (tmp_path / "out/train.phn").read_text().splitlines()
     by_id = {u: text for u, _, text in utts}
-    corpus_phones = {Path(e.path).stem: p for e, p in zip(read_manifest(manifest_dir / "valid.tsv").entries, (manifest_dir / "valid.phn").read_text().splitlines())}
+    corpus_phones = {
+        Path(e.path).stem: p
+        for e, p in zip(
+            read_manifest(manifest_dir / "valid.tsv").entries, (manifest_dir / "valid.phn").read_text().splitlines()
+        )
+    }
     by_orig = {u: orig for u, orig, _ in utts}
     lex = dict(line.split(" ", 1) for line in (corpus_dir / "lexicon.txt").read_text().splitlines())
-    for e, w, l, p in zip(m.entries, wrd, ltr, phn):
+    for e, w, lt, p in zip(m.entries, wrd, ltr, phn):
         utt = Path(e.path).name[: -len(".flac")]
-        assert w == by_id[utt].upper() and l == letters(w)
+        assert w == by_id[utt].upper() and lt == letters(w)
         expected, words = [], w.lower().split()
         while words:  # independent greedy lookup; "of+a" entries cover words spoken as one unit
             n = 2 if len(words) > 1 and f"{words[0]}+{words[1]}" in lex else 1
@@ -160,9 +165,16 @@ def test_corpus_manifests_are_aligned_line_for_line(corpus_dir, manifest_dir):
         m = read_manifest(manifest_dir / f"{split}.tsv")
         assert len(m) == info["utterances"][split]
         images = (manifest_dir / f"{split}.images").read_text().splitlines()
-        cols = {ext: (manifest_dir / f"{split}.{ext}").read_text().splitlines() for ext in ("img", "wrd", "ltr", "phn", "spk")}
+        cols = {
+            ext: (manifest_dir / f"{split}.{ext}").read_text().splitlines()
+            for ext in ("img", "wrd", "ltr", "phn", "spk")
+        }
         assert all(len(v) == len(m) for v in cols.values())
-        captions = {c["uttid"]: (d["image"], c["text"]) for d in json.loads((corpus_dir / f"captions/{split}.json").read_text())["data"] for c in d["captions"]}
+        captions = {
+            c["uttid"]: (d["image"], c["text"])
+            for d in json.loads((corpus_dir / f"captions/{split}.json").read_text())["data"]
+            for c in d["captions"]
+        }
         for i, e in enumerate(m.entries):
             image, text = captions[Path(e.path).stem]
             assert images[int(cols["img"][i])] == image and cols["wrd"][i] == text

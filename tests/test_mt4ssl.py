@@ -13,12 +13,28 @@ from fairseq_mtssl.models.mt4ssl import MT4SSLConfig, MT4SSLModel, frame_targets
 from fairseq_mtssl.models.weight_norm import detach_weight_norm_weights
 
 TINY = dict(
-    extractor_mode="layer_norm", conv_feature_layers="[(32,10,5)] + [(32,3,2)] * 4 + [(32,2,2)] * 2",
-    encoder_layers=3, encoder_embed_dim=64, encoder_ffn_embed_dim=128, encoder_attention_heads=4,
-    conv_pos=16, conv_pos_groups=8, average_top_k_layers=2, instance_norm_target_layer=True,
-    dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, encoder_layerdrop=0.0,
-    dropout_input=0.0, dropout_features=0.0, mask_prob=0.5, mask_length=4,
-    ema_decay=0.99, ema_end_decay=0.999, ema_anneal_end_step=100, max_update=100,
+    extractor_mode="layer_norm",
+    conv_feature_layers="[(32,10,5)] + [(32,3,2)] * 4 + [(32,2,2)] * 2",
+    encoder_layers=3,
+    encoder_embed_dim=64,
+    encoder_ffn_embed_dim=128,
+    encoder_attention_heads=4,
+    conv_pos=16,
+    conv_pos_groups=8,
+    average_top_k_layers=2,
+    instance_norm_target_layer=True,
+    dropout=0.0,
+    attention_dropout=0.0,
+    activation_dropout=0.0,
+    encoder_layerdrop=0.0,
+    dropout_input=0.0,
+    dropout_features=0.0,
+    mask_prob=0.5,
+    mask_length=4,
+    ema_decay=0.99,
+    ema_end_decay=0.999,
+    ema_anneal_end_step=100,
+    max_update=100,
 )
 N_CLASSES, PAD = 12, 1
 
@@ -127,7 +143,10 @@ def test_labels_that_do_not_fit_the_audio_are_an_error():
     mt = _mt4ssl(online_weight=0.0)
     source, padding_mask, mask, targets = _batch(mt)
     short = targets[0][:, : targets[0].size(1) // 2]
-    with pytest.raises(ValueError, match=r"label set 0 \(100 Hz\): batch item 0 has labels for \d+ feature frames but its audio gives \d+"):
+    with pytest.raises(
+        ValueError,
+        match=r"label set 0 \(100 Hz\): batch item 0 has labels for \d+ feature frames but its audio gives \d+",
+    ):
         mt(source, padding_mask, target_list=[short], mask_indices=mask)
 
 

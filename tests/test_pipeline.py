@@ -23,6 +23,7 @@ def _pipeline(out: Path, calls: list, fail: str = "", jobs: int = 2) -> Pipeline
             code = "import sys; sys.exit(3)" if name == fail else f"print('ran {name}')"
             p.run(name, [sys.executable, "-c", code])
             return {"name": name}
+
         return fn
 
     p.add("a", stage("a"))
@@ -64,7 +65,9 @@ def test_undeclared_dependency_is_refused(tmp_path):
 def test_latest_updates_reads_the_tail_of_a_fairseq_log(tmp_path):
     log = tmp_path / "hydra_train.log"
     assert latest_updates(log) is None
-    log.write_text("x\n" * 5000 + "[train_inner] loss=1.0, num_updates=10\n[train_inner] loss=0.9, num_updates=20, lr=1\n")
+    log.write_text(
+        "x\n" * 5000 + "[train_inner] loss=1.0, num_updates=10\n[train_inner] loss=0.9, num_updates=20, lr=1\n"
+    )
     assert latest_updates(log) == 20
 
 
@@ -72,14 +75,16 @@ def test_latest_updates_reads_the_tail_of_a_fairseq_log(tmp_path):
 def test_kill_9_of_the_runner_leaves_no_orphan_command(tmp_path):
     pid_file = tmp_path / "child.pid"
     script = tmp_path / "runner.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import sys
         from fairseq_mtssl.pipeline import Pipeline
-        p = Pipeline({str(tmp_path / 'run')!r}, heartbeat=3600)
+        p = Pipeline({str(tmp_path / "run")!r}, heartbeat=3600)
         code = "import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
         p.add("sleep", lambda: p.run("sleep", [sys.executable, "-c", code]))
         p.execute()
-    """))
+    """)
+    )
     runner = subprocess.Popen([sys.executable, str(script)])
     deadline = time.time() + 60
     while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:

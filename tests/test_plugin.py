@@ -8,7 +8,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import PACKAGE_DIR, REPO
 
 
@@ -32,8 +31,9 @@ print("ok")
 
 
 def test_plain_import_registers_the_task():
-    import fairseq_mtssl  # noqa: F401
     from fairseq.tasks import TASK_REGISTRY
+
+    import fairseq_mtssl  # noqa: F401
 
     assert TASK_REGISTRY["hubert_pretraining_checked"].__module__ == "fairseq_mtssl.tasks.hubert_pretraining_checked"
 
@@ -60,7 +60,9 @@ def official_style_checkpoint(tmp_path):
 def test_official_style_checkpoint_needs_the_allowlist(official_style_checkpoint):
     without = _py(f"import torch; torch.load({str(official_style_checkpoint)!r})")
     assert without.returncode != 0 and "Weights only load failed" in without.stderr
-    with_plugin = _py(f"import fairseq_mtssl, torch; s = torch.load({str(official_style_checkpoint)!r}); print(s['args'].arch, len(s['task_state']['dictionaries'][0]))")
+    with_plugin = _py(
+        f"import fairseq_mtssl, torch; s = torch.load({str(official_style_checkpoint)!r}); print(s['args'].arch, len(s['task_state']['dictionaries'][0]))"
+    )
     assert with_plugin.returncode == 0, with_plugin.stderr[-2000:]
     assert with_plugin.stdout.split() == ["hubert", "9"]  # 4 special symbols + 5
 
@@ -74,9 +76,8 @@ class _Exploit:
 
 
 def test_checkpoint_that_pickles_a_callable_is_still_refused(tmp_path):
-    from fairseq_mtssl.checkpoint_safety import CheckpointLoadError, load_checkpoint_safely
-
     import fairseq_mtssl  # noqa: F401  (allowlist active)
+    from fairseq_mtssl.checkpoint_safety import CheckpointLoadError, load_checkpoint_safely
 
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import run_cli
+
 from fairseq_mtssl.evaluation.qbe import mean_average_precision, mtwv, subsequence_dtw
 
 
@@ -62,8 +62,18 @@ def test_mtwv_and_map_on_hand_made_cases():
 def test_qbe_cli_on_the_corpus(tiny_hubert_checkpoint, manifest_dir, corpus_dir, tmp_path):
     results = {}
     for name, ckpt in (("mfcc", "mfcc"), ("hubert", tiny_hubert_checkpoint)):
-        run_cli("mtssl-qbe", ckpt, "--layer", "2", "--manifests", manifest_dir, "--alignments", corpus_dir / "alignments",
-                "--json", tmp_path / f"{name}.json")
+        run_cli(
+            "mtssl-qbe",
+            ckpt,
+            "--layer",
+            "2",
+            "--manifests",
+            manifest_dir,
+            "--alignments",
+            corpus_dir / "alignments",
+            "--json",
+            tmp_path / f"{name}.json",
+        )
         results[name] = json.loads((tmp_path / f"{name}.json").read_text())
     for r in results.values():
         assert r["queries"] >= 5 and r["documents"] == 10

@@ -12,10 +12,14 @@ PNG = b"\x89PNG\r\n\x1a\n"
 def _log(path: Path, points, start_line: str = "") -> Path:
     lines = [start_line] if start_line else []
     for u, loss in points:
-        lines.append(f"[2026-11-24 07:07:49,821][train_inner][INFO] - epoch 001:     3 / 9 loss={loss}, ssl_loss=4.2, ppl=1e-05, "
-                     f"num_updates={u}, lr=1.75439e-05, gnorm=1.675")
-    lines.append("[2026-11-24 07:08:00,000][valid][INFO] - epoch 001 | valid on 'valid' subset | loss 5.708 | ppl 52.26 | "
-                 f"num_updates {points[-1][0]}")
+        lines.append(
+            f"[2026-11-24 07:07:49,821][train_inner][INFO] - epoch 001:     3 / 9 loss={loss}, ssl_loss=4.2, ppl=1e-05, "
+            f"num_updates={u}, lr=1.75439e-05, gnorm=1.675"
+        )
+    lines.append(
+        "[2026-11-24 07:08:00,000][valid][INFO] - epoch 001 | valid on 'valid' subset | loss 5.708 | ppl 52.26 | "
+        f"num_updates {points[-1][0]}"
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -34,7 +38,9 @@ def test_curves_are_read_from_simple_and_valid_lines_and_stages_are_joined(tmp_p
 
 
 def test_a_stage_ending_between_logged_intervals_is_counted_to_its_last_update(tmp_path):
-    end_of_epoch = "[2026-11-24 12:05:22,665][train][INFO] - epoch 001 | loss 4.255 | ssl_loss 6.139 | num_updates {} | lr 0"
+    end_of_epoch = (
+        "[2026-11-24 12:05:22,665][train][INFO] - epoch 001 | loss 4.255 | ssl_loss 6.139 | num_updates {} | lr 0"
+    )
     a = _log(tmp_path / "a.log", [(10, 7.5), (80, 6.0)])
     a.write_text(a.read_text() + end_of_epoch.format(86) + "\n")  # stage 1 stopped at 86 (logged every 10)
     b = _log(tmp_path / "b.log", [(10, 3.0), (210, 2.0)])
@@ -45,8 +51,10 @@ def test_a_stage_ending_between_logged_intervals_is_counted_to_its_last_update(t
 
 
 def _results(tmp_path: Path, model: str, abx, per=None, retrieval=None) -> Path:
-    res = {"abx": [{"layer": i, "within": w, "across": x} for i, (w, x) in enumerate(abx)],
-           "qbe": {"mtwv": 0.0123, "map": 0.456}}
+    res = {
+        "abx": [{"layer": i, "within": w, "across": x} for i, (w, x) in enumerate(abx)],
+        "qbe": {"mtwv": 0.0123, "map": 0.456},
+    }
     if per is not None:
         res["superb_pr"] = {"per": per}
     if retrieval is not None:
@@ -61,8 +69,12 @@ def test_report_tables_pick_the_best_layer_and_plots_are_pngs(tmp_path):
     ret = {f"{d}_r{k}": v for d in ("s2i", "i2s") for k, v in zip((1, 5, 10), (11.5, 40.0, 70.25))}
     results = {
         "train_hubert": {"logs": [str(_log(tmp_path / "h.log", [(10, 12.0), (300, 5.5)]))], "seconds": 100.0},
-        "eval_hubert": {"results": str(_results(tmp_path, "hubert", [(20.0, 30.0), (10.0, 25.0), (12.0, 20.0)], per=78.5))},
-        "train_vgs_plus": {"logs": [str(_log(tmp_path / "v1.log", [(10, 4.0)])), str(_log(tmp_path / "v2.log", [(10, 3.0)]))]},
+        "eval_hubert": {
+            "results": str(_results(tmp_path, "hubert", [(20.0, 30.0), (10.0, 25.0), (12.0, 20.0)], per=78.5))
+        },
+        "train_vgs_plus": {
+            "logs": [str(_log(tmp_path / "v1.log", [(10, 4.0)])), str(_log(tmp_path / "v2.log", [(10, 3.0)]))]
+        },
         "eval_vgs_plus": {"results": str(_results(tmp_path, "vgs_plus", [(40.0, 45.0)], per=90.0, retrieval=ret))},
         "eval_mfcc": {"results": str(_results(tmp_path, "mfcc", [(0.0, 7.5)]))},
     }
@@ -70,7 +82,9 @@ def test_report_tables_pick_the_best_layer_and_plots_are_pngs(tmp_path):
     summary_part = report.split("## Summary")[1].split("## ABX per layer")[0]
     rows = {line.split("|")[1].strip(): line for line in summary_part.splitlines() if line.startswith("| ")}
     # best layer = lowest within + across: layer 2 (12 + 20) beats layer 1 (10 + 25)
-    assert "| 300 | 12.000 -> 5.500 | 12.00 / 20.00 (L2) | 78.50 | 0.012 / 0.456 | - | - |" in rows["HuBERT iteration 1"]
+    assert (
+        "| 300 | 12.000 -> 5.500 | 12.00 / 20.00 (L2) | 78.50 | 0.012 / 0.456 | - | - |" in rows["HuBERT iteration 1"]
+    )
     assert "| 20 | 4.000 -> 3.000 | 40.00 / 45.00 (L0) | 90.00 |" in rows["VGS+ (simultaneous)"]
     assert rows["VGS+ (simultaneous)"].endswith("| 11.5 / 40.0 / 70.2 | 11.5 / 40.0 / 70.2 |")
     assert "| MFCC (no training) | - | - | 0.00 / 7.50 (L0) | - |" in rows["MFCC (no training)"]

@@ -7,7 +7,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import PACKAGE_DIR, REPO, run_cli
 
 _VANILLA = """
@@ -26,9 +25,19 @@ np.save(sys.argv[3], x.numpy())
 
 def test_score_finetunes_top_layers_only_and_exports_a_vanilla_hubert(manifest_dir, tiny_hubert_checkpoint, tmp_path):
     run = tmp_path / "score"
-    out = run_cli("fairseq-hydra-train", "--config-dir", REPO / "examples/score/config", "--config-name", "score_tiny_cpu",
-                  f"common.user_dir={PACKAGE_DIR}", f"task.data={manifest_dir}", f"model.hubert_path={tiny_hubert_checkpoint}",
-                  "optimization.max_update=30", "common.log_interval=5", f"hydra.run.dir={run}")
+    out = run_cli(
+        "fairseq-hydra-train",
+        "--config-dir",
+        REPO / "examples/score/config",
+        "--config-name",
+        "score_tiny_cpu",
+        f"common.user_dir={PACKAGE_DIR}",
+        f"task.data={manifest_dir}",
+        f"model.hubert_path={tiny_hubert_checkpoint}",
+        "optimization.max_update=30",
+        "common.log_interval=5",
+        f"hydra.run.dir={run}",
+    )
     losses = [float(x) for x in re.findall(r"\[train_inner\].* loss=([\d.]+),", out.stdout)]
     assert len(losses) >= 5 and losses[-1] < losses[0], losses
 
@@ -48,7 +57,11 @@ def test_score_finetunes_top_layers_only_and_exports_a_vanilla_hubert(manifest_d
     ours, _ = load_hubert(exported)
     x = torch.randn(1, 20000)
     np.save(tmp_path / "x.npy", x.numpy())
-    subprocess.run([sys.executable, "-c", _VANILLA, str(exported), str(tmp_path / "x.npy"), str(tmp_path / "y.npy")], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-c", _VANILLA, str(exported), str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
+        check=True,
+        capture_output=True,
+    )
     with torch.no_grad():
         expected, _ = ours.extract_features(x, padding_mask=None, mask=False)
     assert np.abs(np.load(tmp_path / "y.npy") - expected.numpy()).max() < 1e-4
@@ -70,7 +83,9 @@ def test_export_refuses_other_architectures(tiny_hubert_checkpoint, tmp_path):
     assert not (tmp_path / "x.pt").exists()
 
 
-@pytest.mark.parametrize("batched", [True, False], ids=["layer-norm-front-end(batched)", "group-norm-front-end(one-by-one)"])
+@pytest.mark.parametrize(
+    "batched", [True, False], ids=["layer-norm-front-end(batched)", "group-norm-front-end(one-by-one)"]
+)
 def test_student_split_forward_equals_the_full_forward(batched):
     """The student's frozen bottom runs under no_grad and its top layers on top of it: same output as
     fairseq's full extract_features (padded batch or one by one), gradient only into the top layers."""
@@ -82,10 +97,22 @@ def test_student_split_forward_equals_the_full_forward(batched):
 
     torch.manual_seed(0)
     d = Dictionary()
-    cfg = HubertConfig(extractor_mode="layer_norm" if batched else "default", encoder_layers=4, encoder_embed_dim=64,
-                       encoder_ffn_embed_dim=128, encoder_attention_heads=4, conv_pos=16, conv_pos_groups=4, label_rate=50.0,
-                       conv_feature_layers="[(32,10,5)] + [(32,3,2)] * 4 + [(32,2,2)] * 2", dropout=0.0,
-                       attention_dropout=0.0, activation_dropout=0.0, encoder_layerdrop=0.0, final_dim=16)
+    cfg = HubertConfig(
+        extractor_mode="layer_norm" if batched else "default",
+        encoder_layers=4,
+        encoder_embed_dim=64,
+        encoder_ffn_embed_dim=128,
+        encoder_attention_heads=4,
+        conv_pos=16,
+        conv_pos_groups=4,
+        label_rate=50.0,
+        conv_feature_layers="[(32,10,5)] + [(32,3,2)] * 4 + [(32,2,2)] * 2",
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        encoder_layerdrop=0.0,
+        final_dim=16,
+    )
     hubert = HubertModel(cfg, HubertPretrainingConfig(labels=["km"], label_rate=50.0), [d])
     model = ScoreHubertModel(ScoreHubertConfig(hubert_path="-", trainable_layers=2, proj_dim=8), hubert).train()
     assert model.batchable == batched

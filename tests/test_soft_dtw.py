@@ -33,7 +33,7 @@ def test_value_and_gradient_match_brute_force_with_ragged_lengths(gamma):
         ref.backward()
         torch.testing.assert_close(ours[b], ref)
         torch.testing.assert_close(D1.grad[b, : len_x[b], : len_y[b]], Db.grad)
-        assert D1.grad[b, len_x[b]:].abs().sum() == 0 and D1.grad[b, :, len_y[b]:].abs().sum() == 0
+        assert D1.grad[b, len_x[b] :].abs().sum() == 0 and D1.grad[b, :, len_y[b] :].abs().sum() == 0
 
 
 def test_gradcheck_finite_differences():
@@ -50,7 +50,9 @@ def test_divergence_is_zero_on_itself_and_gradient_flows_to_features():
     same = soft_dtw_divergence(x, x.detach().clone(), gamma=0.1)
     torch.testing.assert_close(same, torch.zeros(2, dtype=torch.float64), atol=1e-10, rtol=0)
     lx, ly = torch.tensor([12, 7]), torch.tensor([10, 10])
-    assert torch.autograd.gradcheck(lambda a, b: soft_dtw_divergence(a, b, lx, ly, gamma=0.3), (x, y), eps=1e-6, atol=1e-5)
+    assert torch.autograd.gradcheck(
+        lambda a, b: soft_dtw_divergence(a, b, lx, ly, gamma=0.3), (x, y), eps=1e-6, atol=1e-5
+    )
     # normalisation by the summed lengths
     raw = soft_dtw_divergence(x, y, lx, ly, gamma=0.3, normalize=False)
     torch.testing.assert_close(soft_dtw_divergence(x, y, lx, ly, gamma=0.3), raw / (lx + ly))

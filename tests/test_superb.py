@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-
 from conftest import PACKAGE_DIR, REPO, run_cli
 
 
@@ -32,7 +31,7 @@ def test_ctc_greedy_and_error_rates_against_references():
     refs = [list(rng.integers(0, 5, rng.integers(1, 9))) for _ in range(20)]
     expected = 100 * sum(levenshtein(h, r) for h, r in zip(hyps, refs)) / sum(len(r) for r in refs)
     assert error_rate(hyps, refs) == pytest.approx(expected)
-    assert letters_to_words(list("the|cat|") ) == ["the", "cat"]
+    assert letters_to_words(list("the|cat|")) == ["the", "cat"]
 
 
 @pytest.fixture(scope="module")
@@ -106,13 +105,32 @@ def test_normalisation_mismatch_and_bad_transcripts_are_named(manifest_dir, tiny
 
 
 @pytest.mark.parametrize("config,metric", [("pr_tiny_cpu", "per"), ("asr_tiny_cpu", "wer")])
-def test_downstream_trains_with_fairseq_hydra_train_and_evaluates(config, metric, manifest_dir, tiny_hubert_checkpoint, tmp_path):
+def test_downstream_trains_with_fairseq_hydra_train_and_evaluates(
+    config, metric, manifest_dir, tiny_hubert_checkpoint, tmp_path
+):
     run = tmp_path / config
-    out = run_cli("fairseq-hydra-train", "--config-dir", REPO / "examples/superb/config", "--config-name", config,
-                  f"common.user_dir={PACKAGE_DIR}", f"task.data={manifest_dir}", f"model.upstream_path={tiny_hubert_checkpoint}",
-                  "optimization.max_update=40", "dataset.validate_interval_updates=40", f"hydra.run.dir={run}")
+    out = run_cli(
+        "fairseq-hydra-train",
+        "--config-dir",
+        REPO / "examples/superb/config",
+        "--config-name",
+        config,
+        f"common.user_dir={PACKAGE_DIR}",
+        f"task.data={manifest_dir}",
+        f"model.upstream_path={tiny_hubert_checkpoint}",
+        "optimization.max_update=40",
+        "dataset.validate_interval_updates=40",
+        f"hydra.run.dir={run}",
+    )
     assert "layer_w0" in out.stdout + out.stderr
-    res = run_cli("mtssl-superb-eval", run / "checkpoints" / "checkpoint_last.pt", "--split", "test", "--json", tmp_path / "r.json")
+    run_cli(
+        "mtssl-superb-eval",
+        run / "checkpoints" / "checkpoint_last.pt",
+        "--split",
+        "test",
+        "--json",
+        tmp_path / "r.json",
+    )
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["utterances"] == 10 and metric in result and result[metric] >= 0
     assert len(result["layer_weights"]) == 3 and abs(sum(result["layer_weights"]) - 1) < 1e-3

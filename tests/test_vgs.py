@@ -10,8 +10,8 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, run_cli
 
-from conftest import PACKAGE_DIR, REPO, run_cli
 from fairseq_mtssl.losses.speech_image import speech_image_loss
 
 
@@ -37,7 +37,9 @@ def test_speech_image_loss_matches_brute_force(kind):
     image = torch.nn.functional.normalize(torch.randn(7, 5, dtype=torch.float64), dim=1)
     ids = torch.tensor([0, 1, 1, 2, 3, 3, 3])  # captions sharing images
     got = speech_image_loss(speech, image, ids, kind, margin=1.0, temperature=0.2)
-    assert float(got) == pytest.approx(brute_loss(speech.numpy(), image.numpy(), ids.tolist(), kind, 1.0, 0.2), rel=1e-10)
+    assert float(got) == pytest.approx(
+        brute_loss(speech.numpy(), image.numpy(), ids.tolist(), kind, 1.0, 0.2), rel=1e-10
+    )
 
 
 _WORKER = textwrap.dedent("""
@@ -67,7 +69,12 @@ def test_negatives_across_two_gloo_workers_equal_one_process_on_the_joined_batch
     ids = torch.tensor([0, 1, 2, 2, 3, 4, 0])  # image 0 and 2 have captions on both workers
     torch.save({"speech": speech, "image": image, "ids": ids}, tmp_path / "batch.pt")
     port = str(29500 + os.getpid() % 1000)
-    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(r), str(tmp_path), port], stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WORKER, str(r), str(tmp_path), port], stderr=subprocess.PIPE, text=True
+        )
+        for r in (0, 1)
+    ]
     for p in procs:
         assert p.wait(timeout=120) == 0, p.stderr.read()[-2000:]
     parts = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
@@ -91,17 +98,19 @@ def vgs_data(manifest_dir, corpus_dir, tmp_path_factory):
     for f in manifest_dir.iterdir():
         shutil.copy(f, data / f.name)
     for split in ("train", "valid", "test"):
-        run_cli("mtssl-image-features", "--images", data / f"{split}.images", "--root", corpus_dir, "--out", data / split)
+        run_cli(
+            "mtssl-image-features", "--images", data / f"{split}.images", "--root", corpus_dir, "--out", data / split
+        )
     return data
 
 
 def _setup(data, **model_overrides):
-    import fairseq_mtssl  # noqa: F401
     from fairseq import tasks
+    from fairseq.dataclass.initialize import hydra_init
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from fairseq.dataclass.initialize import hydra_init
+    import fairseq_mtssl  # noqa: F401
 
     hydra_init("vgs_ssl_tiny_cpu")
     with initialize_config_dir(config_dir=str(REPO / "examples/vgs/config"), version_base="1.1"):
@@ -130,11 +139,16 @@ def test_alpha_one_is_exactly_fairseqs_wav2vec2_loss(vgs_data):
     from fairseq.data.data_utils import compute_mask_indices
 
     frames = int(model.w2v._get_feat_extract_output_lengths(torch.tensor(sample["net_input"]["source"].size(1))))
-    sample["net_input"]["mask_indices"] = torch.from_numpy(compute_mask_indices((4, frames), None, 0.65, 10, min_masks=2))
+    sample["net_input"]["mask_indices"] = torch.from_numpy(
+        compute_mask_indices((4, frames), None, 0.65, 10, min_masks=2)
+    )
     kw = dict(infonce=True, loss_weights=[0.1, 10], log_keys=[])
     torch.manual_seed(5), np.random.seed(5)
     ours, n_ours, _ = VgsSslCriterion(task, alpha=1.0, **kw)(model, sample)
-    plain = {"id": sample["id"], "net_input": {k: v for k, v in sample["net_input"].items() if not k.startswith("image")}}
+    plain = {
+        "id": sample["id"],
+        "net_input": {k: v for k, v in sample["net_input"].items() if not k.startswith("image")},
+    }
     torch.manual_seed(5), np.random.seed(5)
     theirs, n_theirs, _ = Wav2vecCriterion(task, **kw)(model.w2v, plain)
     assert n_ours == n_theirs
@@ -208,8 +222,11 @@ def test_bad_image_inputs_are_named(vgs_data, tmp_path):
     idx = (data / "valid.idx").read_text().splitlines()
     missing = idx[1].split("\t")[0]
     (data / "valid.idx").write_text("\n".join([idx[0]] + idx[2:]) + "\n")
-    first = next(i for i, line in enumerate((data / "valid.img").read_text().splitlines(), 1)
-                 if (data / "valid.images").read_text().splitlines()[int(line)] == missing)
+    first = next(
+        i
+        for i, line in enumerate((data / "valid.img").read_text().splitlines(), 1)
+        if (data / "valid.images").read_text().splitlines()[int(line)] == missing
+    )
     with pytest.raises(ImageFeatureError, match=rf"valid.img:{first}: image {missing} has no feature row"):
         _setup(data)
     with pytest.raises(ValueError, match="image_dim=32 but the task's image features have 64"):
@@ -234,8 +251,21 @@ def test_recall_at_k_against_brute_force():
 
 def test_sequential_scenario_hands_over_weights_and_freezes(vgs_data, tmp_path):
     out = tmp_path / "w2v2_vgs"
-    run_cli("mtssl-vgs-train", "--scenario", "W2V2,VGS", "--data", vgs_data, "--out", out, "--updates", "14",
-            "--freeze-shared", "2", "checkpoint.save_interval_updates=5", timeout=900)
+    run_cli(
+        "mtssl-vgs-train",
+        "--scenario",
+        "W2V2,VGS",
+        "--data",
+        vgs_data,
+        "--out",
+        out,
+        "--updates",
+        "14",
+        "--freeze-shared",
+        "2",
+        "checkpoint.save_interval_updates=5",
+        timeout=900,
+    )
     report = json.loads((out / "handover.json").read_text())
     a = torch.load(out / "stage1_w2v2/checkpoints/checkpoint_last.pt")["model"]
     b = torch.load(out / "stage2_vgs/checkpoints/checkpoint_last.pt")["model"]
@@ -249,11 +279,30 @@ def test_sequential_scenario_hands_over_weights_and_freezes(vgs_data, tmp_path):
     assert report["VGS image head"]["status"].startswith("new to training") and report["VGS image head"]["changed_in_b"]
     assert report["SSL-only layers 3-3"]["status"] == "kept but unused in B"
     assert report["shared layers 1-2"]["frozen_in_b"] and not report["shared layers 1-2"]["changed_in_b"]
-    res = run_cli("mtssl-vgs-retrieval", out / "stage2_vgs/checkpoints/checkpoint_last.pt", "--split", "test", "--json", tmp_path / "r.json")
+    run_cli(
+        "mtssl-vgs-retrieval",
+        out / "stage2_vgs/checkpoints/checkpoint_last.pt",
+        "--split",
+        "test",
+        "--json",
+        tmp_path / "r.json",
+    )
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["captions"] == 10 and all(0 <= r[f"{d}_r{k}"] <= 100 for d in ("s2i", "i2s") for k in (1, 5, 10))
     # a rerun finds both stages done
-    again = run_cli("mtssl-vgs-train", "--scenario", "W2V2,VGS", "--data", vgs_data, "--out", out, "--updates", "14", "--freeze-shared", "2")
+    again = run_cli(
+        "mtssl-vgs-train",
+        "--scenario",
+        "W2V2,VGS",
+        "--data",
+        vgs_data,
+        "--out",
+        out,
+        "--updates",
+        "14",
+        "--freeze-shared",
+        "2",
+    )
     assert again.stdout.count("done before") == 2
 
 
@@ -262,17 +311,52 @@ def test_image_features_from_a_torchscript_backbone_and_the_scene_feature(corpus
 
     backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 7, stride=8), torch.nn.ReLU())
     torch.jit.save(torch.jit.script(backbone), tmp_path / "backbone.ts")
-    run_cli("mtssl-image-features", "--images", manifest_dir / "valid.images", "--root", corpus_dir, "--out", tmp_path / "bb",
-            "--backbone", tmp_path / "backbone.ts", "--size", "32")
+    run_cli(
+        "mtssl-image-features",
+        "--images",
+        manifest_dir / "valid.images",
+        "--root",
+        corpus_dir,
+        "--out",
+        tmp_path / "bb",
+        "--backbone",
+        tmp_path / "backbone.ts",
+        "--size",
+        "32",
+    )
     store = ImageFeatureStore(tmp_path / "bb")
     names = (manifest_dir / "valid.images").read_text().splitlines()
     assert store.dim == 8 + 4 and store[names[0]].shape == (16, 12)  # 4 x 4 map -> 16 regions + boxes
-    run_cli("mtssl-image-features", "--images", manifest_dir / "valid.images", "--root", corpus_dir, "--out", tmp_path / "s1")
-    run_cli("mtssl-image-features", "--images", manifest_dir / "valid.images", "--root", corpus_dir, "--out", tmp_path / "s2")
+    run_cli(
+        "mtssl-image-features",
+        "--images",
+        manifest_dir / "valid.images",
+        "--root",
+        corpus_dir,
+        "--out",
+        tmp_path / "s1",
+    )
+    run_cli(
+        "mtssl-image-features",
+        "--images",
+        manifest_dir / "valid.images",
+        "--root",
+        corpus_dir,
+        "--out",
+        tmp_path / "s2",
+    )
     a, b = ImageFeatureStore(tmp_path / "s1"), ImageFeatureStore(tmp_path / "s2")
     assert all(np.array_equal(a[n], b[n]) for n in names)  # deterministic
     assert not np.array_equal(a[names[0]], a[names[1]])  # and it sees the pixels
     (tmp_path / "broken.images").write_text(names[0] + "\nimages/missing.png\n")
     with pytest.raises(AssertionError, match="broken.images:2: cannot read image"):
-        run_cli("mtssl-image-features", "--images", tmp_path / "broken.images", "--root", corpus_dir, "--out", tmp_path / "x")
+        run_cli(
+            "mtssl-image-features",
+            "--images",
+            tmp_path / "broken.images",
+            "--root",
+            corpus_dir,
+            "--out",
+            tmp_path / "x",
+        )
     assert not (tmp_path / "x.npy").exists()

@@ -8,15 +8,41 @@ from conftest import PACKAGE_DIR, REPO, assert_batched_layer_features_match, run
 def test_wav2vec2_tiny_trains_and_its_layers_give_labels(manifest_dir, tmp_path):
     run = tmp_path / "w2v2"
     proc = run_cli(
-        "fairseq-hydra-train", "--config-dir", REPO / "examples/wav2vec2/config/pretraining", "--config-name", "wav2vec2_tiny_cpu",
-        f"common.user_dir={PACKAGE_DIR}", f"task.data={manifest_dir}", "optimization.max_update=60", "common.log_interval=10",
-        "checkpoint.save_interval_updates=60", f"hydra.run.dir={run}",
+        "fairseq-hydra-train",
+        "--config-dir",
+        REPO / "examples/wav2vec2/config/pretraining",
+        "--config-name",
+        "wav2vec2_tiny_cpu",
+        f"common.user_dir={PACKAGE_DIR}",
+        f"task.data={manifest_dir}",
+        "optimization.max_update=60",
+        "common.log_interval=10",
+        "checkpoint.save_interval_updates=60",
+        f"hydra.run.dir={run}",
     )
     losses = [float(x) for x in re.findall(r"\[train_inner\].* loss=([\d.]+),", proc.stdout)]
     assert len(losses) >= 5 and losses[-1] < losses[0], losses
     ckpt = run / "checkpoints" / "checkpoint_last.pt"
     assert_batched_layer_features_match(ckpt, manifest_dir, layer=1, dim=128)
-    run_cli("mtssl-dump-features", manifest_dir / "train.tsv", tmp_path / "feats", "--feature", "model", "--checkpoint", ckpt, "--layer", "1")
+    run_cli(
+        "mtssl-dump-features",
+        manifest_dir / "train.tsv",
+        tmp_path / "feats",
+        "--feature",
+        "model",
+        "--checkpoint",
+        ckpt,
+        "--layer",
+        "1",
+    )
     run_cli("mtssl-learn-kmeans", tmp_path / "feats", "train", "1", tmp_path / "km.joblib", "--n-clusters", "8")
-    run_cli("mtssl-apply-kmeans", tmp_path / "km.joblib", tmp_path / "km", "--split", "train", "--feat-dir", tmp_path / "feats")
+    run_cli(
+        "mtssl-apply-kmeans",
+        tmp_path / "km.joblib",
+        tmp_path / "km",
+        "--split",
+        "train",
+        "--feat-dir",
+        tmp_path / "feats",
+    )
     run_cli("mtssl-check-labels", manifest_dir / "train.tsv", tmp_path / "km" / "train.km", "--label-rate", "50")

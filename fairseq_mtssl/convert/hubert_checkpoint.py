@@ -32,9 +32,10 @@ def _model_name(state: dict) -> str:
 
 def load_hubert(path) -> Tuple[torch.nn.Module, dict]:
     """``(fairseq HubertModel in eval mode, the checkpoint's state dict)``; clear errors otherwise."""
-    import fairseq_mtssl  # noqa: F401
     from fairseq import checkpoint_utils
     from fairseq.models.hubert import HubertModel
+
+    import fairseq_mtssl  # noqa: F401
 
     path = str(path)
     if not Path(path).is_file():
@@ -70,8 +71,14 @@ def save_vanilla_hubert(model: torch.nn.Module, source_state: dict, out) -> None
         "args": source_state.get("args") if cfg is None else None,
         "model": {k: v.detach().clone() for k, v in model.state_dict().items()},
         "task_state": source_state.get("task_state", {}),
-        "optimizer_history": [{"criterion_name": "HubertCriterion", "optimizer_name": "Adam",
-                               "lr_scheduler_state": {"best": None}, "num_updates": 0}],
+        "optimizer_history": [
+            {
+                "criterion_name": "HubertCriterion",
+                "optimizer_name": "Adam",
+                "lr_scheduler_state": {"best": None},
+                "num_updates": 0,
+            }
+        ],
         "extra_state": {},
         "last_optimizer_state": None,
     }

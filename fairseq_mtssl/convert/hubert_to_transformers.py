@@ -32,7 +32,9 @@ def transformers_hubert_config(model_cfg, model) -> dict:
     convs = [block[0] for block in model.feature_extractor.conv_layers]
     conv = [(c.out_channels, c.kernel_size[0], c.stride[0]) for c in convs]
     if model_cfg.activation_fn != "gelu":
-        raise TransformersExportError(f"activation {model_cfg.activation_fn!r}: transformers' HuBERT export supports gelu only")
+        raise TransformersExportError(
+            f"activation {model_cfg.activation_fn!r}: transformers' HuBERT export supports gelu only"
+        )
     return dict(
         hidden_size=model_cfg.encoder_embed_dim,
         num_hidden_layers=model_cfg.encoder_layers,
@@ -63,34 +65,51 @@ def transformers_hubert_config(model_cfg, model) -> dict:
 
 def _layer_keys(i: int) -> Dict[str, str]:
     ours, theirs = f"encoder.layers.{i}.", f"encoder.layers.{i}."
-    pairs = {"self_attn.q_proj": "attention.q_proj", "self_attn.k_proj": "attention.k_proj",
-             "self_attn.v_proj": "attention.v_proj", "self_attn.out_proj": "attention.out_proj",
-             "self_attn_layer_norm": "layer_norm", "fc1": "feed_forward.intermediate_dense",
-             "fc2": "feed_forward.output_dense", "final_layer_norm": "final_layer_norm"}
+    pairs = {
+        "self_attn.q_proj": "attention.q_proj",
+        "self_attn.k_proj": "attention.k_proj",
+        "self_attn.v_proj": "attention.v_proj",
+        "self_attn.out_proj": "attention.out_proj",
+        "self_attn_layer_norm": "layer_norm",
+        "fc1": "feed_forward.intermediate_dense",
+        "fc2": "feed_forward.output_dense",
+        "final_layer_norm": "final_layer_norm",
+    }
     return {f"{ours}{a}.{p}": f"{theirs}{b}.{p}" for a, b in pairs.items() for p in ("weight", "bias")}
 
 
-def fairseq_to_transformers_state(fairseq_state: Dict[str, torch.Tensor], hf_keys, n_conv: int, n_layers: int,
-                                  extractor_mode: str) -> Dict[str, torch.Tensor]:
+def fairseq_to_transformers_state(
+    fairseq_state: Dict[str, torch.Tensor], hf_keys, n_conv: int, n_layers: int, extractor_mode: str
+) -> Dict[str, torch.Tensor]:
     """Rename a fairseq ``HubertModel`` state dict into transformers ``HubertModel`` names."""
-    names = {"layer_norm.weight": "feature_projection.layer_norm.weight",
-             "layer_norm.bias": "feature_projection.layer_norm.bias",
-             "post_extract_proj.weight": "feature_projection.projection.weight",
-             "post_extract_proj.bias": "feature_projection.projection.bias",
-             "mask_emb": "masked_spec_embed",
-             "encoder.layer_norm.weight": "encoder.layer_norm.weight",
-             "encoder.layer_norm.bias": "encoder.layer_norm.bias",
-             "encoder.pos_conv.0.bias": "encoder.pos_conv_embed.conv.bias"}
+    names = {
+        "layer_norm.weight": "feature_projection.layer_norm.weight",
+        "layer_norm.bias": "feature_projection.layer_norm.bias",
+        "post_extract_proj.weight": "feature_projection.projection.weight",
+        "post_extract_proj.bias": "feature_projection.projection.bias",
+        "mask_emb": "masked_spec_embed",
+        "encoder.layer_norm.weight": "encoder.layer_norm.weight",
+        "encoder.layer_norm.bias": "encoder.layer_norm.bias",
+        "encoder.pos_conv.0.bias": "encoder.pos_conv_embed.conv.bias",
+    }
     for i in range(n_conv):
         for p in ("weight", "bias"):
             names[f"feature_extractor.conv_layers.{i}.0.{p}"] = f"feature_extractor.conv_layers.{i}.conv.{p}"
-            norm = f"feature_extractor.conv_layers.{i}.2.1.{p}" if extractor_mode == "layer_norm" else f"feature_extractor.conv_layers.{i}.2.{p}"
+            norm = (
+                f"feature_extractor.conv_layers.{i}.2.1.{p}"
+                if extractor_mode == "layer_norm"
+                else f"feature_extractor.conv_layers.{i}.2.{p}"
+            )
             names[norm] = f"feature_extractor.conv_layers.{i}.layer_norm.{p}"
     for i in range(n_layers):
         names.update(_layer_keys(i))
     # the positional convolution's weight norm: old-style (weight_g, weight_v) or parametrizations
-    g_key = next(k for k in hf_keys if k.startswith("encoder.pos_conv_embed.conv.") and k.endswith(("weight_g", "original0")))
-    v_key = next(k for k in hf_keys if k.startswith("encoder.pos_conv_embed.conv.") and k.endswith(("weight_v", "original1")))
+    g_key = next(
+        k for k in hf_keys if k.startswith("encoder.pos_conv_embed.conv.") and k.endswith(("weight_g", "original0"))
+    )
+    v_key = next(
+        k for k in hf_keys if k.startswith("encoder.pos_conv_embed.conv.") and k.endswith(("weight_v", "original1"))
+    )
     names["encoder.pos_conv.0.weight_g"], names["encoder.pos_conv.0.weight_v"] = g_key, v_key
 
     dropped = ("label_embs_concat", "final_proj.")
@@ -109,15 +128,28 @@ def export_hubert_to_transformers(checkpoint, out_dir) -> Path:
 
     model, state = load_hubert(checkpoint)  # load_hubert upgrades an ``args`` Namespace to ``cfg``
     cfg = state["cfg"].model
-    if cfg.get("conv_pos_batch_norm", False) or cfg.get("pos_enc_type", "abs") != "abs" or cfg.get("layer_type", "transformer") != "transformer":
-        raise TransformersExportError(f"{checkpoint}: only the standard HuBERT encoder (transformer layers, absolute conv positions) exports")
+    if (
+        cfg.get("conv_pos_batch_norm", False)
+        or cfg.get("pos_enc_type", "abs") != "abs"
+        or cfg.get("layer_type", "transformer") != "transformer"
+    ):
+        raise TransformersExportError(
+            f"{checkpoint}: only the standard HuBERT encoder (transformer layers, absolute conv positions) exports"
+        )
     hf_cfg = HubertConfig(**transformers_hubert_config(cfg, model))
     hf = HubertModel(hf_cfg).eval()
-    state = fairseq_to_transformers_state(model.state_dict(), hf.state_dict().keys(), len(model.feature_extractor.conv_layers),
-                                          len(model.encoder.layers), cfg.extractor_mode)
+    state = fairseq_to_transformers_state(
+        model.state_dict(),
+        hf.state_dict().keys(),
+        len(model.feature_extractor.conv_layers),
+        len(model.encoder.layers),
+        cfg.extractor_mode,
+    )
     missing, unexpected = hf.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise TransformersExportError(f"{checkpoint}: transformers HubertModel missing {missing}, unexpected {unexpected}")
+        raise TransformersExportError(
+            f"{checkpoint}: transformers HubertModel missing {missing}, unexpected {unexpected}"
+        )
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))

@@ -32,15 +32,26 @@ def export_mt4ssl_student(src, dst) -> dict:
     new_model_cfg = {k: v for k, v in model_cfg.items() if k in keep}
     new_model_cfg["_name"] = "data2vec_audio"
     task = cfg["task"]
-    new_task_cfg = {"_name": "audio_pretraining", "data": task.get("data"), "sample_rate": task.get("sample_rate", 16000),
-                    "normalize": task.get("normalize", False), "max_sample_size": task.get("max_sample_size"),
-                    "min_sample_size": task.get("min_sample_size")}
+    new_task_cfg = {
+        "_name": "audio_pretraining",
+        "data": task.get("data"),
+        "sample_rate": task.get("sample_rate", 16000),
+        "normalize": task.get("normalize", False),
+        "max_sample_size": task.get("max_sample_size"),
+        "min_sample_size": task.get("min_sample_size"),
+    }
     weights = {k: v for k, v in state["model"].items() if not k.startswith("offline_heads.")}
     if "_ema" not in weights:
-        raise ExportError(f"{src}: no EMA teacher state (an offline-only run?); fairseq's data2vec requires one to load")
+        raise ExportError(
+            f"{src}: no EMA teacher state (an offline-only run?); fairseq's data2vec requires one to load"
+        )
     out = {
-        "cfg": {**{k: v for k, v in cfg.items() if k not in ("model", "task", "criterion")},
-                "model": new_model_cfg, "task": new_task_cfg, "criterion": {"_name": "model"}},
+        "cfg": {
+            **{k: v for k, v in cfg.items() if k not in ("model", "task", "criterion")},
+            "model": new_model_cfg,
+            "task": new_task_cfg,
+            "criterion": {"_name": "model"},
+        },
         "model": weights,
         "args": None,
         "optimizer_history": state.get("optimizer_history", [])[-1:],  # metadata only; fairseq needs one entry

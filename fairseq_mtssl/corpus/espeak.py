@@ -90,8 +90,14 @@ class EspeakSynthesizer:
                 lib.espeak_Initialize.restype = ctypes.c_int
                 lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
                 lib.espeak_Synth.argtypes = [
-                    ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int,
-                    ctypes.c_uint, ctypes.c_uint, ctypes.POINTER(ctypes.c_uint), ctypes.c_void_p,
+                    ctypes.c_void_p,
+                    ctypes.c_size_t,
+                    ctypes.c_uint,
+                    ctypes.c_int,
+                    ctypes.c_uint,
+                    ctypes.c_uint,
+                    ctypes.POINTER(ctypes.c_uint),
+                    ctypes.c_void_p,
                 ]
                 rate = lib.espeak_Initialize(
                     _AUDIO_OUTPUT_SYNCHRONOUS, 0, espeakng_loader.get_data_path().encode(), _INITIALIZE_PHONEME_EVENTS
@@ -115,7 +121,9 @@ class EspeakSynthesizer:
         while events[i].type != EVENT_LIST_TERMINATED:
             e = events[i]
             if e.type in (EVENT_WORD, EVENT_PHONEME, EVENT_END):
-                phoneme = bytes(e.id.string).split(b"\0")[0].decode("ascii", "replace") if e.type == EVENT_PHONEME else ""
+                phoneme = (
+                    bytes(e.id.string).split(b"\0")[0].decode("ascii", "replace") if e.type == EVENT_PHONEME else ""
+                )
                 self._events.append(SynthEvent(e.type, e.sample, e.text_position, e.length, phoneme))
             i += 1
         return 0
@@ -133,7 +141,12 @@ class EspeakSynthesizer:
             lib.espeak_ng_SetRandSeed(ctypes.c_long(noise_seed))
             if lib.espeak_SetVoiceByName(voice.name.encode()) != 0:
                 raise EspeakError(f"unknown espeak voice {voice.name!r}")
-            for param, value in ((_RATE, voice.rate), (_PITCH, voice.pitch), (_RANGE, voice.pitch_range), (_VOLUME, 100)):
+            for param, value in (
+                (_RATE, voice.rate),
+                (_PITCH, voice.pitch),
+                (_RANGE, voice.pitch_range),
+                (_VOLUME, 100),
+            ):
                 lib.espeak_SetParameter(param, value, 0)
             lib.espeak_SetSynthCallback(self._callback)
             self._chunks, self._events = [], []

@@ -22,8 +22,8 @@ import json
 import logging
 import multiprocessing
 import sys
-from concurrent.futures import ProcessPoolExecutor
 from collections import Counter, defaultdict
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Dict, List
 
@@ -41,7 +41,24 @@ logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 SAMPLE_RATE = 16000
-TRAIN_VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "f1", "f2", "f3", "f4", "klatt", "klatt3", "iven", "john", "linda", "max")
+TRAIN_VARIANTS = (
+    "m1",
+    "m2",
+    "m3",
+    "m4",
+    "m5",
+    "m6",
+    "f1",
+    "f2",
+    "f3",
+    "f4",
+    "klatt",
+    "klatt3",
+    "iven",
+    "john",
+    "linda",
+    "max",
+)
 TEST_VARIANTS = ("m7", "m8", "f5", "klatt2", "edward", "david")
 MEAN_CAPTION_SECONDS = 2.7
 SPLITS = ("train", "valid", "test")  # measured on the default voices, used to turn --hours into images
@@ -49,7 +66,12 @@ SPLITS = ("train", "valid", "test")  # measured on the default voices, used to t
 
 def make_speakers(rng: np.random.Generator, variants) -> List[Voice]:
     return [
-        Voice(variant=v, rate=int(rng.integers(135, 200)), pitch=int(rng.integers(25, 76)), pitch_range=int(rng.integers(30, 81)))
+        Voice(
+            variant=v,
+            rate=int(rng.integers(135, 200)),
+            pitch=int(rng.integers(25, 76)),
+            pitch_range=int(rng.integers(30, 81)),
+        )
         for v in variants
     ]
 
@@ -77,7 +99,14 @@ def synth_split(out: Path, split: str, n_images: int, seed: int, captions_per_im
     data, phone_lines, word_lines, scenes, prons = [], [], [], [], []
     phone_inventory: Counter = Counter()
     total = 0.0
-    bar = tqdm(total=n_images * captions_per_image, desc=f"synth {split}", unit="utt", file=sys.stderr, disable=None, mininterval=2.0)
+    bar = tqdm(
+        total=n_images * captions_per_image,
+        desc=f"synth {split}",
+        unit="utt",
+        file=sys.stderr,
+        disable=None,
+        mininterval=2.0,
+    )
     for k in range(n_images):
         scene = sample_scene(rng, f"{split}_{k:05d}")
         render_scene(scene, image_size).save(out / "images" / f"{scene.image_id}.png")
@@ -88,8 +117,12 @@ def synth_split(out: Path, split: str, n_images: int, seed: int, captions_per_im
         captions = []
         for c, (w, v) in enumerate(zip(wordings, speakers)):
             spk, text = speaker_ids[v], templates[w]
-            audio22, events = synth.synthesize(text, voices[spk], noise_seed=seed * 1_000_003 + SPLITS.index(split) * 100_003 + k * 11 + c)
-            audio = np.clip(resample_poly(audio22.astype(np.float32) / 32768.0, SAMPLE_RATE, synth.sample_rate), -1.0, 1.0)
+            audio22, events = synth.synthesize(
+                text, voices[spk], noise_seed=seed * 1_000_003 + SPLITS.index(split) * 100_003 + k * 11 + c
+            )
+            audio = np.clip(
+                resample_poly(audio22.astype(np.float32) / 32768.0, SAMPLE_RATE, synth.sample_rate), -1.0, 1.0
+            )
             phones, words = align_events(events, len(audio), text, synth.sample_rate, SAMPLE_RATE)
             utt = f"{spk}-{scene.image_id}-{c}"
             rel = f"wav/{split}/{spk}/{utt}.wav"
@@ -110,8 +143,13 @@ def synth_split(out: Path, split: str, n_images: int, seed: int, captions_per_im
     (out / "captions" / f"{split}.json").write_text(json.dumps({"data": data}, indent=1))
     (out / "alignments" / f"{split}.phones.ctm").write_text("\n".join(phone_lines) + "\n")
     (out / "alignments" / f"{split}.words.ctm").write_text("\n".join(word_lines) + "\n")
-    return {"utterances": n_images * captions_per_image, "seconds": round(total, 2), "scenes": scenes,
-            "phones": sorted(phone_inventory), "prons": prons}
+    return {
+        "utterances": n_images * captions_per_image,
+        "seconds": round(total, 2),
+        "scenes": scenes,
+        "phones": sorted(phone_inventory),
+        "prons": prons,
+    }
 
 
 def build(out: Path, hours: float, seed: int, captions_per_image: int, image_size: int, workers: int = 2) -> dict:
@@ -122,7 +160,10 @@ def build(out: Path, hours: float, seed: int, captions_per_image: int, image_siz
         (out / sub).mkdir(parents=True)
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=ctx, max_tasks_per_child=1) as pool:
-        futures = {split: pool.submit(synth_split, out, split, n_images[split], seed, captions_per_image, image_size) for split in SPLITS}
+        futures = {
+            split: pool.submit(synth_split, out, split, n_images[split], seed, captions_per_image, image_size)
+            for split in SPLITS
+        }
         results = {split: fut.result() for split, fut in futures.items()}
 
     pron: Dict[str, Counter] = defaultdict(Counter)
@@ -156,7 +197,9 @@ def corpus_params(hours: float, seed: int, captions_per_image: int, image_size: 
     return {"hours": hours, "seed": seed, "captions_per_image": captions_per_image, "image_size": image_size}
 
 
-def ensure_corpus(out, hours: float = 0.5, seed: int = 1, captions_per_image: int = 5, image_size: int = 64, force: bool = False) -> dict:
+def ensure_corpus(
+    out, hours: float = 0.5, seed: int = 1, captions_per_image: int = 5, image_size: int = 64, force: bool = False
+) -> dict:
     """Build the corpus at ``out`` unless a complete one with the same parameters is already there."""
     out = Path(out)
     meta = out / "corpus.json"
@@ -166,7 +209,9 @@ def ensure_corpus(out, hours: float = 0.5, seed: int = 1, captions_per_image: in
         if info.get("params") == params and info.get("format_version") == FORMAT_VERSION:
             logger.info("reusing the corpus at %s", out)
             return info
-        raise FileExistsError(f"{out} holds a corpus built with {info.get('params')}; pass --force to rebuild it with {params}")
+        raise FileExistsError(
+            f"{out} holds a corpus built with {info.get('params')}; pass --force to rebuild it with {params}"
+        )
     with atomic_directory(out) as tmp:
         info = build(tmp, hours, seed, captions_per_image, image_size)
     return info
@@ -183,7 +228,9 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.captions_per_image > len(TEST_VARIANTS):
-        p.error(f"--captions-per-image must be <= {len(TEST_VARIANTS)} (one voice per caption, test has {len(TEST_VARIANTS)} voices)")
+        p.error(
+            f"--captions-per-image must be <= {len(TEST_VARIANTS)} (one voice per caption, test has {len(TEST_VARIANTS)} voices)"
+        )
     info = ensure_corpus(args.out, args.hours, args.seed, args.captions_per_image, args.image_size, args.force)
     print(json.dumps({k: info[k] for k in ("utterances", "seconds", "images")}))
 

@@ -26,10 +26,16 @@ class ScoreCriterion(FairseqCriterion):
 
     def forward(self, model, sample, reduce=True):
         out = model(**sample["net_input"])
-        div = soft_dtw_divergence(out["student"].float(), out["teacher"].float(), out["student_lengths"], out["teacher_lengths"], self.gamma)
+        div = soft_dtw_divergence(
+            out["student"].float(), out["teacher"].float(), out["student_lengths"], out["teacher_lengths"], self.gamma
+        )
         loss = div.sum() if reduce else div
         n = len(sample["net_input"]["source"])
-        return loss, n, {"loss": loss.data, "sample_size": n, "nsentences": n, "ntokens": int(out["student_lengths"].sum())}
+        return (
+            loss,
+            n,
+            {"loss": loss.data, "sample_size": n, "nsentences": n, "ntokens": int(out["student_lengths"].sum())},
+        )
 
     @staticmethod
     def reduce_metrics(logging_outputs) -> None:

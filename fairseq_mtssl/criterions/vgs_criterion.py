@@ -28,7 +28,9 @@ VGS_LOSSES = ChoiceEnum(["margin_infonce", "infonce"])
 
 @dataclass
 class VgsSslCriterionConfig(Wav2VecCriterionConfig):
-    alpha: float = field(default=0.5, metadata={"help": "weight of the wav2vec 2.0 loss; 1 - alpha weighs the speech-image loss"})
+    alpha: float = field(
+        default=0.5, metadata={"help": "weight of the wav2vec 2.0 loss; 1 - alpha weighs the speech-image loss"}
+    )
     vgs_loss: VGS_LOSSES = field(default="margin_infonce", metadata={"help": "margin_infonce (FaST-VGS) or infonce"})
     margin: float = field(default=1.0, metadata={"help": "margin on the positive (margin_infonce)"})
     temperature: float = field(default=0.07, metadata={"help": "temperature (infonce)"})
@@ -53,12 +55,28 @@ class _Recording:
 
 @register_criterion("vgs_ssl", dataclass=VgsSslCriterionConfig)
 class VgsSslCriterion(Wav2vecCriterion):
-    def __init__(self, task, infonce=False, loss_weights=None, log_keys=None, alpha=0.5, vgs_loss="margin_infonce",
-                 margin=1.0, temperature=0.07, gather_negatives=True):
+    def __init__(
+        self,
+        task,
+        infonce=False,
+        loss_weights=None,
+        log_keys=None,
+        alpha=0.5,
+        vgs_loss="margin_infonce",
+        margin=1.0,
+        temperature=0.07,
+        gather_negatives=True,
+    ):
         super().__init__(task, infonce, loss_weights, log_keys)
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-        self.alpha, self.vgs_loss, self.margin, self.temperature, self.gather = alpha, str(vgs_loss), margin, temperature, gather_negatives
+        self.alpha, self.vgs_loss, self.margin, self.temperature, self.gather = (
+            alpha,
+            str(vgs_loss),
+            margin,
+            temperature,
+            gather_negatives,
+        )
 
     def forward(self, model, sample, reduce=True):
         net_input = sample["net_input"]
@@ -69,15 +87,24 @@ class VgsSslCriterion(Wav2vecCriterion):
             net_output = recorder.net_output
         else:
             if not bool(has_image.any()):
-                raise ValueError(f"batch of ids {sample['id'].tolist()[:5]}... has no images, and alpha=0 leaves no wav2vec 2.0 loss to train it")
+                raise ValueError(
+                    f"batch of ids {sample['id'].tolist()[:5]}... has no images, and alpha=0 leaves no wav2vec 2.0 loss to train it"
+                )
             net_output = model(**net_input, ssl=False)
             ssl_loss, sample_size = None, int(has_image.sum())
             log = {"ntokens": sample_size, "nsentences": sample["id"].numel(), "sample_size": sample_size}
         vgs = None
         if self.alpha < 1 and bool(has_image.any()):
             rows = has_image.nonzero().squeeze(1)
-            vgs_sum = speech_image_loss(net_output["speech_emb"][rows], net_output["image_emb"][rows], sample["image_ids"][rows],
-                                        self.vgs_loss, self.margin, self.temperature, self.gather)
+            vgs_sum = speech_image_loss(
+                net_output["speech_emb"][rows],
+                net_output["image_emb"][rows],
+                sample["image_ids"][rows],
+                self.vgs_loss,
+                self.margin,
+                self.temperature,
+                self.gather,
+            )
             vgs = vgs_sum / len(rows)
             log["vgs_loss"] = utils.item(vgs.data) * len(rows)
             log["vgs_pairs"] = len(rows)

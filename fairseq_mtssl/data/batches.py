@@ -38,7 +38,9 @@ def iter_audio_batches(
     groups = [[indices[j] for j in b] for b in plan_batches(sizes, max_batch_samples)]
 
     def load(group):
-        return group, [read_audio(manifest.audio_path(i), manifest.where(i), manifest.entries[i].num_samples) for i in group]
+        return group, [
+            read_audio(manifest.audio_path(i), manifest.where(i), manifest.entries[i].num_samples) for i in group
+        ]
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
         pending = []

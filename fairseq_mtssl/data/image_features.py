@@ -20,7 +20,7 @@ import argparse
 import logging
 import os
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
@@ -46,8 +46,12 @@ def scene_features(image: np.ndarray, dim: int = 64, grid: int = 4) -> np.ndarra
     """``(grid * grid, dim)`` region features of an ``(H, W, 3)`` uint8 image (see the module doc)."""
     h, w, _ = image.shape
     ch, cw = h // grid, w // grid
-    cells = image[: ch * grid, : cw * grid].reshape(grid, ch, grid, cw, 3).transpose(0, 2, 1, 3, 4).reshape(grid * grid, -1)
-    proj = np.random.default_rng(0).standard_normal((cells.shape[1], dim - 4)).astype(np.float32) / np.sqrt(cells.shape[1])
+    cells = (
+        image[: ch * grid, : cw * grid].reshape(grid, ch, grid, cw, 3).transpose(0, 2, 1, 3, 4).reshape(grid * grid, -1)
+    )
+    proj = np.random.default_rng(0).standard_normal((cells.shape[1], dim - 4)).astype(np.float32) / np.sqrt(
+        cells.shape[1]
+    )
     pixels = cells.astype(np.float32) / 255.0 - 0.5
     return np.concatenate([pixels @ proj, grid_boxes(grid, grid)], 1)
 
@@ -80,7 +84,9 @@ def read_image_list(path) -> List[str]:
     return names
 
 
-def write_image_features(images_list, root, out, backbone: str = "scene", size: int = 224, dim: int = 64) -> Tuple[int, int]:
+def write_image_features(
+    images_list, root, out, backbone: str = "scene", size: int = 224, dim: int = 64
+) -> Tuple[int, int]:
     """Compute and store features for every image of ``images_list`` (paths relative to ``root``)."""
     names = read_image_list(images_list)
     extract = (lambda img: scene_features(img, dim)) if backbone == "scene" else TorchScriptBackbone(backbone, size)
@@ -126,7 +132,9 @@ class ImageFeatureStore:
                     raise ImageFeatureError(f"{idx}:{lineno}: expected 'image offset regions', got {line.rstrip()!r}")
                 off, n = int(parts[1]), int(parts[2])
                 if off + n > len(self.matrix):
-                    raise ImageFeatureError(f"{idx}:{lineno}: rows {off}..{off + n} beyond {npy} ({len(self.matrix)} rows)")
+                    raise ImageFeatureError(
+                        f"{idx}:{lineno}: rows {off}..{off + n} beyond {npy} ({len(self.matrix)} rows)"
+                    )
                 self.index[parts[0]] = (off, n)
 
     @property

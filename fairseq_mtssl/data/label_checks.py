@@ -26,7 +26,9 @@ def count_label_lines(label_path) -> List[int]:
         raise LabelMismatchError(f"{label_path}: label file not found") from err
 
 
-def check_frame_labels(manifest_path, label_path, label_rate: float, sample_rate: int = 16000, tolerance_s: float = 0.1) -> int:
+def check_frame_labels(
+    manifest_path, label_path, label_rate: float, sample_rate: int = 16000, tolerance_s: float = 0.1
+) -> int:
     """Raise :class:`LabelMismatchError` unless every utterance's label duration matches its audio.
 
     Returns the number of utterances checked. ``label_rate`` < 0 means sequence labels (only the line

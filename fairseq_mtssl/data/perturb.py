@@ -29,8 +29,9 @@ def speed(wav: np.ndarray, factor: float) -> np.ndarray:
     return resample_poly(wav, ratio.denominator, ratio.numerator).astype(np.float32)
 
 
-def time_stretch(wav: np.ndarray, stretch: float, sample_rate: int = SAMPLE_RATE, frame_ms: float = 30.0,
-                 tolerance_ms: float = 10.0) -> np.ndarray:
+def time_stretch(
+    wav: np.ndarray, stretch: float, sample_rate: int = SAMPLE_RATE, frame_ms: float = 30.0, tolerance_ms: float = 10.0
+) -> np.ndarray:
     """WSOLA: ``(T,)`` -> ``(~T * stretch,)`` with the pitch unchanged.
 
     Output frames are laid every ``frame/2`` samples; each is the input segment near its nominal
@@ -43,7 +44,9 @@ def time_stretch(wav: np.ndarray, stretch: float, sample_rate: int = SAMPLE_RATE
     hop_out, tol = n // 2, int(sample_rate * tolerance_ms / 1000)
     hop_in = hop_out / stretch
     out_len = int(round(len(wav) * stretch))
-    padded = np.concatenate([np.zeros(tol, np.float32), wav.astype(np.float32), np.zeros(n + 2 * tol + hop_out, np.float32)])
+    padded = np.concatenate(
+        [np.zeros(tol, np.float32), wav.astype(np.float32), np.zeros(n + 2 * tol + hop_out, np.float32)]
+    )
     window = np.hanning(n).astype(np.float32)
     frames = out_len // hop_out + 1
     out = np.zeros(frames * hop_out + n, np.float32)
@@ -77,7 +80,9 @@ def pitch_shift(wav: np.ndarray, semitones: float, sample_rate: int = SAMPLE_RAT
     return np.pad(shifted, (0, len(wav) - len(shifted)))
 
 
-def add_noise(wav: np.ndarray, snr_db: float, rng: np.random.Generator, noise: Optional[np.ndarray] = None) -> np.ndarray:
+def add_noise(
+    wav: np.ndarray, snr_db: float, rng: np.random.Generator, noise: Optional[np.ndarray] = None
+) -> np.ndarray:
     """``wav`` plus noise scaled to ``snr_db`` (white Gaussian unless ``noise`` is given, tiled to length)."""
     if noise is None:
         noise = rng.standard_normal(len(wav)).astype(np.float32)

@@ -74,7 +74,9 @@ def read_items(path) -> List[AbxItem]:
                 continue
             parts = line.split()
             if len(parts) != 7:
-                raise ValueError(f"{path}:{lineno}: expected 'file onset offset phone prev next speaker', got {line.rstrip()!r}")
+                raise ValueError(
+                    f"{path}:{lineno}: expected 'file onset offset phone prev next speaker', got {line.rstrip()!r}"
+                )
             try:
                 onset, offset = float(parts[1]), float(parts[2])
             except ValueError as err:
@@ -151,7 +153,9 @@ def _cells(items: Sequence[AbxItem], mode: str, context: str = "triphone"):
     return cells
 
 
-def abx_error(items: Sequence[AbxItem], feats: Sequence[torch.Tensor], mode: str = "within", context: str = "triphone") -> float:
+def abx_error(
+    items: Sequence[AbxItem], feats: Sequence[torch.Tensor], mode: str = "within", context: str = "triphone"
+) -> float:
     """ABX error rate (0..1) of item features ``feats[k] (T_k, C)`` for ``items[k]``. ``context``
     ``"triphone"`` (the standard) compares phones in the same (prev, next) context; ``"none"`` drops
     the context condition (for corpora too small to have enough triphone triplets)."""
@@ -164,9 +168,15 @@ def abx_error(items: Sequence[AbxItem], feats: Sequence[torch.Tensor], mode: str
         raise ValueError(f"no {mode}-speaker ABX triplets in these items")
     n = len(items)
     cells = {k: tuple(np.asarray(v) for v in abc) for k, abc in cells.items()}
-    codes = np.unique(np.concatenate([
-        np.minimum(i, j).ravel() * n + np.maximum(i, j).ravel()
-        for a, b, xs in cells.values() for i, j in (np.meshgrid(a, xs), np.meshgrid(b, xs))]))
+    codes = np.unique(
+        np.concatenate(
+            [
+                np.minimum(i, j).ravel() * n + np.maximum(i, j).ravel()
+                for a, b, xs in cells.values()
+                for i, j in (np.meshgrid(a, xs), np.meshgrid(b, xs))
+            ]
+        )
+    )
     pairs = list(zip((codes // n).tolist(), (codes % n).tolist()))
     dist = np.full((n, n), np.nan)
     values = pair_distances(feats, pairs)
@@ -185,8 +195,9 @@ def abx_error(items: Sequence[AbxItem], feats: Sequence[torch.Tensor], mode: str
     return float(np.mean([np.mean(v) for v in by_pair.values()]))
 
 
-def item_features(items: Sequence[AbxItem], utterance_feats: Dict[str, np.ndarray], frame_rate: float,
-                  window_s: float = 0.025) -> List[torch.Tensor]:
+def item_features(
+    items: Sequence[AbxItem], utterance_feats: Dict[str, np.ndarray], frame_rate: float, window_s: float = 0.025
+) -> List[torch.Tensor]:
     """Frames whose receptive-field centre (``t / rate + window / 2``) lies in ``[onset, offset)``;
     at least the one nearest the item's middle."""
     out = []
@@ -226,8 +237,13 @@ def layer_features(checkpoint: str, manifest_path, device: str = "cpu") -> Tuple
     return feats, reader.frame_rate
 
 
-def abx_per_layer(items: Sequence[AbxItem], feats: Dict[str, List[np.ndarray]], frame_rate: float,
-                  layers: Optional[Sequence[int]] = None, context: str = "triphone") -> List[Dict]:
+def abx_per_layer(
+    items: Sequence[AbxItem],
+    feats: Dict[str, List[np.ndarray]],
+    frame_rate: float,
+    layers: Optional[Sequence[int]] = None,
+    context: str = "triphone",
+) -> List[Dict]:
     missing = sorted({it.file for it in items} - set(feats))
     if missing:
         raise KeyError(f"items refer to utterances without features, e.g. {missing[:3]}")
@@ -235,8 +251,13 @@ def abx_per_layer(items: Sequence[AbxItem], feats: Dict[str, List[np.ndarray]], 
     rows = []
     for layer in layers if layers is not None else range(n_layers):
         per_item = item_features(items, {u: f[layer] for u, f in feats.items()}, frame_rate)
-        rows.append({"layer": layer, "within": round(100 * abx_error(items, per_item, "within", context), 2),
-                     "across": round(100 * abx_error(items, per_item, "across", context), 2)})
+        rows.append(
+            {
+                "layer": layer,
+                "within": round(100 * abx_error(items, per_item, "within", context), 2),
+                "across": round(100 * abx_error(items, per_item, "across", context), 2),
+            }
+        )
         logger.info("ABX layer %d: within %.2f %%, across %.2f %%", layer, rows[-1]["within"], rows[-1]["across"])
     return rows
 
@@ -271,8 +292,12 @@ def main(argv=None) -> None:
     p.add_argument("--manifest", required=True)
     p.add_argument("--items", required=True)
     p.add_argument("--layers", default="all", help="'all' or comma-separated (0 = encoder input)")
-    p.add_argument("--context", choices=["triphone", "none"], default="triphone",
-                   help="'none' drops the same-context condition (small corpora)")
+    p.add_argument(
+        "--context",
+        choices=["triphone", "none"],
+        default="triphone",
+        help="'none' drops the same-context condition (small corpora)",
+    )
     p.add_argument("--json", help="write the per-layer table here too")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")

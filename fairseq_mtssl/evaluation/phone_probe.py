@@ -26,7 +26,9 @@ from ..kmeans.features import make_reader
 logger = logging.getLogger(__name__)
 
 
-def frame_phones(segments: Sequence[Segment], num_frames: int, hop: int, window: int, sample_rate: int = 16000) -> List[str]:
+def frame_phones(
+    segments: Sequence[Segment], num_frames: int, hop: int, window: int, sample_rate: int = 16000
+) -> List[str]:
     """The phone at the centre of each frame's receptive field."""
     centres = (np.arange(num_frames) * hop + window / 2) / sample_rate
     ends = np.array([s.end for s in segments])
@@ -47,7 +49,9 @@ def probe_data(reader, manifest_path, ctm_path, hop: int, window: int) -> Tuple[
     return np.concatenate(feats).astype(np.float32), labels
 
 
-def fit_probe(x: np.ndarray, y: np.ndarray, n_classes: int, l2: float = 1e-4, max_iter: int = 300, seed: int = 0) -> torch.nn.Linear:
+def fit_probe(
+    x: np.ndarray, y: np.ndarray, n_classes: int, l2: float = 1e-4, max_iter: int = 300, seed: int = 0
+) -> torch.nn.Linear:
     torch.manual_seed(seed)
     X, Y = torch.from_numpy(x), torch.from_numpy(y)
     clf = torch.nn.Linear(X.shape[1], n_classes)
@@ -63,13 +67,23 @@ def fit_probe(x: np.ndarray, y: np.ndarray, n_classes: int, l2: float = 1e-4, ma
     return clf
 
 
-def run_probe(checkpoint: str, layer: int, manifests, alignments, splits=("train", "valid", "test"), max_train_frames: int = 200_000) -> Dict:
+def run_probe(
+    checkpoint: str,
+    layer: int,
+    manifests,
+    alignments,
+    splits=("train", "valid", "test"),
+    max_train_frames: int = 200_000,
+) -> Dict:
     if checkpoint == "mfcc":
         reader, hop = make_reader("mfcc"), 160
     else:
         reader = make_reader("model", checkpoint, layer)
         hop = int(16000 / reader.frame_rate)
-    data = {s: probe_data(reader, Path(manifests) / f"{s}.tsv", Path(alignments) / f"{s}.phones.ctm", hop, 400) for s in splits}
+    data = {
+        s: probe_data(reader, Path(manifests) / f"{s}.tsv", Path(alignments) / f"{s}.phones.ctm", hop, 400)
+        for s in splits
+    }
     phones = sorted(set(data["train"][1]))
     index = {p: i for i, p in enumerate(phones)}
     x_tr, y_tr = data["train"][0], np.array([index[p] for p in data["train"][1]])

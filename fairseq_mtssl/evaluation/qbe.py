@@ -120,7 +120,9 @@ def mean_average_precision(scores: np.ndarray, truth: np.ndarray) -> float:
 # ----------------------------------------------------------------------------- corpus
 
 
-def select_queries(words_ctm, document_words: Dict[str, set], min_seconds: float = 0.25, per_word: int = 3) -> List[Query]:
+def select_queries(
+    words_ctm, document_words: Dict[str, set], min_seconds: float = 0.25, per_word: int = 3
+) -> List[Query]:
     """Spoken words (``min_seconds`` or longer, not silence or multi-word units) that occur in at least
     one document, ``per_word`` examples of each at most, in a deterministic order."""
     present = set().union(*document_words.values()) if document_words else set()
@@ -132,8 +134,15 @@ def select_queries(words_ctm, document_words: Dict[str, set], min_seconds: float
     return [q for w in sorted(by_word) for q in by_word[w][:per_word]]
 
 
-def run_qbe(checkpoint: str, layer: int, manifests, alignments, queries_split: str = "valid",
-            documents_split: str = "test", beta: float = NIST_BETA) -> Dict:
+def run_qbe(
+    checkpoint: str,
+    layer: int,
+    manifests,
+    alignments,
+    queries_split: str = "valid",
+    documents_split: str = "test",
+    beta: float = NIST_BETA,
+) -> Dict:
     from ..data.batches import iter_audio_batches
     from ..data.manifest import read_manifest
     from ..kmeans.features import make_reader
@@ -144,12 +153,16 @@ def run_qbe(checkpoint: str, layer: int, manifests, alignments, queries_split: s
     def features(split) -> Dict[str, np.ndarray]:
         manifest = read_manifest(Path(manifests) / f"{split}.tsv")
         out = {}
-        for indices, wavs in iter_audio_batches(manifest, list(range(len(manifest))), 800_000 if reader.batchable else 1):
+        for indices, wavs in iter_audio_batches(
+            manifest, list(range(len(manifest))), 800_000 if reader.batchable else 1
+        ):
             for i, f in zip(indices, reader(wavs)):
                 out[Path(manifest.entries[i].path).stem] = f
         return out
 
-    doc_words = {u: {s.label for s in segs} for u, segs in read_ctm(Path(alignments) / f"{documents_split}.words.ctm").items()}
+    doc_words = {
+        u: {s.label for s in segs} for u, segs in read_ctm(Path(alignments) / f"{documents_split}.words.ctm").items()
+    }
     queries = select_queries(Path(alignments) / f"{queries_split}.words.ctm", doc_words)
     if not queries:
         raise ValueError(f"no query words from {queries_split} occur in {documents_split}")
@@ -163,9 +176,16 @@ def run_qbe(checkpoint: str, layer: int, manifests, alignments, queries_split: s
     scores = znorm(match_scores(q_tensors, [torch.from_numpy(d_feats[u].astype(np.float32)) for u in docs]))
     truth = np.array([[q.word in doc_words[u] for u in docs] for q in queries])
     value, threshold = mtwv(scores, truth, beta)
-    return {"checkpoint": checkpoint, "layer": layer, "queries": len(queries), "documents": len(docs),
-            "true_share": round(float(truth.mean()), 4),  # about the MAP of a random ranking
-            "mtwv": round(value, 4), "threshold": round(threshold, 4), "map": round(mean_average_precision(scores, truth), 4)}
+    return {
+        "checkpoint": checkpoint,
+        "layer": layer,
+        "queries": len(queries),
+        "documents": len(docs),
+        "true_share": round(float(truth.mean()), 4),  # about the MAP of a random ranking
+        "mtwv": round(value, 4),
+        "threshold": round(threshold, 4),
+        "map": round(mean_average_precision(scores, truth), 4),
+    }
 
 
 def main(argv=None) -> None:

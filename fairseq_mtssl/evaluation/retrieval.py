@@ -21,8 +21,9 @@ from ..atomic import report_result
 KS = (1, 5, 10)
 
 
-def recall_at_k(speech: torch.Tensor, images: torch.Tensor, caption_image: torch.Tensor, ks: Sequence[int] = KS,
-                block: int = 1024) -> Dict[str, float]:
+def recall_at_k(
+    speech: torch.Tensor, images: torch.Tensor, caption_image: torch.Tensor, ks: Sequence[int] = KS, block: int = 1024
+) -> Dict[str, float]:
     """``speech (N, E)``, ``images (M, E)``, ``caption_image (N,)`` the image index of each caption."""
     n, m = len(speech), len(images)
     s2i_rank = torch.empty(n, dtype=torch.long)
@@ -46,8 +47,9 @@ def recall_at_k(speech: torch.Tensor, images: torch.Tensor, caption_image: torch
 @torch.no_grad()
 def embed_split(checkpoint: str, split: str, max_batch_samples: int = 800_000):
     """``(caption embeddings (N, E), image embeddings (M, E), caption -> image index (N,))``."""
-    import fairseq_mtssl  # noqa: F401
     from fairseq import checkpoint_utils
+
+    import fairseq_mtssl  # noqa: F401
 
     from ..data.batches import iter_audio_batches
     from ..data.image_features import ImageFeatureStore
@@ -62,10 +64,14 @@ def embed_split(checkpoint: str, split: str, max_batch_samples: int = 800_000):
     store = ImageFeatureStore(os.path.join(cfg.task.image_features or data, split))
     unique = sorted(set(names))
     index = {name: i for i, name in enumerate(unique)}
-    image_emb = torch.cat([model.embed_images(torch.tensor(store[u])[None]) for u in unique])  # a copy: the store is read-only
+    image_emb = torch.cat(
+        [model.embed_images(torch.tensor(store[u])[None]) for u in unique]
+    )  # a copy: the store is read-only
     speech = [None] * len(manifest)
     batchable = not any(isinstance(m, torch.nn.GroupNorm) for m in model.w2v.feature_extractor.modules())
-    for indices, wavs in iter_audio_batches(manifest, list(range(len(manifest))), max_batch_samples if batchable else 1):
+    for indices, wavs in iter_audio_batches(
+        manifest, list(range(len(manifest))), max_batch_samples if batchable else 1
+    ):
         lengths = [len(w) for w in wavs]
         source = torch.zeros(len(wavs), max(lengths))
         padding = torch.ones(len(wavs), max(lengths), dtype=torch.bool)
@@ -86,8 +92,13 @@ def main(argv=None) -> None:
     p.add_argument("--json")
     a = p.parse_args(argv)
     speech, images, caption_image = embed_split(a.checkpoint, a.split)
-    result = {"checkpoint": a.checkpoint, "split": a.split, "captions": len(speech), "images": len(images),
-              **recall_at_k(speech, images, caption_image)}
+    result = {
+        "checkpoint": a.checkpoint,
+        "split": a.split,
+        "captions": len(speech),
+        "images": len(images),
+        **recall_at_k(speech, images, caption_image),
+    }
     report_result(result, a.json)
 
 

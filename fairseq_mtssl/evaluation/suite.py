@@ -37,8 +37,17 @@ def _bin(name: str) -> str:
 
 
 class Suite:
-    def __init__(self, checkpoint: str, data: Path, out: Path, layer: int, pr_updates: int, probe: bool = True,
-                 retrieval: bool = False, items: Optional[Path] = None):
+    def __init__(
+        self,
+        checkpoint: str,
+        data: Path,
+        out: Path,
+        layer: int,
+        pr_updates: int,
+        probe: bool = True,
+        retrieval: bool = False,
+        items: Optional[Path] = None,
+    ):
         self.checkpoint, self.data, self.out, self.layer, self.pr_updates = checkpoint, data, out, layer, pr_updates
         self.probe, self.retrieval, self.items = probe, retrieval, items
         out.mkdir(parents=True, exist_ok=True)
@@ -55,38 +64,112 @@ class Suite:
         proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **child_kwargs())
         (self.out / f"{name}.log").write_text(proc.stdout + proc.stderr)
         if proc.returncode != 0:
-            raise RuntimeError(f"[{name}] failed ({proc.returncode}); log: {self.out / f'{name}.log'}\n{proc.stderr[-2000:]}")
+            raise RuntimeError(
+                f"[{name}] failed ({proc.returncode}); log: {self.out / f'{name}.log'}\n{proc.stderr[-2000:]}"
+            )
         print(f"[{name}] {time.time() - start:.1f} s", flush=True)
 
     def evaluate(self) -> Dict:
         m, a, ck = self.data / "manifests", self.data / "corpus" / "alignments", self.checkpoint
         items = self.items or self.out / "test.item"
         if not items.exists():
-            self.run("abx_items", [_bin("mtssl-abx-items"), "--alignments", a / "test.phones.ctm", "--manifest", m / "test.tsv", "--out", items], items)
-        self.run("abx", [_bin("mtssl-abx"), ck, "--manifest", m / "test.tsv", "--items", items, "--json", self.out / "abx.json"], self.out / "abx.json")
+            self.run(
+                "abx_items",
+                [
+                    _bin("mtssl-abx-items"),
+                    "--alignments",
+                    a / "test.phones.ctm",
+                    "--manifest",
+                    m / "test.tsv",
+                    "--out",
+                    items,
+                ],
+                items,
+            )
+        self.run(
+            "abx",
+            [_bin("mtssl-abx"), ck, "--manifest", m / "test.tsv", "--items", items, "--json", self.out / "abx.json"],
+            self.out / "abx.json",
+        )
         if self.probe:
-            self.run("phone_probe", [_bin("mtssl-phone-probe"), ck, "--layer", self.layer, "--manifests", m, "--alignments", a,
-                                     "--json", self.out / "phone_probe.json"], self.out / "phone_probe.json")
-        self.run("qbe", [_bin("mtssl-qbe"), ck, "--layer", self.layer, "--manifests", m, "--alignments", a, "--json", self.out / "qbe.json"],
-                 self.out / "qbe.json")
-        results = {"checkpoint": str(ck), "layer": self.layer,
-                   "abx": json.loads((self.out / "abx.json").read_text())["layers"],
-                   "qbe": json.loads((self.out / "qbe.json").read_text())}
+            self.run(
+                "phone_probe",
+                [
+                    _bin("mtssl-phone-probe"),
+                    ck,
+                    "--layer",
+                    self.layer,
+                    "--manifests",
+                    m,
+                    "--alignments",
+                    a,
+                    "--json",
+                    self.out / "phone_probe.json",
+                ],
+                self.out / "phone_probe.json",
+            )
+        self.run(
+            "qbe",
+            [
+                _bin("mtssl-qbe"),
+                ck,
+                "--layer",
+                self.layer,
+                "--manifests",
+                m,
+                "--alignments",
+                a,
+                "--json",
+                self.out / "qbe.json",
+            ],
+            self.out / "qbe.json",
+        )
+        results = {
+            "checkpoint": str(ck),
+            "layer": self.layer,
+            "abx": json.loads((self.out / "abx.json").read_text())["layers"],
+            "qbe": json.loads((self.out / "qbe.json").read_text()),
+        }
         if self.probe:
             results["phone_probe"] = json.loads((self.out / "phone_probe.json").read_text())
         if ck != "mfcc" and self.pr_updates > 0:
             run = self.out / "superb_pr"
-            self.run("superb_pr_train", [_bin("fairseq-hydra-train"), "--config-dir", REPO_EXAMPLES / "superb/config", "--config-name", "pr_tiny_cpu",
-                                         f"common.user_dir={PACKAGE_DIR}", f"task.data={m.resolve()}", f"model.upstream_path={Path(ck).resolve()}",
-                                         f"optimization.max_update={self.pr_updates}", f"hydra.run.dir={run.resolve()}"],
-                     run / "done")
+            self.run(
+                "superb_pr_train",
+                [
+                    _bin("fairseq-hydra-train"),
+                    "--config-dir",
+                    REPO_EXAMPLES / "superb/config",
+                    "--config-name",
+                    "pr_tiny_cpu",
+                    f"common.user_dir={PACKAGE_DIR}",
+                    f"task.data={m.resolve()}",
+                    f"model.upstream_path={Path(ck).resolve()}",
+                    f"optimization.max_update={self.pr_updates}",
+                    f"hydra.run.dir={run.resolve()}",
+                ],
+                run / "done",
+            )
             (run / "done").touch()
-            self.run("superb_pr_eval", [_bin("mtssl-superb-eval"), run / "checkpoints" / "checkpoint_last.pt", "--split", "test",
-                                        "--json", self.out / "superb_pr.json"], self.out / "superb_pr.json")
+            self.run(
+                "superb_pr_eval",
+                [
+                    _bin("mtssl-superb-eval"),
+                    run / "checkpoints" / "checkpoint_last.pt",
+                    "--split",
+                    "test",
+                    "--json",
+                    self.out / "superb_pr.json",
+                ],
+                self.out / "superb_pr.json",
+            )
             results["superb_pr"] = json.loads((self.out / "superb_pr.json").read_text())
         if self.retrieval:
-            self.run("retrieval", [_bin("mtssl-vgs-retrieval"), ck, "--split", "test", "--json", self.out / "retrieval.json"],
-                     self.out / "retrieval.json")
+            self.run(
+                "retrieval",
+                [_bin("mtssl-vgs-retrieval"), ck, "--split", "test", "--json", self.out / "retrieval.json"],
+                self.out / "retrieval.json",
+            )
             results["retrieval"] = json.loads((self.out / "retrieval.json").read_text())
         with atomic_write(self.out / "results.json") as f:
             json.dump(results, f, indent=1)
@@ -97,8 +180,13 @@ def summary_row(results: Dict) -> Dict:
     """One table row: best-layer ABX, probe accuracy, QbE MTWV/MAP, PR PER."""
     abx = results["abx"]
     best = min(abx, key=lambda r: r["within"] + r["across"])
-    row = {"abx_within_best": best["within"], "abx_across_best": best["across"], "abx_best_layer": best["layer"],
-           "qbe_mtwv": results["qbe"]["mtwv"], "qbe_map": results["qbe"]["map"]}
+    row = {
+        "abx_within_best": best["within"],
+        "abx_across_best": best["across"],
+        "abx_best_layer": best["layer"],
+        "qbe_mtwv": results["qbe"]["mtwv"],
+        "qbe_map": results["qbe"]["map"],
+    }
     if "phone_probe" in results:
         row["probe_test_acc"] = results["phone_probe"].get("test_acc")
     if "superb_pr" in results:
@@ -117,9 +205,13 @@ def main(argv=None) -> None:
     p.add_argument("--pr-updates", type=int, default=300, help="SUPERB PR training updates (0: skip PR)")
     p.add_argument("--no-probe", dest="probe", action="store_false", help="skip the frame-level phone probe")
     p.add_argument("--retrieval", action="store_true", help="speech<->image retrieval on the test split (VGS models)")
-    p.add_argument("--items", type=Path, help="an ABX item file to reuse (default: made from the test alignments in --out)")
+    p.add_argument(
+        "--items", type=Path, help="an ABX item file to reuse (default: made from the test alignments in --out)"
+    )
     a = p.parse_args(argv)
-    results = Suite(a.checkpoint, Path(a.data), Path(a.out), a.layer, a.pr_updates, a.probe, a.retrieval, a.items).evaluate()
+    results = Suite(
+        a.checkpoint, Path(a.data), Path(a.out), a.layer, a.pr_updates, a.probe, a.retrieval, a.items
+    ).evaluate()
     print(json.dumps(summary_row(results)))
 
 

@@ -32,8 +32,9 @@ def letters_to_words(symbols: Sequence[str]) -> List[str]:
 
 
 def evaluate(checkpoint: str, split: str, max_tokens: int = 1_600_000) -> Dict:
-    import fairseq_mtssl  # noqa: F401
     from fairseq import checkpoint_utils
+
+    import fairseq_mtssl  # noqa: F401
 
     models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([checkpoint])
     model = models[0].eval()
@@ -41,8 +42,9 @@ def evaluate(checkpoint: str, split: str, max_tokens: int = 1_600_000) -> Dict:
     dataset = task.dataset(split)
     dictionary = task.target_dictionary
     blank = dictionary.index(task.blank_symbol)
-    batches = task.get_batch_iterator(dataset, max_tokens=max_tokens, max_sentences=8, ignore_invalid_inputs=False,
-                                      required_batch_size_multiple=1).next_epoch_itr(shuffle=False)
+    batches = task.get_batch_iterator(
+        dataset, max_tokens=max_tokens, max_sentences=8, ignore_invalid_inputs=False, required_batch_size_multiple=1
+    ).next_epoch_itr(shuffle=False)
     hyps, refs = [], []
     with torch.no_grad():
         for sample in batches:
@@ -54,11 +56,18 @@ def evaluate(checkpoint: str, split: str, max_tokens: int = 1_600_000) -> Dict:
                 keep = (target != dictionary.pad()) & (target != dictionary.eos())
                 hyps.append([dictionary[i] for i in ctc_greedy(lp[:n], blank)])
                 refs.append([dictionary[i] for i in target[keep].tolist()])
-    result = {"checkpoint": checkpoint, "split": split, "utterances": len(refs), "labels": task.cfg.labels,
-              "layer_weights": [round(w, 4) for w in model.layer_weights()]}
+    result = {
+        "checkpoint": checkpoint,
+        "split": split,
+        "utterances": len(refs),
+        "labels": task.cfg.labels,
+        "layer_weights": [round(w, 4) for w in model.layer_weights()],
+    }
     if task.cfg.labels == "ltr":
         result["wer"] = round(error_rate([letters_to_words(h) for h in hyps], [letters_to_words(r) for r in refs]), 2)
-        result["cer"] = round(error_rate([[c for c in h if c != "|"] for h in hyps], [[c for c in r if c != "|"] for r in refs]), 2)
+        result["cer"] = round(
+            error_rate([[c for c in h if c != "|"] for h in hyps], [[c for c in r if c != "|"] for r in refs]), 2
+        )
     else:
         result["per"] = round(error_rate(hyps, refs), 2)
     return result

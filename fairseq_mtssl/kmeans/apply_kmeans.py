@@ -77,7 +77,9 @@ def apply_to_dumped(km_path, lab_dir, split, feat_dir, nshard=1) -> Path:
     def lines() -> Iterable[str]:
         for arr, lengths in shards:
             bounds = np.cumsum([0] + lengths)
-            for a, b in tqdm(list(zip(bounds[:-1], bounds[1:])), desc=f"km {split}", unit="utt", disable=None, mininterval=2.0):
+            for a, b in tqdm(
+                list(zip(bounds[:-1], bounds[1:])), desc=f"km {split}", unit="utt", disable=None, mininterval=2.0
+            ):
                 yield " ".join(map(str, assigner(np.asarray(arr[a:b]))))
 
     write_lines(out, lines())
@@ -85,7 +87,9 @@ def apply_to_dumped(km_path, lab_dir, split, feat_dir, nshard=1) -> Path:
     return out
 
 
-def apply_to_audio(km_path, lab_dir, manifest_path, reader, split=None, rank=0, nshard=1, max_batch_samples=1_600_000, workers=4) -> Path:
+def apply_to_audio(
+    km_path, lab_dir, manifest_path, reader, split=None, rank=0, nshard=1, max_batch_samples=1_600_000, workers=4
+) -> Path:
     assigner = CentroidAssigner.load(km_path)
     manifest = read_manifest(manifest_path)
     split = split or Path(manifest_path).stem
@@ -122,7 +126,9 @@ def main(argv=None) -> None:
         out = apply_to_dumped(a.km_path, a.lab_dir, a.split, a.feat_dir, a.nshard)
     else:
         reader = make_reader(a.feature, a.checkpoint, a.layer, a.device)
-        out = apply_to_audio(a.km_path, a.lab_dir, a.manifest, reader, a.split, a.rank, a.nshard, a.max_batch_samples, a.workers)
+        out = apply_to_audio(
+            a.km_path, a.lab_dir, a.manifest, reader, a.split, a.rank, a.nshard, a.max_batch_samples, a.workers
+        )
     print(out)
 
 

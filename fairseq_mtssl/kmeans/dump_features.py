@@ -40,7 +40,9 @@ def _npy_rows(path: Path) -> Tuple[int, int, int, np.dtype]:
     """``(rows in header, rows whose bytes are on disk, header length, dtype)`` of a 2-D .npy file."""
     with open(path, "rb") as f:
         version = np.lib.format.read_magic(f)
-        read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(
+            version
+        )
         if read_header is None:
             raise FeatureDumpError(f"{path}: unsupported .npy version {version}")
         shape, _, dtype = read_header(f)
@@ -62,12 +64,16 @@ def recover_partial(npy: Path, lens: Path) -> int:
     expected = sum(done_lens)
     if not npy.exists():
         if expected:
-            raise FeatureDumpError(f"{lens}: lists {len(done_lens)} utterances but {npy} is missing; delete both and rerun")
+            raise FeatureDumpError(
+                f"{lens}: lists {len(done_lens)} utterances but {npy} is missing; delete both and rerun"
+            )
         lens.unlink(missing_ok=True)
         return 0
     header_rows, on_disk, _, _ = _npy_rows(npy)
     if min(header_rows, on_disk) < expected:
-        raise FeatureDumpError(f"{npy}: holds {min(header_rows, on_disk)} frames but {lens} lists {expected}; delete both and rerun")
+        raise FeatureDumpError(
+            f"{npy}: holds {min(header_rows, on_disk)} frames but {lens} lists {expected}; delete both and rerun"
+        )
     if header_rows != expected or on_disk != expected:
         logger.info("%s: trimming to the %d frames of %d finished utterances", npy, expected, len(done_lens))
         arr = np.load(npy, mmap_mode="r")
@@ -85,7 +91,9 @@ def recover_partial(npy: Path, lens: Path) -> int:
     return len(done_lens)
 
 
-def dump_features(manifest_path, feat_dir, reader, split=None, rank=0, nshard=1, max_batch_samples=1_600_000, workers=4) -> Tuple[Path, Path]:
+def dump_features(
+    manifest_path, feat_dir, reader, split=None, rank=0, nshard=1, max_batch_samples=1_600_000, workers=4
+) -> Tuple[Path, Path]:
     manifest = read_manifest(manifest_path)
     split = split or Path(manifest_path).stem
     npy, lens = shard_paths(feat_dir, split, rank, nshard)
@@ -101,14 +109,23 @@ def dump_features(manifest_path, feat_dir, reader, split=None, rank=0, nshard=1,
         raise FeatureDumpError(f"{manifest_path}: shard {rank}/{nshard} is empty ({len(manifest)} utterances)")
     done = recover_partial(part_npy, part_lens)
     todo = list(range(start + done, end))
-    bar = tqdm(total=end - start, initial=done, desc=f"{reader.name} {split} {rank}/{nshard}", unit="utt", disable=None, mininterval=2.0)
+    bar = tqdm(
+        total=end - start,
+        initial=done,
+        desc=f"{reader.name} {split} {rank}/{nshard}",
+        unit="utt",
+        disable=None,
+        mininterval=2.0,
+    )
     batch_samples = max_batch_samples if reader.batchable else 1
     with open(part_lens, "a") as flen:
         for indices, wavs in iter_audio_batches(manifest, todo, batch_samples, workers):
             feats = reader(wavs)
             for i, f in zip(indices, feats):
                 if len(f) == 0:
-                    raise FeatureDumpError(f"{manifest.where(i)}: {manifest.entries[i].path} is too short for one feature frame")
+                    raise FeatureDumpError(
+                        f"{manifest.where(i)}: {manifest.entries[i].path} is too short for one feature frame"
+                    )
             with NpyAppendArray(str(part_npy)) as out:
                 out.append(np.concatenate(feats).astype(np.float32, copy=False))
             flen.write("".join(f"{len(f)}\n" for f in feats))

@@ -59,8 +59,9 @@ def hubert_sample_padding_mask(conv_layers, lengths: Sequence[int], total: int, 
 
 def load_speech_model(checkpoint: str):
     """Load a fairseq HuBERT / wav2vec 2.0 (or plugin) checkpoint for feature extraction: ``(model, task_cfg)``."""
-    import fairseq_mtssl  # noqa: F401  (registers the plugin's classes and the checkpoint allowlist)
     from fairseq import checkpoint_utils
+
+    import fairseq_mtssl  # noqa: F401  (registers the plugin's classes and the checkpoint allowlist)
 
     models, _cfg, task = checkpoint_utils.load_model_ensemble_and_task([checkpoint])
     model = models[0].eval()

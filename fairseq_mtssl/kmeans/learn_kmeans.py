@@ -19,12 +19,29 @@ from .dump_features import load_features
 logger = logging.getLogger(__name__)
 
 
-def fairseq_minibatch_kmeans(n_clusters: int, seed: int = 0, batch_size: int = 10000, n_init: int = 20, max_iter: int = 100,
-                             max_no_improvement: int = 100, init: str = "k-means++", reassignment_ratio: float = 0.0) -> MiniBatchKMeans:
+def fairseq_minibatch_kmeans(
+    n_clusters: int,
+    seed: int = 0,
+    batch_size: int = 10000,
+    n_init: int = 20,
+    max_iter: int = 100,
+    max_no_improvement: int = 100,
+    init: str = "k-means++",
+    reassignment_ratio: float = 0.0,
+) -> MiniBatchKMeans:
     return MiniBatchKMeans(
-        n_clusters=n_clusters, init=init, max_iter=max_iter, batch_size=batch_size, verbose=0, compute_labels=False,
-        tol=0.0, max_no_improvement=max_no_improvement, init_size=None, n_init=n_init,
-        reassignment_ratio=reassignment_ratio, random_state=seed,
+        n_clusters=n_clusters,
+        init=init,
+        max_iter=max_iter,
+        batch_size=batch_size,
+        verbose=0,
+        compute_labels=False,
+        tol=0.0,
+        max_no_improvement=max_no_improvement,
+        init_size=None,
+        n_init=n_init,
+        reassignment_ratio=reassignment_ratio,
+        random_state=seed,
     )
 
 
@@ -41,10 +58,14 @@ def sample_frames(arrays, percent: float, seed: int) -> np.ndarray:
     return np.concatenate(parts).astype(np.float32, copy=False)
 
 
-def learn_kmeans(feat_dir, split, nshard, km_path, n_clusters, percent=-1.0, seed=0, **kmeans_kwargs) -> MiniBatchKMeans:
+def learn_kmeans(
+    feat_dir, split, nshard, km_path, n_clusters, percent=-1.0, seed=0, **kmeans_kwargs
+) -> MiniBatchKMeans:
     feats = sample_frames([arr for arr, _ in load_features(feat_dir, split, nshard)], percent, seed)
     if len(feats) < n_clusters:
-        raise ValueError(f"{feat_dir}: {len(feats)} sampled frames for {n_clusters} clusters; raise --percent or lower --n-clusters")
+        raise ValueError(
+            f"{feat_dir}: {len(feats)} sampled frames for {n_clusters} clusters; raise --percent or lower --n-clusters"
+        )
     logger.info("k-means: %d frames x %d dims -> %d clusters", feats.shape[0], feats.shape[1], n_clusters)
     km = fairseq_minibatch_kmeans(n_clusters, seed=seed, **kmeans_kwargs).fit(feats)
     inertia = -km.score(feats) / len(feats)
@@ -71,9 +92,21 @@ def main(argv=None) -> None:
     p.add_argument("--reassignment-ratio", type=float, default=0.0)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    learn_kmeans(a.feat_dir, a.split, a.nshard, a.km_path, a.n_clusters, a.percent, a.seed, batch_size=a.batch_size,
-                 n_init=a.n_init, max_iter=a.max_iter, max_no_improvement=a.max_no_improvement, init=a.init,
-                 reassignment_ratio=a.reassignment_ratio)
+    learn_kmeans(
+        a.feat_dir,
+        a.split,
+        a.nshard,
+        a.km_path,
+        a.n_clusters,
+        a.percent,
+        a.seed,
+        batch_size=a.batch_size,
+        n_init=a.n_init,
+        max_iter=a.max_iter,
+        max_no_improvement=a.max_no_improvement,
+        init=a.init,
+        reassignment_ratio=a.reassignment_ratio,
+    )
 
 
 if __name__ == "__main__":

@@ -82,7 +82,10 @@ def deltas(feats: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     for n in range(1, DELTA_WINDOW + 1):
         fwd = torch.minimum((t + n)[None, :], last)  # (B, F)
         bwd = torch.clamp(t - n, min=0)[None, :].expand(B, F)
-        out += n * (torch.gather(feats, 1, fwd[..., None].expand_as(feats)) - torch.gather(feats, 1, bwd[..., None].expand_as(feats)))
+        out += n * (
+            torch.gather(feats, 1, fwd[..., None].expand_as(feats))
+            - torch.gather(feats, 1, bwd[..., None].expand_as(feats))
+        )
     return out / denom
 
 
@@ -100,7 +103,9 @@ def batch_mfcc(wavs: Sequence[np.ndarray], dtype: torch.dtype = torch.float32) -
     lengths = torch.tensor([len(w) for w in wavs])
     if int(lengths.min()) < FRAME_LENGTH:
         short = int(torch.argmin(lengths))
-        raise ValueError(f"utterance {short} of the batch has {int(lengths[short])} samples, fewer than one {FRAME_LENGTH}-sample frame")
+        raise ValueError(
+            f"utterance {short} of the batch has {int(lengths[short])} samples, fewer than one {FRAME_LENGTH}-sample frame"
+        )
     padded = torch.zeros(len(wavs), int(lengths.max()), dtype=dtype)
     for i, w in enumerate(wavs):
         padded[i, : len(w)] = torch.from_numpy(np.asarray(w)).to(dtype)

@@ -40,7 +40,9 @@ def _forward_table(D: torch.Tensor, gamma: float) -> torch.Tensor:
     return R
 
 
-def _backward_table(D: torch.Tensor, R: torch.Tensor, len_x: torch.Tensor, len_y: torch.Tensor, gamma: float) -> torch.Tensor:
+def _backward_table(
+    D: torch.Tensor, R: torch.Tensor, len_x: torch.Tensor, len_y: torch.Tensor, gamma: float
+) -> torch.Tensor:
     """``E = d R[len_x, len_y] / d D`` for every item, ``(B, N, M)``."""
     B, N, M = D.shape
     b = torch.arange(B, device=D.device)
@@ -89,7 +91,9 @@ def _lengths(x: torch.Tensor, lengths: Optional[torch.Tensor]) -> torch.Tensor:
     return lengths.to(device=x.device, dtype=torch.long)
 
 
-def soft_dtw(D: torch.Tensor, len_x: Optional[torch.Tensor] = None, len_y: Optional[torch.Tensor] = None, gamma: float = 0.1) -> torch.Tensor:
+def soft_dtw(
+    D: torch.Tensor, len_x: Optional[torch.Tensor] = None, len_y: Optional[torch.Tensor] = None, gamma: float = 0.1
+) -> torch.Tensor:
     """Soft-DTW values ``(B,)`` of costs ``D (B, N, M)``; items use ``D[b, :len_x[b], :len_y[b]]``."""
     if gamma <= 0:
         raise ValueError(f"gamma must be > 0, got {gamma}")
@@ -105,8 +109,14 @@ def squared_euclidean(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (x.pow(2).sum(-1)[:, :, None] + y.pow(2).sum(-1)[:, None, :] - 2 * x @ y.transpose(1, 2)).clamp(min=0)
 
 
-def soft_dtw_divergence(x: torch.Tensor, y: torch.Tensor, len_x: Optional[torch.Tensor] = None,
-                        len_y: Optional[torch.Tensor] = None, gamma: float = 0.1, normalize: bool = True) -> torch.Tensor:
+def soft_dtw_divergence(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    len_x: Optional[torch.Tensor] = None,
+    len_y: Optional[torch.Tensor] = None,
+    gamma: float = 0.1,
+    normalize: bool = True,
+) -> torch.Tensor:
     """SCORE's loss per item ``(B,)``: ``sdtw(x,y) - (sdtw(x,x) + sdtw(y,y)) / 2``, / ``(len_x + len_y)``.
 
     ``x (B, N, C)``, ``y (B, M, C)``. The three soft-DTWs run as one ``3B`` batch (both sides padded
@@ -118,7 +128,9 @@ def soft_dtw_divergence(x: torch.Tensor, y: torch.Tensor, len_x: Optional[torch.
     x = F.pad(x, (0, 0, 0, frames - x.size(1)))
     y = F.pad(y, (0, 0, 0, frames - y.size(1)))
     left, right = torch.cat([x, x, y]), torch.cat([y, x, y])
-    sdtw = soft_dtw(squared_euclidean(left, right), torch.cat([len_x, len_x, len_y]), torch.cat([len_y, len_x, len_y]), gamma)
+    sdtw = soft_dtw(
+        squared_euclidean(left, right), torch.cat([len_x, len_x, len_y]), torch.cat([len_y, len_x, len_y]), gamma
+    )
     xy, xx, yy = sdtw[:b], sdtw[b : 2 * b], sdtw[2 * b :]
     div = xy - 0.5 * (xx + yy)
     return div / (len_x + len_y).to(div.dtype) if normalize else div

@@ -52,8 +52,15 @@ def gather_batches(*tensors: torch.Tensor) -> Tuple[Tuple[torch.Tensor, ...], in
     return tuple(out), sum(sizes[:rank])
 
 
-def speech_image_loss(speech: torch.Tensor, image: torch.Tensor, image_ids: torch.Tensor, kind: str = "margin_infonce",
-                      margin: float = 1.0, temperature: float = 0.07, gather: bool = True) -> torch.Tensor:
+def speech_image_loss(
+    speech: torch.Tensor,
+    image: torch.Tensor,
+    image_ids: torch.Tensor,
+    kind: str = "margin_infonce",
+    margin: float = 1.0,
+    temperature: float = 0.07,
+    gather: bool = True,
+) -> torch.Tensor:
     """Summed loss over this worker's ``B`` pairs, ``(loss_s2i + loss_i2s) / 2`` per pair."""
     if kind not in ("margin_infonce", "infonce"):
         raise ValueError(f"unknown speech-image loss {kind!r} (margin_infonce or infonce)")

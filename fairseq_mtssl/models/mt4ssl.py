@@ -47,8 +47,10 @@ class MT4SSLConfig(Data2VecAudioConfig):
     offline_final_dim: int = field(default=256, metadata={"help": "projection size of the cosine head"})
     offline_num_classes: Optional[List[int]] = field(
         default=None,
-        metadata={"help": "classes per label set; filled from the task's dictionaries when the model is first "
-                          "built and saved with the checkpoint, so fine-tuning never needs the label directory"},
+        metadata={
+            "help": "classes per label set; filled from the task's dictionaries when the model is first "
+            "built and saved with the checkpoint, so fine-tuning never needs the label directory"
+        },
     )
     offline_label_rates: Optional[List[float]] = field(
         default=None, metadata={"help": "labels per second of each label set; filled like offline_num_classes"}
@@ -154,12 +156,27 @@ class MT4SSLModel(Data2VecAudioModel):
         super().set_num_updates(num_updates)
 
     # -- forward ------------------------------------------------------------------------------
-    def forward(self, source, padding_mask=None, mask=True, features_only=False, layer=None, mask_indices=None,
-                mask_channel_indices=None, padding_count=None, target_list=None) -> Dict:
+    def forward(
+        self,
+        source,
+        padding_mask=None,
+        mask=True,
+        features_only=False,
+        layer=None,
+        mask_indices=None,
+        mask_channel_indices=None,
+        padding_count=None,
+        target_list=None,
+    ) -> Dict:
         """Data2vec's forward (same positional arguments) plus the offline losses of ``target_list``
         (one ``(B, L_i)`` label tensor per label set). Returns ``{"losses", "sample_size", "logs", ...}``;
         every loss is a sum over the masked frames and ``sample_size`` is their number."""
-        kwargs = dict(layer=layer, mask_indices=mask_indices, mask_channel_indices=mask_channel_indices, padding_count=padding_count)
+        kwargs = dict(
+            layer=layer,
+            mask_indices=mask_indices,
+            mask_channel_indices=mask_channel_indices,
+            padding_count=padding_count,
+        )
         if features_only:
             return super().forward(source, padding_mask, mask=mask, features_only=True, **kwargs)
         if self.online_weight != 0:
@@ -178,12 +195,16 @@ class MT4SSLModel(Data2VecAudioModel):
                 continue
             if target_list is None:
                 raise ValueError("offline targets requested (offline_weights) but the batch has no target_list")
-            labels, label_frames = frame_targets(target_list[i], mask_indices.size(1), self.label_rates[i], self.pads[i])
+            labels, label_frames = frame_targets(
+                target_list[i], mask_indices.size(1), self.label_rates[i], self.pads[i]
+            )
             self._check_label_lengths(label_frames, padding_mask, source, i)
             masked_labels = labels[mask_indices].long()
             keep = masked_labels != self.pads[i]
             logits = head(student[keep])
-            result["losses"][f"offline_{i}"] = F.cross_entropy(logits.float(), masked_labels[keep], reduction="sum") * weight
+            result["losses"][f"offline_{i}"] = (
+                F.cross_entropy(logits.float(), masked_labels[keep], reduction="sum") * weight
+            )
             with torch.no_grad():
                 logs[f"_offline_correct_{i}"] = int((logits.argmax(-1) == masked_labels[keep]).sum())
                 logs[f"_offline_count_{i}"] = int(keep.sum())

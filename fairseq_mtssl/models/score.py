@@ -24,8 +24,8 @@ from fairseq.models import BaseFairseqModel, register_model
 from omegaconf import MISSING
 
 from ..convert.hubert_checkpoint import load_hubert
-from .weight_norm import detach_weight_norm_weights
 from ..kmeans.features import conv_layers_of, conv_output_frames, hubert_sample_padding_mask
+from .weight_norm import detach_weight_norm_weights
 
 
 @dataclass
@@ -33,7 +33,9 @@ class ScoreHubertConfig(FairseqDataclass):
     hubert_path: str = field(default=MISSING, metadata={"help": "fairseq HuBERT checkpoint to start from"})
     trainable_layers: int = field(default=2, metadata={"help": "top transformer layers of the student that train"})
     proj_dim: int = field(default=256, metadata={"help": "projection size before L2 normalisation"})
-    teacher_dropout: bool = field(default=False, metadata={"help": "keep dropout on in the frozen teacher (as the authors' code)"})
+    teacher_dropout: bool = field(
+        default=False, metadata={"help": "keep dropout on in the frozen teacher (as the authors' code)"}
+    )
 
 
 @register_model("score_hubert", dataclass=ScoreHubertConfig)
@@ -103,7 +105,12 @@ class ScoreHubertModel(BaseFairseqModel):
         x, len_x = self._encode(self.student, source)
         with torch.no_grad():
             y, len_y = self._encode(self.teacher, target_source)
-        return {"student": self.project(x), "student_lengths": len_x, "teacher": self.project(y), "teacher_lengths": len_y}
+        return {
+            "student": self.project(x),
+            "student_lengths": len_x,
+            "teacher": self.project(y),
+            "teacher_lengths": len_y,
+        }
 
     def speech_encoder(self) -> nn.Module:
         """The student HuBERT: what downstream evaluation and export use."""

@@ -82,12 +82,23 @@ class SuperbDownstreamModel(BaseFairseqModel):
         dim = upstream.encoder.embedding_dim
         self.featurizer = WeightedLayerSum(len(upstream.encoder.layers) + 1)
         if cfg.downstream == "bilstm":
-            self.lstm = nn.LSTM(dim, cfg.lstm_dim, num_layers=cfg.lstm_layers, bidirectional=True, batch_first=True,
-                                dropout=cfg.dropout if cfg.lstm_layers > 1 else 0.0)
+            self.lstm = nn.LSTM(
+                dim,
+                cfg.lstm_dim,
+                num_layers=cfg.lstm_layers,
+                bidirectional=True,
+                batch_first=True,
+                dropout=cfg.dropout if cfg.lstm_layers > 1 else 0.0,
+            )
             self.head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(2 * cfg.lstm_dim, num_outputs))
         elif cfg.hidden_dim > 0:
             self.lstm = None
-            self.head = nn.Sequential(nn.Linear(dim, cfg.hidden_dim), nn.ReLU(), nn.Dropout(cfg.dropout), nn.Linear(cfg.hidden_dim, num_outputs))
+            self.head = nn.Sequential(
+                nn.Linear(dim, cfg.hidden_dim),
+                nn.ReLU(),
+                nn.Dropout(cfg.dropout),
+                nn.Linear(cfg.hidden_dim, num_outputs),
+            )
         else:
             self.lstm = None
             self.head = nn.Linear(dim, num_outputs)
@@ -96,8 +107,10 @@ class SuperbDownstreamModel(BaseFairseqModel):
     def build_model(cls, cfg: SuperbDownstreamConfig, task):
         upstream, normalize = load_upstream(cfg.upstream_path)
         if bool(task.cfg.normalize) != normalize:
-            raise ValueError(f"task.normalize={task.cfg.normalize} but the upstream {cfg.upstream_path} was trained with "
-                             f"normalize={normalize}: set task.normalize={normalize}")
+            raise ValueError(
+                f"task.normalize={task.cfg.normalize} but the upstream {cfg.upstream_path} was trained with "
+                f"normalize={normalize}: set task.normalize={normalize}"
+            )
         return cls(cfg, upstream, len(task.target_dictionary))
 
     def train(self, mode: bool = True):

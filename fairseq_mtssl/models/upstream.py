@@ -34,7 +34,9 @@ def load_upstream(path: str) -> Tuple[nn.Module, bool]:
     return encoder, bool(getattr(task_cfg, "normalize", False))
 
 
-def hidden_states(encoder: nn.Module, source: torch.Tensor, padding_mask: Optional[torch.Tensor]) -> Tuple[List[torch.Tensor], Optional[torch.Tensor]]:
+def hidden_states(
+    encoder: nn.Module, source: torch.Tensor, padding_mask: Optional[torch.Tensor]
+) -> Tuple[List[torch.Tensor], Optional[torch.Tensor]]:
     """``([L + 1] x (B, T, C), frame padding mask (B, T) or None)`` of a fairseq speech encoder:
     the first layer's input, then each layer's output (a pre-LN model's final norm not applied)."""
     from fairseq.models.hubert import HubertModel
@@ -45,7 +47,9 @@ def hidden_states(encoder: nn.Module, source: torch.Tensor, padding_mask: Option
     hooks += [layer.register_forward_hook(lambda m, args, out: captured.append(out[0])) for layer in layers]
     try:
         if isinstance(encoder, HubertModel):
-            x, frame_mask = encoder.extract_features(source, padding_mask=padding_mask, mask=False, output_layer=len(layers))
+            x, frame_mask = encoder.extract_features(
+                source, padding_mask=padding_mask, mask=False, output_layer=len(layers)
+            )
         else:
             out = encoder.extract_features(source, padding_mask, mask=False, layer=len(layers) - 1)
             x, frame_mask = out["x"], out["padding_mask"]

@@ -15,7 +15,7 @@ downstream evaluation use :meth:`embed_speech` / :meth:`embed_images` and :meth:
 """
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 import torch.nn as nn
@@ -30,21 +30,33 @@ FEATURE_NORM = ChoiceEnum(["none", "instance", "batch"])
 
 @dataclass
 class Wav2Vec2VgsConfig(Wav2Vec2Config):
-    vgs_layer: int = field(default=8, metadata={"help": "wav2vec 2.0 layer (1-based) whose output feeds the audio head"})
+    vgs_layer: int = field(
+        default=8, metadata={"help": "wav2vec 2.0 layer (1-based) whose output feeds the audio head"}
+    )
     vgs_dim: int = field(default=768, metadata={"help": "width of both heads and of the joint embedding space"})
     vgs_heads: int = field(default=8, metadata={"help": "attention heads in the heads' transformer layers"})
-    audio_downsample: int = field(default=2, metadata={"help": "stride-2 convolutions before the audio head's transformer (2**n downsampling)"})
+    audio_downsample: int = field(
+        default=2, metadata={"help": "stride-2 convolutions before the audio head's transformer (2**n downsampling)"}
+    )
     audio_layers: int = field(default=1, metadata={"help": "transformer layers of the audio head"})
-    image_dim: int = field(default=2052, metadata={"help": "region feature size (Faster R-CNN 2048 + 4 box coordinates)"})
+    image_dim: int = field(
+        default=2052, metadata={"help": "region feature size (Faster R-CNN 2048 + 4 box coordinates)"}
+    )
     image_layers: int = field(default=6, metadata={"help": "transformer layers of the image head"})
     pooling: POOLING = field(default="cls", metadata={"help": "cls token or attention pooling"})
-    audio_feature_norm: FEATURE_NORM = field(default="batch", metadata={
-        "help": "normalise each channel of the wav2vec 2.0 layer features over the valid frames before the audio head: "
-                "instance (per utterance) or batch (per batch, running statistics at eval, as ResDAVEnet's BatchNorm). "
-                "Without it the features' large common component makes every pooled speech embedding nearly the same "
-                "(cosine 0.9997 on the embedded corpus) and the speech-image loss does not learn at small scale"})
+    audio_feature_norm: FEATURE_NORM = field(
+        default="batch",
+        metadata={
+            "help": "normalise each channel of the wav2vec 2.0 layer features over the valid frames before the audio head: "
+            "instance (per utterance) or batch (per batch, running statistics at eval, as ResDAVEnet's BatchNorm). "
+            "Without it the features' large common component makes every pooled speech embedding nearly the same "
+            "(cosine 0.9997 on the embedded corpus) and the speech-image loss does not learn at small scale"
+        },
+    )
     vgs_dropout: float = field(default=0.1, metadata={"help": "dropout in the heads"})
-    freeze_shared_layers: int = field(default=0, metadata={"help": "freeze the conv front end and wav2vec 2.0 layers 1..n (sequential stage 2)"})
+    freeze_shared_layers: int = field(
+        default=0, metadata={"help": "freeze the conv front end and wav2vec 2.0 layers 1..n (sequential stage 2)"}
+    )
 
 
 class _Pool(nn.Module):
@@ -54,8 +66,11 @@ class _Pool(nn.Module):
         super().__init__()
         self.cls = nn.Parameter(torch.randn(dim) * 0.02)
         self.layers = nn.ModuleList(
-            TransformerSentenceEncoderLayer(dim, 4 * dim, heads, dropout, dropout, dropout, "gelu", layer_norm_first=True)
-            for _ in range(layers))
+            TransformerSentenceEncoderLayer(
+                dim, 4 * dim, heads, dropout, dropout, dropout, "gelu", layer_norm_first=True
+            )
+            for _ in range(layers)
+        )
         self.norm = nn.LayerNorm(dim)
         self.pooling = pooling
         self.score = nn.Linear(dim, 1) if pooling == "attention" else None
@@ -110,8 +125,13 @@ class Wav2Vec2VgsModel(BaseFairseqModel):
             return
         if n > self.cfg.vgs_layer:
             raise ValueError(f"freeze_shared_layers={n} exceeds vgs_layer={self.cfg.vgs_layer} (the shared layers)")
-        for module in [self.w2v.feature_extractor, self.w2v.layer_norm, self.w2v.post_extract_proj,
-                       self.w2v.encoder.pos_conv, *self.w2v.encoder.layers[:n]]:
+        for module in [
+            self.w2v.feature_extractor,
+            self.w2v.layer_norm,
+            self.w2v.post_extract_proj,
+            self.w2v.encoder.pos_conv,
+            *self.w2v.encoder.layers[:n],
+        ]:
             if module is not None:
                 module.requires_grad_(False)
         if not self.w2v.encoder.layer_norm_first:
@@ -127,7 +147,10 @@ class Wav2Vec2VgsModel(BaseFairseqModel):
         seen: List[torch.Tensor] = []
         layers = self.w2v.encoder.layers
         hooks = [layers[0].register_forward_pre_hook(lambda m, args: seen.append(args[0]))]
-        hooks += [layer.register_forward_hook(lambda m, args, out: seen.append(out[0])) for layer in layers[: self.cfg.vgs_layer]]
+        hooks += [
+            layer.register_forward_hook(lambda m, args, out: seen.append(out[0]))
+            for layer in layers[: self.cfg.vgs_layer]
+        ]
         try:
             result = run()
         finally:
@@ -172,16 +195,27 @@ class Wav2Vec2VgsModel(BaseFairseqModel):
         out = self.w2v.extract_features(source, padding_mask, mask=False, layer=self.cfg.vgs_layer - 1)
         return self._audio_embedding(out["x"], out["padding_mask"])
 
-    def embed_images(self, image_feats: torch.Tensor, image_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def embed_images(
+        self, image_feats: torch.Tensor, image_padding_mask: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """``(B, E)`` image embeddings from region features ``(B, R, image_dim)``."""
         if image_feats.size(-1) != self.cfg.image_dim:
-            raise ValueError(f"image features have {image_feats.size(-1)} dims, the model expects image_dim={self.cfg.image_dim}")
+            raise ValueError(
+                f"image features have {image_feats.size(-1)} dims, the model expects image_dim={self.cfg.image_dim}"
+            )
         return F.normalize(self.image_out(self.image_pool(self.image_in(image_feats), image_padding_mask)), dim=-1)
 
     # ------------------------------------------------------------------ training forward
 
-    def forward(self, source: torch.Tensor, padding_mask: Optional[torch.Tensor] = None, image_feats: Optional[torch.Tensor] = None,
-                image_padding_mask: Optional[torch.Tensor] = None, ssl: bool = True, **kwargs) -> dict:
+    def forward(
+        self,
+        source: torch.Tensor,
+        padding_mask: Optional[torch.Tensor] = None,
+        image_feats: Optional[torch.Tensor] = None,
+        image_padding_mask: Optional[torch.Tensor] = None,
+        ssl: bool = True,
+        **kwargs,
+    ) -> dict:
         """With ``ssl``: wav2vec 2.0's masked forward (its output dict) plus ``speech_emb``; without:
         an unmasked forward to ``vgs_layer`` only. ``image_emb`` when ``image_feats`` are given."""
         if ssl:

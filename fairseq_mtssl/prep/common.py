@@ -55,7 +55,9 @@ def _num_samples(args: Tuple[str, Optional[str]]) -> int:
     return read_audio_info(path, where).num_samples
 
 
-def count_samples(paths: Sequence[str], wheres: Optional[Sequence[str]] = None, workers: int = 0, desc: str = "audio headers") -> List[int]:
+def count_samples(
+    paths: Sequence[str], wheres: Optional[Sequence[str]] = None, workers: int = 0, desc: str = "audio headers"
+) -> List[int]:
     """Number of samples of each file from its header, checking 16 kHz mono; parallel when ``workers`` > 1."""
     wheres = list(wheres) if wheres is not None else [None] * len(paths)
     jobs = list(zip(paths, wheres))

@@ -25,11 +25,16 @@ def build_corpus_manifests(corpus, dest, workers: int = 0) -> dict:
         raise FileNotFoundError(f"{corpus}/corpus.json not found: build the corpus with mtssl-synth-corpus first")
     counts = {}
     for split in SPLITS:
-        counts[split] = build_spokencoco_manifest(corpus / "captions" / f"{split}.json", corpus, corpus, dest, split, workers)
+        counts[split] = build_spokencoco_manifest(
+            corpus / "captions" / f"{split}.json", corpus, corpus, dest, split, workers
+        )
         align_path = corpus / "alignments" / f"{split}.phones.ctm"
         segs = read_ctm(align_path)
         manifest = read_manifest(dest / f"{split}.tsv")
-        phones = [aligned_phones(segs, Path(e.path).stem, manifest.where(i), align_path) for i, e in enumerate(manifest.entries)]
+        phones = [
+            aligned_phones(segs, Path(e.path).stem, manifest.where(i), align_path)
+            for i, e in enumerate(manifest.entries)
+        ]
         write_phone_transcripts(dest, split, phones)
     # The phone and letter inventories are closed: symbols only the held-out speakers' captions use
     # are listed (count 0), so evaluation splits have no out-of-dictionary symbols.

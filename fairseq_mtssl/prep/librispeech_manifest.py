@@ -66,7 +66,15 @@ def read_transcripts(root: Path, audio_ext: str) -> List[Tuple[str, str, str, st
     return rows
 
 
-def build_librispeech_manifest(root, dest, split, lexicon: Optional[str] = None, alignments: Optional[str] = None, audio_ext: str = "flac", workers: int = 0) -> int:
+def build_librispeech_manifest(
+    root,
+    dest,
+    split,
+    lexicon: Optional[str] = None,
+    alignments: Optional[str] = None,
+    audio_ext: str = "flac",
+    workers: int = 0,
+) -> int:
     root, dest = Path(root).resolve(), Path(dest)
     rows = read_transcripts(root, audio_ext)
     sizes = count_samples([str(root / r[0]) for r in rows], [r[3] for r in rows], workers=workers)

@@ -35,7 +35,9 @@ def read_caption_entries(json_path) -> List[dict]:
     return data
 
 
-def build_spokencoco_manifest(json_path, audio_root, image_root: Optional[str], dest, split, workers: int = 0, check_images: bool = True) -> int:
+def build_spokencoco_manifest(
+    json_path, audio_root, image_root: Optional[str], dest, split, workers: int = 0, check_images: bool = True
+) -> int:
     audio_root, dest = Path(audio_root).resolve(), Path(dest)
     image_index: Dict[str, int] = {}
     utts = []  # (wav, text, speaker, image index, where)

@@ -29,7 +29,9 @@ def find_audio(root: Path, extensions: List[str], must_contain: str = "") -> Lis
     return sorted(found)
 
 
-def build_wav_manifests(root, dest, extensions=("wav", "flac"), valid_percent=0.01, seed=0, workers=0, must_contain="") -> dict:
+def build_wav_manifests(
+    root, dest, extensions=("wav", "flac"), valid_percent=0.01, seed=0, workers=0, must_contain=""
+) -> dict:
     root = Path(root).resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: not a directory")
@@ -54,7 +56,9 @@ def main(argv=None) -> None:
     p.add_argument("--path-must-contain", default="", help="keep only paths containing this string")
     p.add_argument("--workers", type=int, default=0, help="header-reading processes (0: up to 8)")
     a = p.parse_args(argv)
-    counts = build_wav_manifests(a.root, a.dest, a.ext.split(","), a.valid_percent, a.seed, a.workers, a.path_must_contain)
+    counts = build_wav_manifests(
+        a.root, a.dest, a.ext.split(","), a.valid_percent, a.seed, a.workers, a.path_must_contain
+    )
     print(" ".join(f"{k}={v}" for k, v in counts.items()))
 
 

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 import numpy as np
-from omegaconf import OmegaConf, open_dict
 from fairseq.data.audio.hubert_dataset import HubertDataset
 from fairseq.tasks import register_task
 from fairseq.tasks.hubert_pretraining import HubertPretrainingConfig, HubertPretrainingTask, LabelEncoder
+from omegaconf import OmegaConf, open_dict
 
 from ..data.label_checks import check_frame_labels
 from ..data.manifest import read_manifest
@@ -86,7 +86,13 @@ class CheckedHubertPretrainingTask(HubertPretrainingTask):
         read_manifest(manifest)
         for label, rate in zip(self.cfg.labels, self.label_rates):
             rate = rate if not self.cfg.fine_tuning else -1.0
-            check_frame_labels(manifest, f"{self.get_label_dir()}/{split}.{label}", rate, self.cfg.sample_rate, self.cfg.label_tolerance_s)
+            check_frame_labels(
+                manifest,
+                f"{self.get_label_dir()}/{split}.{label}",
+                rate,
+                self.cfg.sample_rate,
+                self.cfg.label_tolerance_s,
+            )
 
     def load_dataset(self, split: str, **kwargs) -> None:
         self.check_split(split)

@@ -59,7 +59,12 @@ class PerturbedPairDataset(FairseqDataset):
     def make_pair(self, index: int):
         """``(original crop, perturbed copy, description)`` for item ``index``."""
         i = self.keep[index]
-        wav = read_audio(self.manifest.audio_path(i), self.manifest.where(i), self.manifest.entries[i].num_samples, self.cfg.sample_rate)
+        wav = read_audio(
+            self.manifest.audio_path(i),
+            self.manifest.where(i),
+            self.manifest.entries[i].num_samples,
+            self.cfg.sample_rate,
+        )
         rng = np.random.default_rng([int(self.cfg.seed), int(self.epoch), int(index)])
         if len(wav) > self.cfg.max_sample_size:
             start = int(rng.integers(0, len(wav) - self.cfg.max_sample_size + 1))
@@ -87,7 +92,10 @@ class PerturbedPairDataset(FairseqDataset):
             return {}
         return {
             "id": torch.LongTensor([s["id"] for s in samples]),
-            "net_input": {"source": [s["source"] for s in samples], "target_source": [s["target_source"] for s in samples]},
+            "net_input": {
+                "source": [s["source"] for s in samples],
+                "target_source": [s["target_source"] for s in samples],
+            },
             "nsentences": len(samples),
         }
 

@@ -45,6 +45,9 @@ class SuperbDownstreamTask(AudioFinetuningTask):
 
     def load_dataset(self, split: str, task_cfg=None, **kwargs):
         task_cfg = task_cfg or self.cfg
-        check_transcripts(os.path.join(self.cfg.data, f"{split}.tsv"), os.path.join(self.cfg.data, f"{split}.{task_cfg.labels}"),
-                          self.target_dictionary)
+        check_transcripts(
+            os.path.join(self.cfg.data, f"{split}.tsv"),
+            os.path.join(self.cfg.data, f"{split}.{task_cfg.labels}"),
+            self.target_dictionary,
+        )
         super().load_dataset(split, task_cfg, **kwargs)

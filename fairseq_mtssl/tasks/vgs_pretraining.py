@@ -25,8 +25,12 @@ from ..data.image_features import ImageFeatureError, ImageFeatureStore
 
 @dataclass
 class VgsSslPretrainingConfig(AudioPretrainingConfig):
-    image_features: Optional[str] = field(default=None, metadata={"help": "directory of {split}.npy/.idx image features (default: data)"})
-    audio_only_manifest: Optional[str] = field(default=None, metadata={"help": "manifest of speech without images, added to the train split"})
+    image_features: Optional[str] = field(
+        default=None, metadata={"help": "directory of {split}.npy/.idx image features (default: data)"}
+    )
+    audio_only_manifest: Optional[str] = field(
+        default=None, metadata={"help": "manifest of speech without images, added to the train split"}
+    )
     train_subset: str = field(default="train", metadata={"help": "the split audio-only speech is mixed into"})
 
 
@@ -104,15 +108,24 @@ class VgsSslPretrainingTask(AudioPretrainingTask):
     def _store(self, split: str) -> ImageFeatureStore:
         store = ImageFeatureStore(os.path.join(self.cfg.image_features or self.cfg.data, split))
         if self.image_feature_dim is not None and store.dim != self.image_feature_dim:
-            raise ImageFeatureError(f"{store.prefix}.npy: {store.dim}-dim features, other splits have {self.image_feature_dim}")
+            raise ImageFeatureError(
+                f"{store.prefix}.npy: {store.dim}-dim features, other splits have {self.image_feature_dim}"
+            )
         self.image_feature_dim = store.dim
         return store
 
     def _audio(self, manifest: str) -> FileAudioDataset:
         c = self.cfg
-        return FileAudioDataset(manifest_path=manifest, sample_rate=c.sample_rate, max_sample_size=c.max_sample_size,
-                                min_sample_size=c.min_sample_size, pad=c.enable_padding, normalize=c.normalize,
-                                num_buckets=0, compute_mask=False)
+        return FileAudioDataset(
+            manifest_path=manifest,
+            sample_rate=c.sample_rate,
+            max_sample_size=c.max_sample_size,
+            min_sample_size=c.min_sample_size,
+            pad=c.enable_padding,
+            normalize=c.normalize,
+            num_buckets=0,
+            compute_mask=False,
+        )
 
     def load_dataset(self, split: str, task_cfg=None, **kwargs):
         manifest = os.path.join(self.cfg.data, f"{split}.tsv")
@@ -123,11 +136,15 @@ class VgsSslPretrainingTask(AudioPretrainingTask):
         store = self._store(split)
         for lineno, name in enumerate(names, start=1):
             if name not in store:
-                raise ImageFeatureError(f"{os.path.join(self.cfg.data, split)}.img:{lineno}: image {name} has no feature row in {store.prefix}.idx")
+                raise ImageFeatureError(
+                    f"{os.path.join(self.cfg.data, split)}.img:{lineno}: image {name} has no feature row in {store.prefix}.idx"
+                )
         skipped = set(audio.skipped_indices)  # lines FileAudioDataset dropped (shorter than min_sample_size)
         names = [n for i, n in enumerate(names) if i not in skipped]
         dataset = ImagePairedAudioDataset(audio, names, store, store.dim)
         if self.cfg.audio_only_manifest and split == self.cfg.train_subset:
             speech = ImagePairedAudioDataset(self._audio(self.cfg.audio_only_manifest), None, None, store.dim)
-            dataset = ConcatDataset([dataset, speech])  # collates with the first dataset's collater, which knows both kinds
+            dataset = ConcatDataset(
+                [dataset, speech]
+            )  # collates with the first dataset's collater, which knows both kinds
         self.datasets[split] = dataset
