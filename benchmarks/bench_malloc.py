@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_malloc.py [--corpus runs/main/data/corpus] [--updates 60] [--rounds 2]
 
-Runs the tiny wav2vec 2.0 pre-training (``examples/wav2vec2/config/pretraining/wav2vec2_tiny_cpu``)
+Runs the tiny wav2vec 2.0 pre-training (``fairseq_mtssl/config/wav2vec2/pretraining/wav2vec2_tiny_cpu``)
 for ``--updates`` updates, one intra-op thread, alternately with the default allocator and with
 ``GLIBC_TUNABLES=fairseq_mtssl.pipeline.MALLOC_TUNABLES``. It samples the process's PSS every 0.2 s
 and prints, per setting, the median peak PSS and wall time, then the two ratios (tuned / default).
@@ -36,7 +36,7 @@ def train_once(manifests: Path, run_dir: Path, updates: int, tunables: str) -> t
     cmd = [
         str(Path(sys.executable).parent / "fairseq-hydra-train"),
         "--config-dir",
-        str(ROOT / "examples/wav2vec2/config/pretraining"),
+        str(ROOT / "fairseq_mtssl/config/wav2vec2/pretraining"),
         "--config-name",
         "wav2vec2_tiny_cpu",
         f"common.user_dir={ROOT / 'fairseq_mtssl'}",

@@ -29,11 +29,11 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from .config import config_dir
 from .pipeline import MALLOC_TUNABLES, Pipeline, latest_updates
 from .report import write_report
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-EXAMPLES = PACKAGE_DIR.parent / "examples"
 SPLITS = ("train", "valid", "test")
 MT4SSL_VARIANTS = {"both": [], "offline_only": ["model.online_weight=0"], "online_only": ["model.offline_weights=[0]"]}
 MODELS = ["hubert", "mt4ssl_both", "mt4ssl_offline_only", "mt4ssl_online_only", "vgs_plus", "w2v2_then_vgs", "score"]
@@ -147,7 +147,7 @@ class MainJob:
         run = self.run_dir("hubert")
         self.hydra_train(
             "train_hubert",
-            EXAMPLES / "hubert/config/pretrain",
+            config_dir("hubert/pretrain"),
             "hubert_tiny_cpu",
             run,
             f"task.data={self.manifests}",
@@ -163,7 +163,7 @@ class MainJob:
             run = self.run_dir(f"mt4ssl_{variant}")
             self.hydra_train(
                 f"train_mt4ssl_{variant}",
-                EXAMPLES / "mt4ssl/config/pretrain",
+                config_dir("mt4ssl/pretrain"),
                 "mt4ssl_tiny_cpu",
                 run,
                 f"task.data={self.manifests}",
@@ -207,7 +207,7 @@ class MainJob:
         start = self.p.results["train_hubert"]["checkpoint"]
         self.hydra_train(
             "train_score",
-            EXAMPLES / "score/config",
+            config_dir("score"),
             "score_tiny_cpu",
             run,
             f"task.data={self.manifests}",

@@ -27,9 +27,9 @@ import torch
 from .atomic import atomic_write
 from .checkpoint_safety import load_checkpoint_safely
 from .child_process import child_kwargs
+from .config import config_dir
 
 ALPHA = {"W2V2": 1.0, "VGS": 0.0, "VGS+": None}  # VGS+: --alpha
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "vgs" / "config"
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
@@ -178,7 +178,11 @@ def main(argv=None) -> None:
     p.add_argument("--updates", type=int, required=True, help="total updates (split 20:50 between two stages)")
     p.add_argument("--alpha", type=float, default=0.5, help="wav2vec 2.0 weight for VGS+")
     p.add_argument("--freeze-shared", type=int, default=0, help="stage B: freeze the front end and layers 1..n")
-    p.add_argument("--config-dir", default=str(EXAMPLES))
+    p.add_argument(
+        "--config-dir",
+        default=str(config_dir("vgs")),
+        help="folder of the stage config (default: the packaged VGS configs)",
+    )
     p.add_argument("--config-name", default="vgs_ssl_tiny_cpu")
     p.add_argument("overrides", nargs="*", help="more hydra overrides for every stage")
     a = p.parse_args(argv)

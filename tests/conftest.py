@@ -48,7 +48,7 @@ def tiny_hubert_checkpoint(manifest_dir, mfcc_labels, tmp_path_factory):
     run_cli(
         "fairseq-hydra-train",
         "--config-dir",
-        REPO / "examples/hubert/config/pretrain",
+        REPO / "fairseq_mtssl/config/hubert/pretrain",
         "--config-name",
         "hubert_tiny_cpu",
         f"common.user_dir={PACKAGE_DIR}",

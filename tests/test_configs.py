@@ -8,7 +8,7 @@ from conftest import PACKAGE_DIR, REPO
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
-CONFIGS = sorted(p for p in (REPO / "examples").rglob("*.yaml"))
+CONFIGS = sorted(p for p in (REPO / "fairseq_mtssl/config").rglob("*.yaml"))
 
 
 def _compose(path: Path, overrides):
@@ -35,7 +35,7 @@ def pretrained_mt4ssl(manifest_dir, label_dir, tmp_path_factory):
     import fairseq_mtssl  # noqa: F401
 
     cfg = _compose(
-        REPO / "examples/mt4ssl/config/pretrain/mt4ssl_tiny_cpu.yaml",
+        REPO / "fairseq_mtssl/config/mt4ssl/pretrain/mt4ssl_tiny_cpu.yaml",
         [
             f"task.data={manifest_dir}",
             f"task.label_dir={label_dir}",
@@ -78,7 +78,7 @@ def pretrained_hubert(manifest_dir, label_dir, tmp_path_factory):
     paths = {}
     for scale, name in (("tiny", "hubert_tiny_cpu"), ("base", "hubert_base_iter1")):
         cfg = _compose(
-            REPO / f"examples/hubert/config/pretrain/{name}.yaml",
+            REPO / f"fairseq_mtssl/config/hubert/pretrain/{name}.yaml",
             [
                 f"task.data={manifest_dir}",
                 f"task.label_dir={label_dir}",
@@ -111,7 +111,7 @@ def pretrained_hubert(manifest_dir, label_dir, tmp_path_factory):
     return paths
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=[str(p.relative_to(REPO / "examples")) for p in CONFIGS])
+@pytest.mark.parametrize("config", CONFIGS, ids=[str(p.relative_to(REPO / "fairseq_mtssl/config")) for p in CONFIGS])
 def test_config_builds_its_model(config, manifest_dir, label_dir, pretrained_mt4ssl, pretrained_hubert):
     from fairseq import tasks
 

@@ -5,7 +5,7 @@ import shutil
 
 from conftest import PACKAGE_DIR, REPO, assert_batched_layer_features_match, run_cli
 
-CONFIG_DIR = REPO / "examples" / "hubert" / "config" / "pretrain"
+CONFIG_DIR = REPO / "fairseq_mtssl/config/hubert/pretrain"
 
 
 def _train(run_dir, manifest_dir, label_dir, updates, *extra):

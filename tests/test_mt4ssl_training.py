@@ -14,7 +14,7 @@ def _pretrain(run, manifest_dir, label_dir, updates, *extra):
     return run_cli(
         "fairseq-hydra-train",
         "--config-dir",
-        REPO / "examples/mt4ssl/config/pretrain",
+        REPO / "fairseq_mtssl/config/mt4ssl/pretrain",
         "--config-name",
         "mt4ssl_tiny_cpu",
         f"common.user_dir={PACKAGE_DIR}",
@@ -77,7 +77,7 @@ def test_mt4ssl_pretrain_resume_finetune_export(manifest_dir, mfcc_labels, tmp_p
     ft = run_cli(
         "fairseq-hydra-train",
         "--config-dir",
-        REPO / "examples/mt4ssl/config/finetune",
+        REPO / "fairseq_mtssl/config/mt4ssl/finetune",
         "--config-name",
         "tiny_cpu",
         f"common.user_dir={PACKAGE_DIR}",

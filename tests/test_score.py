@@ -28,7 +28,7 @@ def test_score_finetunes_top_layers_only_and_exports_a_vanilla_hubert(manifest_d
     out = run_cli(
         "fairseq-hydra-train",
         "--config-dir",
-        REPO / "examples/score/config",
+        REPO / "fairseq_mtssl/config/score",
         "--config-name",
         "score_tiny_cpu",
         f"common.user_dir={PACKAGE_DIR}",

@@ -112,7 +112,7 @@ def test_downstream_trains_with_fairseq_hydra_train_and_evaluates(
     out = run_cli(
         "fairseq-hydra-train",
         "--config-dir",
-        REPO / "examples/superb/config",
+        REPO / "fairseq_mtssl/config/superb",
         "--config-name",
         config,
         f"common.user_dir={PACKAGE_DIR}",

@@ -113,7 +113,7 @@ def _setup(data, **model_overrides):
     import fairseq_mtssl  # noqa: F401
 
     hydra_init("vgs_ssl_tiny_cpu")
-    with initialize_config_dir(config_dir=str(REPO / "examples/vgs/config"), version_base="1.1"):
+    with initialize_config_dir(config_dir=str(REPO / "fairseq_mtssl/config/vgs"), version_base="1.1"):
         cfg = compose("vgs_ssl_tiny_cpu", overrides=[f"task.data={data}", "hydra.run.dir=x"])
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False, enum_to_str=True))
     cfg.model.update(model_overrides)

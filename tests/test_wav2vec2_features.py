@@ -10,7 +10,7 @@ def test_wav2vec2_tiny_trains_and_its_layers_give_labels(manifest_dir, tmp_path)
     proc = run_cli(
         "fairseq-hydra-train",
         "--config-dir",
-        REPO / "examples/wav2vec2/config/pretraining",
+        REPO / "fairseq_mtssl/config/wav2vec2/pretraining",
         "--config-name",
         "wav2vec2_tiny_cpu",
         f"common.user_dir={PACKAGE_DIR}",

@@ -10,7 +10,7 @@ M=$MAIN/data/manifests; L=$MAIN/data/labels/mfcc_km50
 declare -A VARIANT=([both]="" [offline_only]="model.online_weight=0" [online_only]="model.offline_weights=[0]")
 for name in both offline_only online_only; do
   [ -f "$OUT/$name/checkpoints/checkpoint_last.pt" ] && grep -q "done training" "$OUT/$name/hydra_train.log" 2>/dev/null && continue
-  "$BIN/fairseq-hydra-train" --config-dir "$REPO/examples/mt4ssl/config/pretrain" --config-name mt4ssl_tiny_cpu \
+  "$BIN/fairseq-hydra-train" --config-dir "$REPO/fairseq_mtssl/config/mt4ssl/pretrain" --config-name mt4ssl_tiny_cpu \
     common.user_dir="$REPO/fairseq_mtssl" task.data="$M" task.label_dir="$L" 'task.labels=["km"]' task.label_rate=100 \
     optimization.max_update="$UPDATES" hydra.run.dir="$OUT/$name" ${VARIANT[$name]} > "$OUT.$name.log" 2>&1
 done

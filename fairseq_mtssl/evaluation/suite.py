@@ -7,7 +7,7 @@ Runs, each as the command a user would type (recorded in ``commands.sh`` of ``--
   ABX          mtssl-abx, every layer, triphone items of the test split (held-out speakers)
   phone probe  mtssl-phone-probe at ``--layer``
   QbE          mtssl-qbe at ``--layer``: valid-split words as queries, test utterances as documents
-  PR           SUPERB-style phone recognition: fairseq-hydra-train examples/superb pr_tiny_cpu for
+  PR           SUPERB-style phone recognition: fairseq-hydra-train superb/pr_tiny_cpu (packaged config) for
                ``--pr-updates`` updates, then mtssl-superb-eval on the test split (PER)
   retrieval    (``--retrieval``, VGS models) mtssl-vgs-retrieval on the test split, recall@1/5/10
 and writes ``results.json``. A finished step (its output present; for the PR training a ``done``
@@ -27,8 +27,8 @@ from typing import Dict, List, Optional
 
 from ..atomic import atomic_write
 from ..child_process import child_kwargs
+from ..config import config_dir
 
-REPO_EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
 
@@ -139,7 +139,7 @@ class Suite:
                 [
                     _bin("fairseq-hydra-train"),
                     "--config-dir",
-                    REPO_EXAMPLES / "superb/config",
+                    config_dir("superb"),
                     "--config-name",
                     "pr_tiny_cpu",
                     f"common.user_dir={PACKAGE_DIR}",
