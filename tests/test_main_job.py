@@ -59,8 +59,8 @@ def test_main_job_resumes_after_kill_9_and_writes_the_report(tmp_path):
     assert saved, f"no checkpoint before the deadline:\n{first.stdout.read() if first.poll() is not None else ''}"
     os.kill(first.pid, signal.SIGKILL)  # the runner only; its commands die with it
     first.wait()
-    assert not (out / "stages" / "train_hubert.json").exists()
-    assert (out / "stages" / "corpus.json").exists()
+    assert not (out / "done" / "train_hubert.json").exists()
+    assert (out / "done" / "corpus.json").exists()
     interrupted_at = max(_checkpoint_updates(log))
     assert interrupted_at < 60
 

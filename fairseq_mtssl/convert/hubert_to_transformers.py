@@ -19,6 +19,7 @@ from typing import Dict
 
 import torch
 
+from ..upstream import conv_layers_of
 from .hubert_checkpoint import load_hubert
 
 
@@ -29,8 +30,7 @@ class TransformersExportError(ValueError):
 def transformers_hubert_config(model_cfg, model) -> dict:
     """HF ``HubertConfig`` keyword arguments equivalent to a fairseq ``HubertConfig``; the conv
     geometry is read off the built model's modules (the config holds it as a Python expression)."""
-    convs = [block[0] for block in model.feature_extractor.conv_layers]
-    conv = [(c.out_channels, c.kernel_size[0], c.stride[0]) for c in convs]
+    conv = conv_layers_of(model)
     if model_cfg.activation_fn != "gelu":
         raise TransformersExportError(
             f"activation {model_cfg.activation_fn!r}: transformers' HuBERT export supports gelu only"

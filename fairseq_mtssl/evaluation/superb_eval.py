@@ -32,12 +32,9 @@ def letters_to_words(symbols: Sequence[str]) -> List[str]:
 
 
 def evaluate(checkpoint: str, split: str, max_tokens: int = 1_600_000) -> Dict:
-    from fairseq import checkpoint_utils
+    from ..upstream import load_model_and_task
 
-    import fairseq_mtssl  # noqa: F401
-
-    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([checkpoint])
-    model = models[0].eval()
+    model, cfg, task = load_model_and_task(checkpoint)
     task.load_dataset(split)
     dataset = task.dataset(split)
     dictionary = task.target_dictionary

@@ -23,8 +23,8 @@ from fairseq.dataclass import FairseqDataclass
 from fairseq.models import BaseFairseqModel, register_model
 from omegaconf import MISSING
 
+from .. import upstream
 from ..convert.hubert_checkpoint import load_hubert
-from ..kmeans.features import conv_layers_of, conv_output_frames, hubert_sample_padding_mask
 from .weight_norm import detach_weight_norm_weights
 
 
@@ -53,7 +53,7 @@ class ScoreHubertModel(BaseFairseqModel):
         for layer in student.encoder.layers[n_layers - cfg.trainable_layers :]:
             layer.requires_grad_(True)
         self.proj = nn.Linear(student.encoder.embedding_dim, cfg.proj_dim)
-        self.batchable = not any(isinstance(m, nn.GroupNorm) for m in student.feature_extractor.modules())
+        self.batchable = upstream.front_end_batchable(student)
 
     @classmethod
     def build_model(cls, cfg: ScoreHubertConfig, task=None):
@@ -83,13 +83,9 @@ class ScoreHubertModel(BaseFairseqModel):
     def _encode(self, model, sources: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """Last-layer outputs ``(B, T, C)`` of padded or one-at-a-time inputs and frame lengths ``(B,)``."""
         if self.batchable and len(sources) > 1:
-            total = max(len(s) for s in sources)
-            x = sources[0].new_zeros(len(sources), total)
-            for i, s in enumerate(sources):
-                x[i, : len(s)] = s
-            layers = conv_layers_of(model)
-            mask = hubert_sample_padding_mask(layers, [len(s) for s in sources], total, x.device)
-            frames = [conv_output_frames(len(s), layers) for s in sources]
+            x, _, lengths = upstream.batch_waveforms(sources, device=sources[0].device)
+            mask = upstream.sample_padding_mask(model, lengths, x.device)
+            frames = [upstream.frontend.frames_of(model, n) for n in lengths]
             feats = self._extract(model, x, mask)
         else:
             outs = [self._extract(model, s[None], None)[0] for s in sources]

@@ -24,6 +24,8 @@ from fairseq.dataclass import ChoiceEnum
 from fairseq.models import BaseFairseqModel, register_model
 from fairseq.models.wav2vec.wav2vec2 import TransformerSentenceEncoderLayer, Wav2Vec2Config, Wav2Vec2Model
 
+from ..upstream.layers import record_layers
+
 POOLING = ChoiceEnum(["cls", "attention"])
 FEATURE_NORM = ChoiceEnum(["none", "instance", "batch"])
 
@@ -144,18 +146,8 @@ class Wav2Vec2VgsModel(BaseFairseqModel):
         """Run ``run()`` while recording the output of wav2vec 2.0 layer ``vgs_layer`` ``(B, T, C)``.
         Under LayerDrop a skipped layer passes its input on, so the latest output of layers
         ``1..vgs_layer`` (or the first layer's input) is what layer ``vgs_layer`` hands upward."""
-        seen: List[torch.Tensor] = []
-        layers = self.w2v.encoder.layers
-        hooks = [layers[0].register_forward_pre_hook(lambda m, args: seen.append(args[0]))]
-        hooks += [
-            layer.register_forward_hook(lambda m, args, out: seen.append(out[0]))
-            for layer in layers[: self.cfg.vgs_layer]
-        ]
-        try:
+        with record_layers(self.w2v.encoder.layers, upto=self.cfg.vgs_layer) as seen:
             result = run()
-        finally:
-            for h in hooks:
-                h.remove()
         return result, seen[-1].transpose(0, 1)
 
     def _normalise_features(self, h: torch.Tensor, frame_mask: Optional[torch.Tensor]) -> torch.Tensor:
