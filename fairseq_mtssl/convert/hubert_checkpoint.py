@@ -16,10 +16,11 @@ import torch
 
 from ..atomic import save_torch_atomic
 from ..checkpoint_safety import load_checkpoint_safely
+from ..errors import MtsslError
 from ..upstream.checkpoint import read_checkpoint
 
 
-class NotAHubertCheckpoint(ValueError):
+class NotAHubertCheckpoint(MtsslError, ValueError):
     pass
 
 

@@ -19,11 +19,12 @@ from typing import Dict
 
 import torch
 
+from ..errors import ExportError, cli
 from ..upstream import conv_layers_of
 from .hubert_checkpoint import load_hubert
 
 
-class TransformersExportError(ValueError):
+class TransformersExportError(ExportError):
     pass
 
 
@@ -164,6 +165,7 @@ def export_hubert_to_transformers(checkpoint, out_dir) -> Path:
     return out_dir
 
 
+@cli
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a fairseq HuBERT checkpoint (e.g. written by mtssl-export-hubert)")

@@ -14,10 +14,7 @@ from pathlib import Path
 
 from ..atomic import save_torch_atomic
 from ..checkpoint_safety import load_checkpoint_safely
-
-
-class ExportError(ValueError):
-    pass
+from ..errors import ExportError, cli
 
 
 def export_mt4ssl_student(src, dst) -> dict:
@@ -63,6 +60,7 @@ def export_mt4ssl_student(src, dst) -> dict:
     return out
 
 
+@cli
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint")

@@ -12,11 +12,8 @@ import argparse
 
 from fairseq_mtssl.checkpoint_safety import load_checkpoint_safely
 
+from ..errors import ExportError, cli
 from .hubert_checkpoint import load_hubert, save_vanilla_hubert
-
-
-class ExportError(ValueError):
-    pass
 
 
 def export_score_student(score_checkpoint, out, hubert_path=None) -> None:
@@ -37,6 +34,7 @@ def export_score_student(score_checkpoint, out, hubert_path=None) -> None:
     save_vanilla_hubert(hubert, source_state, out)
 
 
+@cli
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint")

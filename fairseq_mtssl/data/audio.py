@@ -6,10 +6,12 @@ from typing import Optional
 import numpy as np
 import soundfile as sf
 
+from ..errors import MtsslError
+
 SAMPLE_RATE = 16000
 
 
-class AudioFormatError(ValueError):
+class AudioFormatError(MtsslError, ValueError):
     """Audio that is unreadable, truncated, multi-channel or at the wrong sample rate."""
 
 

@@ -27,12 +27,13 @@ import torch
 from PIL import Image
 
 from ..atomic import atomic_write
+from ..errors import MtsslError, cli
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
 
-class ImageFeatureError(ValueError):
+class ImageFeatureError(MtsslError, ValueError):
     pass
 
 
@@ -149,6 +150,7 @@ class ImageFeatureStore:
         return np.asarray(self.matrix[off : off + n], dtype=np.float32)
 
 
+@cli
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", required=True, help="image list (a manifest's {split}.images)")

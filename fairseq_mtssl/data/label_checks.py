@@ -10,10 +10,11 @@ whose line count differs from the manifest's.
 import argparse
 from typing import List
 
+from ..errors import MtsslError, cli
 from .manifest import read_manifest
 
 
-class LabelMismatchError(ValueError):
+class LabelMismatchError(MtsslError, ValueError):
     pass
 
 
@@ -54,6 +55,7 @@ def check_frame_labels(
     return len(counts)
 
 
+@cli
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("manifest")

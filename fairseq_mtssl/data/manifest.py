@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Iterable, List, Tuple
 
 from ..atomic import atomic_write
+from ..errors import MtsslError
 
 
-class ManifestError(ValueError):
+class ManifestError(MtsslError, ValueError):
     """A manifest that is empty or malformed; the message names file and line."""
 
 

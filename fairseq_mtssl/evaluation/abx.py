@@ -28,6 +28,7 @@ import torch
 
 from ..atomic import atomic_write
 from ..corpus.alignment import SILENCE, read_ctm
+from ..errors import cli
 
 logger = logging.getLogger(__name__)
 ITEM_HEADER = "#file onset offset #phone prev-phone next-phone speaker"
@@ -275,6 +276,7 @@ def _speakers_for(manifest_path) -> Dict[str, str]:
     return {Path(e.path).stem: s for e, s in zip(manifest.entries, speakers)}
 
 
+@cli
 def items_main(argv=None) -> None:
     p = argparse.ArgumentParser(description="Write an ABX .item file from a phone alignment and a manifest (+ .spk).")
     p.add_argument("--alignments", required=True, help="{split}.phones.ctm")
@@ -286,6 +288,7 @@ def items_main(argv=None) -> None:
     print(f"{a.out}: {len(items)} items")
 
 
+@cli
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="fairseq / plugin checkpoint, or 'mfcc'")

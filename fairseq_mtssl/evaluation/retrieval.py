@@ -17,6 +17,7 @@ import torch
 
 from .. import upstream
 from ..atomic import report_result
+from ..errors import cli
 
 KS = (1, 5, 10)
 
@@ -74,6 +75,7 @@ def embed_split(checkpoint: str, split: str, max_batch_samples: int = 800_000):
     return torch.stack(speech), image_emb, torch.tensor([index[n] for n in names])
 
 
+@cli
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint")

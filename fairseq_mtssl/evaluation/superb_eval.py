@@ -13,6 +13,7 @@ import editdistance
 import torch
 
 from ..atomic import report_result
+from ..errors import cli
 
 
 def ctc_greedy(lprobs: torch.Tensor, blank: int) -> List[int]:
@@ -70,6 +71,7 @@ def evaluate(checkpoint: str, split: str, max_tokens: int = 1_600_000) -> Dict:
     return result
 
 
+@cli
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint")

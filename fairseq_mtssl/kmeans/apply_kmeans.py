@@ -21,6 +21,7 @@ from tqdm import tqdm
 from ..atomic import atomic_write
 from ..data.batches import iter_audio_batches, shard_range
 from ..data.manifest import read_manifest, write_lines
+from ..errors import cli
 from .dump_features import add_reader_args, load_features
 from .features import make_reader
 
@@ -107,6 +108,7 @@ def apply_to_audio(
     return out
 
 
+@cli
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("km_path")

@@ -22,12 +22,13 @@ from tqdm import tqdm
 
 from ..data.batches import iter_audio_batches, shard_range
 from ..data.manifest import read_manifest
+from ..errors import MtsslError, cli
 from .features import make_reader
 
 logger = logging.getLogger(__name__)
 
 
-class FeatureDumpError(RuntimeError):
+class FeatureDumpError(MtsslError, RuntimeError):
     pass
 
 
@@ -161,6 +162,7 @@ def add_reader_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=4, help="audio reading threads")
 
 
+@cli
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("manifest")

@@ -14,6 +14,7 @@ import numpy as np
 from sklearn.cluster import MiniBatchKMeans
 
 from ..atomic import atomic_write
+from ..errors import cli
 from .dump_features import load_features
 
 logger = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ def learn_kmeans(
     return km
 
 
+@cli
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("feat_dir")

@@ -14,6 +14,7 @@ from typing import Dict, List, Optional, Tuple
 
 from ..corpus.alignment import read_ctm
 from ..data.manifest import write_lines, write_manifest
+from ..errors import cli
 from .common import aligned_phones, count_samples, letters, write_dictionary, write_phone_transcripts
 
 
@@ -100,6 +101,7 @@ def build_librispeech_manifest(
     return n
 
 
+@cli
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("root", help="e.g. LibriSpeech/train-clean-100")

@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from ..data.manifest import write_lines, write_manifest
+from ..errors import MtsslError, cli
 from .common import count_samples, letters, write_dictionary
 
 
-class CaptionFileError(ValueError):
+class CaptionFileError(MtsslError, ValueError):
     pass
 
 
@@ -67,6 +68,7 @@ def build_spokencoco_manifest(
     return n
 
 
+@cli
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("json")

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from fairseq.tasks import register_task
 from fairseq.tasks.audio_finetuning import AudioFinetuningConfig, AudioFinetuningTask
 
+from ..errors import MtsslError
 
-class TranscriptError(ValueError):
+
+class TranscriptError(MtsslError, ValueError):
     pass
 
 
