@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # every test here trains with fairseq-hydra-train
+
 BIN = Path(sys.executable).parent
 
 
@@ -47,7 +49,6 @@ def _checkpoint_updates(log: Path):
     )
 
 
-@pytest.mark.slow
 def test_main_job_resumes_after_kill_9_and_writes_the_report(tmp_path):
     out = tmp_path / "run"
     log = out / "models" / "hubert" / "hydra_train.log"

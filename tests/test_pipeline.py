@@ -42,7 +42,11 @@ def test_stages_run_after_their_dependencies_and_are_skipped_when_finished(tmp_p
     assert set(results) == {"a", "b", "c", "d"} and results["d"]["name"] == "d"
     assert json.loads((tmp_path / "done" / "b.json").read_text())["name"] == "b"
     commands = (tmp_path / "commands.sh").read_text()
-    assert sum(line.startswith("# ") for line in commands.splitlines()) == 4 and "# c\n" in commands and "ran c" in commands
+    assert (
+        sum(line.startswith("# ") for line in commands.splitlines()) == 4
+        and "# c\n" in commands
+        and "ran c" in commands
+    )
     assert "ran b" in (tmp_path / "logs" / "b.log").read_text()
 
     again = []

@@ -23,6 +23,7 @@ np.save(sys.argv[3], x.numpy())
 """
 
 
+@pytest.mark.slow
 def test_score_finetunes_top_layers_only_and_exports_a_vanilla_hubert(manifest_dir, tiny_hubert_checkpoint, tmp_path):
     run = tmp_path / "score"
     out = run_cli(
@@ -69,6 +70,7 @@ def test_score_finetunes_top_layers_only_and_exports_a_vanilla_hubert(manifest_d
     assert not torch.equal(torch.load(exported)["model"][f"{top}fc1.weight"], start[f"{top}fc1.weight"])
 
 
+@pytest.mark.slow
 def test_export_refuses_other_architectures(tiny_hubert_checkpoint, tmp_path):
     from fairseq_mtssl.convert.hubert_checkpoint import NotAHubertCheckpoint, load_hubert
     from fairseq_mtssl.convert.score_to_hubert import ExportError, export_score_student

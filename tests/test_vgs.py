@@ -249,6 +249,7 @@ def test_recall_at_k_against_brute_force():
         assert got[f"i2s_r{k}"] == pytest.approx(100 * i2s, abs=0.01)
 
 
+@pytest.mark.slow
 def test_sequential_scenario_hands_over_weights_and_freezes(vgs_data, tmp_path):
     out = tmp_path / "w2v2_vgs"
     run_cli(

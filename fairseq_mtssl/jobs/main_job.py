@@ -108,7 +108,7 @@ class MainJob:
             )
 
     def labels_mfcc(self):
-        feats, km = self.data / "features" / "mfcc", self.mfcc_labels / "kmeans.joblib"
+        feats, km = self.data / "features" / "mfcc", self.mfcc_labels / "kmeans.npy"
         self.pipeline.run(
             "labels_mfcc", ["mtssl-dump-features", self.manifests / "train.tsv", feats, "--feature", "mfcc"]
         )
@@ -234,14 +234,14 @@ class MainJob:
         self.pipeline.run("labels_iter2", ["mtssl-dump-features", self.manifests / "train.tsv", feats, *model_args])
         self.pipeline.run(
             "labels_iter2",
-            ["mtssl-learn-kmeans", feats, "train", "1", lab / "kmeans.joblib", "--n-clusters", self.args.clusters],
+            ["mtssl-learn-kmeans", feats, "train", "1", lab / "kmeans.npy", "--n-clusters", self.args.clusters],
         )
         for split in SPLITS:
             self.pipeline.run(
                 "labels_iter2",
                 [
                     "mtssl-apply-kmeans",
-                    lab / "kmeans.joblib",
+                    lab / "kmeans.npy",
                     lab,
                     "--manifest",
                     self.manifests / f"{split}.tsv",

@@ -6,6 +6,7 @@ extractor (loading, front-end geometry, masks, layer capture) lives in :mod:`fai
 """
 
 import logging
+from pathlib import Path
 from typing import List, Optional, Sequence
 
 import numpy as np
@@ -35,6 +36,10 @@ class MfccReader:
         # batch to its longest member costs more than it saves (benchmarks/bench_labels.py).
         return [mfcc_lib.batch_mfcc([w])[0] for w in wavs]
 
+    def spec(self) -> dict:
+        """What these features are (recorded beside dumps and k-means models)."""
+        return {"feature": "mfcc", "dim": self.dim}
+
 
 class ModelLayerReader:
     """Hidden states after transformer layer ``layer`` (1-based) of a fairseq HuBERT, wav2vec 2.0,
@@ -45,6 +50,7 @@ class ModelLayerReader:
     def __init__(self, checkpoint: str, layer: int, device: str = "cpu"):
         if layer < 1:
             raise FeatureSpecError(f"layer must be >= 1 (1-based transformer layer), got {layer}")
+        self.checkpoint = str(Path(checkpoint).resolve())
         self.model, self.normalize = upstream.load_upstream(checkpoint)
         self.model.to(device)
         self.device = device
@@ -56,6 +62,17 @@ class ModelLayerReader:
         self.frame_rate = upstream.frame_rate_of(self.conv_layers)
         self.dim = self.model.encoder.embedding_dim
         self.batchable = upstream.front_end_batchable(self.model)
+
+    def spec(self) -> dict:
+        """What these features are (recorded beside dumps and k-means models)."""
+        size = Path(self.checkpoint).stat().st_size
+        return {
+            "feature": "model",
+            "checkpoint": self.checkpoint,
+            "checkpoint_bytes": size,
+            "layer": self.layer,
+            "dim": self.dim,
+        }
 
     def num_frames(self, num_samples: int) -> int:
         return upstream.conv_output_frames(num_samples, self.conv_layers)

@@ -31,8 +31,16 @@ def read_caption_entries(json_path) -> List[dict]:
         data = json.loads(Path(json_path).read_text(encoding="utf-8"))["data"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise CaptionFileError(f"{json_path}: not a SpokenCOCO-style caption file ({err})") from err
-    if not data:
-        raise CaptionFileError(f"{json_path}: no entries under 'data'")
+    if not isinstance(data, list) or not data:
+        raise CaptionFileError(f"{json_path}: 'data' must be a non-empty list of entries")
+    for i, entry in enumerate(data):
+        if not isinstance(entry, dict):
+            raise CaptionFileError(
+                f"{json_path}: data[{i}] is a {type(entry).__name__}, not an object with 'image' and 'captions'"
+            )
+        captions = entry.get("captions", [])
+        if not isinstance(captions, list) or not all(isinstance(c, dict) for c in captions):
+            raise CaptionFileError(f"{json_path}: data[{i}].captions must be a list of objects with 'wav'")
     return data
 
 

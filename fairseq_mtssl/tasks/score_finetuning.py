@@ -22,7 +22,7 @@ from omegaconf import II, MISSING
 
 from ..data import perturb
 from ..data.audio import read_audio
-from ..data.manifest import read_manifest
+from ..data.manifest import check_task_dirs, read_manifest
 
 
 @dataclass
@@ -120,6 +120,7 @@ class ScoreFinetuningTask(FairseqTask):
 
     @classmethod
     def setup_task(cls, cfg: ScoreFinetuningConfig, **kwargs):
+        check_task_dirs(cfg, "data")
         return cls(cfg)
 
     def load_dataset(self, split: str, **kwargs):
