@@ -11,7 +11,8 @@ rm -rf "$WORK/dist" "$WORK/venv" "$WORK/run"
 .venv/bin/python -m pip --disable-pip-version-check wheel -q --no-deps --no-build-isolation -w "$WORK/dist" . \
   2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2)
 WHEEL=$(ls "$WORK"/dist/fairseq_mtssl-*.whl)
-unzip -l "$WHEEL" | grep -q "fairseq_mtssl/config/hubert/pretrain/hubert_tiny_cpu.yaml" \
+python3 -c "import sys, zipfile; names = zipfile.ZipFile(sys.argv[1]).namelist(); \
+sys.exit(0 if 'fairseq_mtssl/config/hubert/pretrain/hubert_tiny_cpu.yaml' in names else 1)" "$WHEEL" \
   || { echo "wheel_smoke: $WHEEL has no configs" >&2; exit 1; }
 python3 -m venv "$WORK/venv"
 SITE=$("$WORK/venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")

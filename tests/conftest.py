@@ -72,6 +72,21 @@ def tiny_hubert_checkpoint(manifest_dir, mfcc_labels, tmp_path_factory):
     return run / "checkpoints" / "checkpoint_last.pt"
 
 
+@pytest.fixture(scope="session")
+def vgs_data(manifest_dir, corpus_dir, tmp_path_factory):
+    """The session manifests with scene image features for every split."""
+    import shutil
+
+    data = tmp_path_factory.mktemp("vgs_data")
+    for f in manifest_dir.iterdir():
+        shutil.copy(f, data / f.name)
+    for split in ("train", "valid", "test"):
+        run_cli(
+            "mtssl-image-features", "--images", data / f"{split}.images", "--root", corpus_dir, "--out", data / split
+        )
+    return data
+
+
 def run_cli(*args, check=True, cwd=None, timeout=600):
     """Run a console script of this environment; return the CompletedProcess (text output)."""
     cmd = [str(BIN / args[0]), *map(str, args[1:])]

@@ -89,21 +89,6 @@ def test_negatives_across_two_gloo_workers_equal_one_process_on_the_joined_batch
 # ---------------------------------------------------------------------------- model, task, criterion
 
 
-@pytest.fixture(scope="module")
-def vgs_data(manifest_dir, corpus_dir, tmp_path_factory):
-    """The session manifests with scene image features for every split."""
-    import shutil
-
-    data = tmp_path_factory.mktemp("vgs_data")
-    for f in manifest_dir.iterdir():
-        shutil.copy(f, data / f.name)
-    for split in ("train", "valid", "test"):
-        run_cli(
-            "mtssl-image-features", "--images", data / f"{split}.images", "--root", corpus_dir, "--out", data / split
-        )
-    return data
-
-
 def _setup(data, **model_overrides):
     from fairseq import tasks
     from fairseq.dataclass.initialize import hydra_init

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from fairseq.dataclass import ChoiceEnum
@@ -100,6 +101,21 @@ def frame_targets(targets: torch.Tensor, num_frames: int, label_rate: float, pad
 
 @register_model("mt4ssl", dataclass=MT4SSLConfig)
 class MT4SSLModel(Data2VecAudioModel):
+    @staticmethod
+    def compute_var(y: torch.Tensor) -> torch.Tensor:
+        """Mean over channels of the standard deviation of ``y (..., C)`` across all frames of all
+        workers, as data2vec logs it (``target_var``, ``pred_var``). data2vec moves the frame count to
+        CUDA before its all-reduce, which fails under gloo on CPU; here every reduced tensor stays on
+        ``y``'s device, so the same DDP path runs on CPU and on GPUs."""
+        y = y.reshape(-1, y.size(-1)).float()
+        count = torch.tensor(float(y.size(0)), device=y.device)
+        total, squares = y.sum(0), (y**2).sum(0)
+        if dist.is_available() and dist.is_initialized():
+            for t in (count, total, squares):
+                dist.all_reduce(t)
+        var = squares / (count - 1) - total**2 / (count * (count - 1))  # unbiased, from the pooled sums
+        return torch.sqrt(var + 1e-6).mean()
+
     def __init__(self, cfg: MT4SSLConfig, num_classes: List[int], label_rates: List[float], pads: List[int]):
         super().__init__(cfg)
         self.final_proj = _InputRecordingLinear(self.embed, self.embed)
