@@ -158,46 +158,45 @@ def _as_kernel_array(t: torch.Tensor):
 
 
 def _compiled_forward(D: torch.Tensor, len_x: torch.Tensor, len_y: torch.Tensor, gamma: float, backend: str):
-    """``(values (B,), R (B, N+2, M+2) float64)`` from the compiled kernels; ``D`` float32/64, contiguous."""
+    """``(values (B,), state)`` from the compiled kernels; ``D`` float32/64, contiguous; lengths int64 on CPU.
+
+    ``state`` is what :func:`_compiled_backward` needs: the softmin weights ``(B, 3, N, M)`` (``numba``) or the
+    table ``R (B, N+2, M+2)`` float64 (``cuda``)."""
     k = _kernels()
     B, N, M = D.shape
-    R = torch.empty(B, N + 2, M + 2, dtype=torch.float64, device=D.device)
     if backend == "numba":
         lx, ly = len_x.numpy(), len_y.numpy()
-        order = np.argsort(-(lx * ly), kind="stable")  # largest first, handed out one at a time
+        W = D.new_empty(B, 3, N, M)
+        values = torch.empty(B, dtype=torch.float64)
         with _numba_threads(k):
-            k.forward_cpu(D.numpy(), lx, ly, order, gamma, R.numpy())
-    else:
-        lx, ly = len_x.to(D.device), len_y.to(D.device)
-        threads = k.cuda_block_size(len_x.cpu().numpy(), len_y.cpu().numpy())
-        k.forward_cuda[B, threads, _cuda_stream(k, D)](
-            _as_kernel_array(D), _as_kernel_array(lx), _as_kernel_array(ly), gamma, _as_kernel_array(R)
-        )
-    b = torch.arange(B, device=D.device)
-    return R[b, len_x.to(D.device), len_y.to(D.device)].to(D.dtype), R
+            k.forward_cpu(D.numpy(), lx, ly, _largest_first(lx, ly), gamma, W.numpy(), values.numpy())
+        return values.to(D.dtype), W
+    R = torch.empty(B, N + 2, M + 2, dtype=torch.float64, device=D.device)
+    lx, ly = len_x.to(D.device), len_y.to(D.device)
+    threads = k.cuda_block_size(len_x.numpy(), len_y.numpy())
+    k.forward_cuda[B, threads, _cuda_stream(k, D)](
+        _as_kernel_array(D), _as_kernel_array(lx), _as_kernel_array(ly), gamma, _as_kernel_array(R)
+    )
+    return R[torch.arange(B, device=D.device), lx, ly].to(D.dtype), R
 
 
-def _compiled_backward(D, R, len_x, len_y, gamma: float, backend: str) -> torch.Tensor:
-    """``E = d R[len_x, len_y] / d D`` ``(B, N, M)`` in the dtype of ``D``, zero past the lengths."""
+def _compiled_backward(D, state, len_x, len_y, gamma: float, backend: str, seeds: torch.Tensor) -> torch.Tensor:
+    """``E = seeds[b] * d R[len_x, len_y] / d D`` ``(B, N, M)`` in the dtype of ``D``, zero past the lengths."""
     k = _kernels()
     E = torch.zeros_like(D)
     if backend == "numba":
         lx, ly = len_x.numpy(), len_y.numpy()
-        order = np.argsort(-(lx * ly), kind="stable")
+        seeds = seeds.detach().to(torch.float64).contiguous()
         with _numba_threads(k):
-            k.backward_cpu(D.numpy(), R.numpy(), lx, ly, order, gamma, E.numpy())
-    else:
-        lx, ly = len_x.to(D.device), len_y.to(D.device)
-        threads = k.cuda_block_size(len_x.cpu().numpy(), len_y.cpu().numpy())
-        k.backward_cuda[D.size(0), threads, _cuda_stream(k, D)](
-            _as_kernel_array(D),
-            _as_kernel_array(R),
-            _as_kernel_array(lx),
-            _as_kernel_array(ly),
-            gamma,
-            _as_kernel_array(E),
-        )
-    return E
+            k.backward_cpu(state.numpy(), lx, ly, _largest_first(lx, ly), seeds.numpy(), E.numpy())
+        return E
+    lx, ly = len_x.to(D.device), len_y.to(D.device)
+    threads = k.cuda_block_size(len_x.numpy(), len_y.numpy())
+    k.backward_cuda[D.size(0), threads, _cuda_stream(k, D)](
+        _as_kernel_array(D), _as_kernel_array(state), _as_kernel_array(lx), _as_kernel_array(ly), gamma,
+        _as_kernel_array(E),
+    )  # fmt: skip
+    return E.mul_(seeds.to(E.dtype)[:, None, None])
 
 
 class _numba_threads:
@@ -235,16 +234,16 @@ class CompiledSoftDTW(torch.autograd.Function):
     @staticmethod
     def forward(ctx, D, len_x, len_y, gamma, backend):
         Dk, lx, ly = _kernel_inputs(D, len_x, len_y)
-        values, R = _compiled_forward(Dk, lx, ly, gamma, backend)
-        ctx.save_for_backward(Dk, R, lx, ly)
+        values, state = _compiled_forward(Dk, lx, ly, gamma, backend)
+        ctx.save_for_backward(Dk, state, lx, ly)
         ctx.gamma, ctx.backend, ctx.dtype = gamma, backend, D.dtype
         return values.to(D.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        Dk, R, lx, ly = ctx.saved_tensors
-        E = _compiled_backward(Dk, R, lx, ly, ctx.gamma, ctx.backend)
-        return (grad_out[:, None, None] * E).to(ctx.dtype), None, None, None, None
+        Dk, state, lx, ly = ctx.saved_tensors
+        E = _compiled_backward(Dk, state, lx, ly, ctx.gamma, ctx.backend, grad_out)
+        return E.to(ctx.dtype), None, None, None, None
 
 
 def _lengths(x: torch.Tensor, lengths: Optional[torch.Tensor]) -> torch.Tensor:
@@ -303,29 +302,62 @@ def _pair_costs(x: torch.Tensor, y: torch.Tensor, len_x: torch.Tensor, len_y: to
     return D
 
 
+def _largest_first(*sizes: np.ndarray) -> np.ndarray:
+    return np.argsort(-np.prod(np.stack(sizes), axis=0), kind="stable")
+
+
 class CompiledSoftDTWDivergence(torch.autograd.Function):
     """``(3B,)`` soft-DTWs ``[sdtw(x_b, y_b)]_b ++ [sdtw(x_b, x_b)]_b ++ [sdtw(y_b, y_b)]_b`` of ``x (B, N, C)``
     and ``y (B, M, C)`` on squared Euclidean costs, with the compiled kernels; the backward pass goes from
-    ``E`` to the frames in closed form (no graph through the cost matrices)."""
+    ``E`` to the frames in closed form (no graph through the cost matrices).
+
+    ``numba``: one kernel builds each problem's costs and runs its recursion (items in parallel, largest
+    first), one more runs the backward recursions and the frame gradients. ``cuda``: the costs by torch
+    matmuls per item, the recursions by the CUDA kernels."""
 
     @staticmethod
     def forward(ctx, x, y, len_x, len_y, gamma, backend):
         x, y = x.detach().contiguous(), y.detach().contiguous()
         lx, ly = len_x.detach().cpu().to(torch.int64), len_y.detach().cpu().to(torch.int64)
-        D = _pair_costs(x, y, lx, ly)
         lens_l, lens_r = torch.cat([lx, lx, ly]), torch.cat([ly, lx, ly])
-        values, R = _compiled_forward(D, lens_l, lens_r, gamma, backend)
-        ctx.save_for_backward(x, y, lx, ly, D, R)
+        if backend == "numba":
+            k, frames = _kernels(), max(x.size(1), y.size(1))
+            D = x.new_empty(3 * x.size(0), frames, frames)
+            state = x.new_empty(3 * x.size(0), 3, frames, frames)
+            values = torch.empty(3 * x.size(0), dtype=torch.float64)
+            zero = x.numpy().dtype.type(0)
+            with _numba_threads(k):
+                k.divergence_forward_cpu(
+                    x.numpy(), y.numpy(), lx.numpy(), ly.numpy(), _largest_first(lens_l.numpy(), lens_r.numpy()),
+                    gamma, zero, D.numpy(), state.numpy(), values.numpy(),
+                )  # fmt: skip
+            values, D = values.to(x.dtype), None  # the backward pass needs the weights only
+        else:
+            D = _pair_costs(x, y, lx, ly)
+            values, state = _compiled_forward(D, lens_l, lens_r, gamma, backend)
+        ctx.save_for_backward(x, y, lx, ly, D, state)
         ctx.gamma, ctx.backend = gamma, backend
         return values
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, y, lx, ly, D, R = ctx.saved_tensors
+        x, y, lx, ly, D, state = ctx.saved_tensors
         B = x.size(0)
-        E = _compiled_backward(D, R, torch.cat([lx, lx, ly]), torch.cat([ly, lx, ly]), ctx.gamma, ctx.backend)
-        E.mul_(grad_out.to(E.dtype)[:, None, None])
+        lens_l, lens_r = torch.cat([lx, lx, ly]), torch.cat([ly, lx, ly])
         gx, gy = torch.zeros_like(x), torch.zeros_like(y)
+        if ctx.backend == "numba":
+            k = _kernels()
+            E = x.new_zeros(state.shape[0], state.shape[2], state.shape[3])
+            seeds = grad_out.detach().to(torch.float64).contiguous()
+            zero = x.numpy().dtype.type(0)
+            with _numba_threads(k):
+                k.divergence_backward_cpu(
+                    x.numpy(), y.numpy(), lx.numpy(), ly.numpy(), _largest_first(lens_l.numpy(), lens_r.numpy()),
+                    _largest_first(lx.numpy(), ly.numpy()), seeds.numpy(), zero, state.numpy(), E.numpy(),
+                    gx.numpy(), gy.numpy(),
+                )  # fmt: skip
+            return gx, gy, None, None, None, None
+        E = _compiled_backward(D, state, lens_l, lens_r, ctx.gamma, ctx.backend, grad_out)
         for b, (n, m) in enumerate(zip(lx.tolist(), ly.tolist())):
             xb, yb = x[b, :n], y[b, :m]
             Gxy = E[b, :n, :m]
