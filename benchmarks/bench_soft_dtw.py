@@ -123,32 +123,38 @@ def main():
     )
     print(f"machine load average before: {os.getloadavg()[0]:.2f} on {len(os.sched_getaffinity(0))} cores")
 
-    variants = {"kernel": lambda: ours(x, y, lx, ly, a.gamma, "numba")}
-    if not a.skip_peers:
-        variants["loop"] = lambda: ours(x, y, lx, ly, a.gamma, "torch")
-        variants["authors"] = lambda: authors(x, y, lx, ly, a.gamma)
+    def run(name, batch):
+        if name == "authors":
+            return authors(*batch, a.gamma)
+        return ours(*batch, a.gamma, "numba" if name == "kernel" else "torch")
 
-    # warm-up (numba compiles or loads its cache) and agreement: each float32 result against the kernel in float64
+    names = ["kernel"] + ([] if a.skip_peers else ["loop", "authors"])
+    variants = {name: (lambda name=name: run(name, (x, y, lx, ly))) for name in names}
+    # warm-up: numba compiles (or loads its cache) on a small batch; the kernel also runs the real one once
+    small = make_batch(2, 20, 30, a.dim, seed=1)
+    for name in names:
+        run(name, small)
+    variants["kernel"]()
     ref = ours(x.double(), y.double(), lx, ly, a.gamma, "numba")
-    results = {name: fn() for name, fn in variants.items()}
-    print("\nagreement with the kernel in float64 (max |diff| / max |ref|): loss, grad x, grad y")
-    for name, res in results.items():
-        errs = [rel_err(r.double(), q) for r, q in zip(res, ref)]
-        print(f"  {name:<8} " + "  ".join(f"{e:.1e}" for e in errs))
-        assert errs[0] < 1e-4, f"{name}: loss differs from the float64 kernel by {errs[0]:.1e}"
 
     wall = {name: [] for name in variants}
     cpu = {name: [] for name in variants}
+    results = {}
     peers = [n for n in variants if n != "kernel"]
     for r in range(a.rounds):
         order = ["kernel"]
         for name in peers[r % max(len(peers), 1) :] + peers[: r % max(len(peers), 1)]:
             order += [name, "kernel"]
         for name in order:
-            w, c, _ = timed(variants[name])
+            w, c, results[name] = timed(variants[name])
             wall[name].append(w)
             cpu[name].append(c)
             print(f"  round {r + 1}: {name:<8} {w:8.3f} s wall {c:8.3f} s CPU", flush=True)
+    print("\nagreement with the kernel in float64 (max |diff| / max |ref|): loss, grad x, grad y")
+    for name, res in results.items():
+        errs = [rel_err(q.double(), e) for q, e in zip(res, ref)]
+        print(f"  {name:<8} " + "  ".join(f"{e:.1e}" for e in errs))
+        assert errs[0] < 1e-4, f"{name}: loss differs from the float64 kernel by {errs[0]:.1e}"
     med = {n: statistics.median(v) for n, v in wall.items()}
     med_cpu = {n: statistics.median(v) for n, v in cpu.items()}
     print("\nforward + backward of the divergence, median wall (CPU) seconds")
