@@ -248,6 +248,14 @@ def test_backend_resolution_and_errors(monkeypatch):
     monkeypatch.delenv(sdtw_module.BACKEND_ENV)
     with pytest.raises(SoftDTWBackendError, match="CUDA tensors"):
         resolve_backend("cuda", cpu)
+    # a GPU that numba cannot run its kernels on (here: torch has no CUDA at all): auto keeps the torch loop
+    k = sdtw_module._kernels()
+    monkeypatch.setattr(k.cuda, "is_available", lambda: True)
+    sdtw_module._cuda_usable.cache_clear()
+    try:
+        assert resolve_backend("auto", torch.device("cuda", 0)) == ("cuda" if torch.cuda.is_available() else "torch")
+    finally:
+        sdtw_module._cuda_usable.cache_clear()
     # without numba: auto falls back to the torch loop, an explicit numba says what is missing
     monkeypatch.setattr(sdtw_module, "_kernels", lambda: None)
     assert resolve_backend("auto", cpu) == "torch"

@@ -29,6 +29,7 @@ With a compiled backend the divergence also builds its three cost matrices per i
 ``d/dx_i sum_j E_ij |x_i - y_j|^2 = 2 (sum_j E_ij) x_i - 2 (E y)_i``.
 """
 
+import logging
 import os
 from functools import lru_cache
 from typing import Optional
@@ -36,6 +37,8 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "numba", "cuda")
 BACKEND_ENV = "MTSSL_SOFT_DTW_BACKEND"
@@ -120,13 +123,23 @@ def _kernels():
 
 
 @lru_cache(maxsize=None)
-def _cuda_usable() -> bool:
+def _cuda_usable(device: torch.device) -> bool:
+    """Whether numba sees a GPU and can compile and run the kernels there (it needs CUDA's NVVM); checked once
+    per device with a one-cell problem, so that ``auto`` falls back to the torch loop instead of failing."""
     k = _kernels()
     if k is None:
         return False
     try:
-        return bool(k.cuda.is_available())
-    except Exception:  # numba's CUDA driver may fail to load in odd ways; then the torch loop runs
+        if not k.cuda.is_available():
+            return False
+        D = torch.ones(1, 1, 1, device=device, dtype=torch.float64)
+        one = torch.ones(1, dtype=torch.int64)
+        values, _ = _compiled_forward(D, one, one, 1.0, "cuda")
+        return bool(torch.isclose(values, torch.ones_like(values)).all())
+    except Exception as e:  # numba's CUDA driver or compiler missing or broken: the torch loop runs instead
+        logger.warning(
+            f"soft-DTW: numba's CUDA kernels cannot run on {device} ({type(e).__name__}: {e}); using the torch loop"
+        )
         return False
 
 
@@ -141,7 +154,7 @@ def resolve_backend(backend: Optional[str], device: torch.device) -> str:
         if device.type == "cpu":
             return "numba" if _kernels() is not None else "torch"
         if device.type == "cuda":
-            return "cuda" if _cuda_usable() else "torch"
+            return "cuda" if _cuda_usable(device) else "torch"
         return "torch"
     if name in ("numba", "cuda") and _kernels() is None:
         raise SoftDTWBackendError(f"soft-DTW backend {name!r} needs numba (pip install numba), which does not import")
