@@ -25,6 +25,11 @@ BENCHMARKS = {  # name: (script, full arguments, quick arguments)
     "malloc": ("bench_malloc.py", ["--rounds", "3"], ["--rounds", "1", "--updates", "30"]),
     "mt4ssl_step": ("bench_mt4ssl_step.py", [], ["--rounds", "3"]),
     "score_parts": ("bench_score_parts.py", [], ["--frames", "60", "--batch", "2"]),
+    "soft_dtw": (
+        "bench_soft_dtw.py",
+        [],
+        ["--batch", "2", "--min-frames", "60", "--max-frames", "100", "--load-rounds", "1"],
+    ),
     "score_step": ("bench_score_step.py", ["--rounds", "9"], ["--rounds", "2", "--preset", "small"]),
     "superb_step": ("bench_superb_step.py", [], ["--rounds", "2", "--seconds", "2"]),
     "vgs": ("bench_vgs.py", [], ["--rounds", "2", "--preset", "small"]),
