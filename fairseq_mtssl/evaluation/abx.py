@@ -26,14 +26,18 @@ The convention is libri-light's ABX (``eval_ABX.py``, packaged as zerospeech-lib
   over phone pairs. *Across*: a cell (context, A/B speaker, X speaker, A, B) scores the mean over its
   triplets; cells are pooled over context **and** X speaker per (A/B speaker, A, B), then averaged over
   A/B speakers per (A, B), then over phone pairs.
-- **Every triplet** is scored. libri-light samples at most ``--max_size_group`` (default 10) items per
-  (context, speaker, phone) and ``--max_x_across`` (default 5) X speakers per cell at random; mtssl-abx
-  gives libri-light's score with both set above the largest group, its expected value at the defaults.
+- **Every triplet** is scored: mtssl-abx gives libri-light's score with ``--max_size_group`` and
+  ``--max_x_across`` above the largest group. At its defaults (10 and 5) libri-light samples at random
+  up to 10 items per (context, speaker, phone) and 5 X speakers per (context, A/B speaker, A): a noisy
+  estimate of the same score (a context with more than 5 X speakers then weighs less in "across").
 
 Differences that remain: mtssl-abx computes the DTW of a pair once (libri-light once per orientation),
 so a tie between the two single steps on the path can differ, and its float32 sums run in another
 order; both change a score only where two distances are equal to about 1e-6.
 
+``--item-frames fastabx`` takes fastabx's default instead: the same range with its last frame included
+(``floor(r * offset - 0.5)`` inclusive, decimal arithmetic), which fastabx calls a fix of libri-light's
+off-by-one; fastabx gives libri-light's numbers only with ``FASTABX_WITH_LIBRILIGHT_BUG=1``.
 ``--item-frames centre`` keeps the plugin's former rule (frames whose receptive-field centre
 ``t / r + window / 2`` lies in ``[onset, offset)``, at least the frame nearest the item's middle; no
 item dropped), which follows a model's true frame timing rather than libri-light's. ``--context none``
@@ -48,6 +52,7 @@ import logging
 import math
 from collections import defaultdict
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -59,7 +64,7 @@ from ..corpus.alignment import SILENCE, read_ctm
 
 logger = logging.getLogger(__name__)
 ITEM_HEADER = "#file onset offset #phone prev-phone next-phone speaker"
-ITEM_FRAME_RULES = ("libri-light", "centre")
+ITEM_FRAME_RULES = ("libri-light", "fastabx", "centre")
 
 
 class AbxInputError(ValueError):
@@ -133,6 +138,16 @@ def libri_light_span(onset: float, offset: float, frame_rate: float, n_frames: i
     return (start, end) if start < end else None
 
 
+def fastabx_span(onset: float, offset: float, frame_rate: float, n_frames: int) -> Optional[Tuple[int, int]]:
+    """fastabx's default frames: ``ceil(r * onset - 0.5) .. floor(r * offset - 0.5)`` *inclusive*, in decimal
+    arithmetic (fastabx calls libri-light's exclusive end a bug; ``FASTABX_WITH_LIBRILIGHT_BUG=1`` restores it).
+    Cut at the utterance's end (fastabx refuses such an item); None when empty (fastabx refuses the file)."""
+    r = Decimal(str(frame_rate))
+    start = max(0, math.ceil(Decimal(str(onset)) * r - Decimal("0.5")))
+    end = min(n_frames, math.floor(Decimal(str(offset)) * r - Decimal("0.5")) + 1)
+    return (start, end) if start < end else None
+
+
 def centre_span(onset: float, offset: float, frame_rate: float, n_frames: int, window_s: float = 0.025):
     """The former rule: frames whose receptive-field centre ``t / r + window / 2`` lies in ``[onset, offset)``;
     at least the one nearest the item's middle. Never empty. Half-open ``(start, end)``."""
@@ -152,7 +167,7 @@ def select_items(
     window_s: float = 0.025,
 ) -> Tuple[List[AbxItem], List[torch.Tensor], int]:
     """The items that keep at least one frame, their features ``(T_k, C)`` (float32), and how many were
-    dropped. ``utterance_feats[utt]`` is ``(T, C)``; ``rule`` is ``"libri-light"`` or ``"centre"``."""
+    dropped. ``utterance_feats[utt]`` is ``(T, C)``; ``rule`` one of ``ITEM_FRAME_RULES``."""
     if rule not in ITEM_FRAME_RULES:
         raise ValueError(f"item frame rule must be one of {ITEM_FRAME_RULES}, got {rule!r}")
     missing = sorted({it.file for it in items} - set(utterance_feats))
@@ -163,6 +178,8 @@ def select_items(
         f = utterance_feats[it.file]
         if rule == "libri-light":
             span = libri_light_span(it.onset, it.offset, frame_rate, len(f))
+        elif rule == "fastabx":
+            span = fastabx_span(it.onset, it.offset, frame_rate, len(f))
         else:
             span = centre_span(it.onset, it.offset, frame_rate, len(f), window_s) if len(f) else None
         if span is None:
@@ -191,12 +208,12 @@ def unit_frames(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 def unit_angular_distances(a, b, zero_a, zero_b) -> torch.Tensor:
-    """Angular distance of unit frames ``a (P, N, C)``, ``b (P, M, C)`` -> ``(P, N, M)``; a zero frame
-    (``zero_a (P, N)``, ``zero_b (P, M)``) is at distance 1 from any other frame and 0 from a zero frame,
+    """Angular distance of unit frames ``a (..., N, C)``, ``b (..., M, C)`` -> ``(..., N, M)``; a zero frame
+    (``zero_a (..., N)``, ``zero_b (..., M)``) is at distance 1 from any other frame and 0 from a zero frame,
     as libri-light's ``normalize_with_singularity``."""
-    cos = torch.bmm(a, b.transpose(1, 2)).clamp_(-1.0, 1.0)
+    cos = torch.matmul(a, b.transpose(-1, -2)).clamp_(-1.0, 1.0)
     if bool(zero_a.any()) or bool(zero_b.any()):
-        za, zb = zero_a[:, :, None], zero_b[:, None, :]
+        za, zb = zero_a[..., :, None], zero_b[..., None, :]
         cos = torch.where(za & zb, 1.0, torch.where(za | zb, -1.0, cos))
     return torch.arccos_(cos).div_(math.pi)
 
@@ -233,34 +250,98 @@ def pair_distances(
     feats: Sequence[torch.Tensor],
     rows: np.ndarray,
     cols: np.ndarray,
+    groups: Optional[np.ndarray] = None,
     chunk_cells: int = 1 << 21,
-    chunk_values: int = 1 << 24,
+    block_values: int = 1 << 25,
 ) -> np.ndarray:
     """DTW-averaged angular distance ``d(feats[rows[k]], feats[cols[k]])`` for item features ``(T_i, C)``:
-    ``(len(rows),)`` float32. Pairs are sorted by shape and batched: about ``chunk_cells`` frame pairs
-    and ``chunk_values`` gathered feature values a batch."""
+    ``(len(rows),)`` float32. ``groups (N,)``: a group id per item, both items of a pair in one group (the
+    context); None: one group.
+
+    Frame distances come from one matrix product per group (the group's frames against themselves, split
+    by rows past ``block_values`` values), not from a gather of each pair's frames; the pairs of a batch of
+    groups are then sorted by shape and their DTW batched (about ``chunk_cells`` cells a call)."""
     out = np.empty(len(rows), dtype=np.float32)
     if len(rows) == 0:
         return out
-    lengths = np.array([len(f) for f in feats])
-    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    unit, zero = unit_frames(torch.cat(list(feats)))
-    la, lb = lengths[rows], lengths[cols]
-    order = np.lexsort((lb, la))
-    start = 0
-    while start < len(order):
-        n = la[order[start]]
-        t_max, dim = int(lengths.max()), unit.shape[1]
-        stop = start + max(1, min(chunk_cells // (n * t_max), chunk_values // ((n + t_max) * dim)))
-        part = order[start:stop]
-        n, m = int(la[part].max()), int(lb[part].max())
-        ia = offsets[rows[part], None] + np.minimum(np.arange(n)[None, :], la[part, None] - 1)
-        ib = offsets[cols[part], None] + np.minimum(np.arange(m)[None, :], lb[part, None] - 1)
-        ia, ib = torch.from_numpy(ia), torch.from_numpy(ib)
-        dist = unit_angular_distances(unit[ia], unit[ib], zero[ia], zero[ib])
-        out[part] = dtw_path_mean(dist, torch.from_numpy(la[part]), torch.from_numpy(lb[part])).numpy()
-        start = stop
+    n_items = len(feats)
+    groups = np.zeros(n_items, dtype=np.int64) if groups is None else np.asarray(groups)
+    if (groups[rows] != groups[cols]).any():
+        raise ValueError("a pair joins two groups")
+    perm = np.argsort(groups, kind="stable")  # items of a group contiguous, in their order
+    lengths = np.array([len(f) for f in feats], dtype=np.int64)
+    unit, zero = unit_frames(torch.cat([feats[i] for i in perm]))
+    frame_start = np.empty(n_items, dtype=np.int64)  # where item i's frames start in `unit`
+    frame_start[perm] = np.concatenate([[0], np.cumsum(lengths[perm])[:-1]])
+    # blocks: (frames [r0, r1) of some items of a group) x (all frames [g0, g1) of the group)
+    sorted_groups = groups[perm]
+    edges = np.flatnonzero(np.diff(sorted_groups)) + 1
+    block_of_item = np.empty(n_items, dtype=np.int64)
+    blocks = []  # (r0, r1, g0, g1)
+    for run in np.split(perm, edges):
+        g0, g1 = int(frame_start[run[0]]), int(frame_start[run[-1]] + lengths[run[-1]])
+        first = 0
+        for k in range(len(run) + 1):
+            if k == len(run) or (
+                k > first
+                and (frame_start[run[k]] + lengths[run[k]] - frame_start[run[first]]) * (g1 - g0) > block_values
+            ):
+                if k > first:
+                    block_of_item[run[first:k]] = len(blocks)
+                    blocks.append(
+                        (int(frame_start[run[first]]), int(frame_start[run[k - 1]] + lengths[run[k - 1]]), g0, g1)
+                    )
+                first = k
+    pair_block = block_of_item[rows]
+    order = np.argsort(pair_block, kind="stable")
+    bounds = np.searchsorted(pair_block[order], np.arange(len(blocks) + 1))
+    b = 0
+    while b < len(blocks):  # a batch of blocks, about block_values values in all
+        stop, size = b, 0
+        while stop < len(blocks) and (stop == b or size + _block_size(blocks[stop]) <= block_values):
+            size += _block_size(blocks[stop])
+            stop += 1
+        base = np.cumsum([0] + [_block_size(blk) for blk in blocks[b:stop]])
+        flat = torch.cat(
+            [
+                unit_angular_distances(unit[r0:r1], unit[g0:g1], zero[r0:r1], zero[g0:g1]).reshape(-1)
+                for r0, r1, g0, g1 in blocks[b:stop]
+            ]
+        )
+        part = order[bounds[b] : bounds[stop]]
+        blk = pair_block[part]
+        r0 = np.array([blocks[k][0] for k in range(b, stop)])[blk - b]
+        g0 = np.array([blocks[k][2] for k in range(b, stop)])[blk - b]
+        width = np.array([blocks[k][3] - blocks[k][2] for k in range(b, stop)])[blk - b]
+        # element (s, t) of pair k: flat[base + (row frame s - r0) * width + (col frame t - g0)]
+        row0 = base[blk - b] + (frame_start[rows[part]] - r0) * width
+        col0 = frame_start[cols[part]] - g0
+        _dtw_batches(flat, part, row0, width, col0, lengths[rows[part]], lengths[cols[part]], chunk_cells, out)
+        b = stop
     return out
+
+
+def _block_size(block) -> int:
+    r0, r1, g0, g1 = block
+    return (r1 - r0) * (g1 - g0)
+
+
+def _dtw_batches(flat, part, row0, width, col0, la, lb, chunk_cells, out) -> None:
+    """DTW of the pairs ``part``, sorted by shape and batched; frame distance ``(s, t)`` of a pair at
+    ``flat[row0 + s * width + col0 + t]``. Writes ``out[part]``."""
+    by_shape = np.lexsort((lb, la))
+    start = 0
+    while start < len(by_shape):
+        n = int(la[by_shape[start]])
+        m_all = int(lb.max())
+        sel = by_shape[start : start + max(1, chunk_cells // (n * m_all))]
+        n, m = int(la[sel].max()), int(lb[sel].max())
+        s = np.minimum(np.arange(n)[None, :], la[sel, None] - 1)  # padding repeats the last frame
+        t = np.minimum(np.arange(m)[None, :], lb[sel, None] - 1)
+        index = (row0[sel, None] + s * width[sel, None])[:, :, None] + (col0[sel, None] + t)[:, None, :]
+        dist = flat[torch.from_numpy(index)]
+        out[part[sel]] = dtw_path_mean(dist, torch.from_numpy(la[sel]), torch.from_numpy(lb[sel])).numpy()
+        start += len(sel)
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -285,54 +366,94 @@ def _cells(items: Sequence[AbxItem], mode: str, context: str = "triphone"):
     return cells
 
 
-def abx_error(
-    items: Sequence[AbxItem], feats: Sequence[torch.Tensor], mode: str = "within", context: str = "triphone"
-) -> float:
-    """ABX error rate (0..1) of item features ``feats[k] (T_k, C)`` (each at least one frame) for
-    ``items[k]``, libri-light's averaging (see the module docstring). ``context`` ``"triphone"`` (the
-    standard) compares phones in the same (prev, next) context; ``"none"`` drops the context condition."""
-    if mode not in ("within", "across"):
-        raise ValueError(f"mode must be 'within' or 'across', got {mode!r}")
+def _stacked_cells(cells: Dict, budget: int = 1 << 22):
+    """The cells' (A, B, X) index arrays stacked by shape: ``[(keys, A (K, |A|), B (K, |B|), X (K, |X|))]``,
+    at most about ``budget`` triplets a stack."""
+    by_shape = defaultdict(list)
+    for key, (a, b, xs) in cells.items():
+        by_shape[(len(a), len(b), len(xs))].append(key)
+    stacks = []
+    for (na, nb, nx), keys in by_shape.items():
+        step = max(1, budget // (na * nb * nx))
+        for s in range(0, len(keys), step):
+            part = keys[s : s + step]
+            stacks.append((part, *(np.stack([cells[k][v] for k in part]) for v in range(3))))
+    return stacks
+
+
+def _pair_codes(i: np.ndarray, j: np.ndarray, n: int) -> np.ndarray:
+    """Unordered pair codes ``min * n + max``, broadcast."""
+    return np.minimum(i, j) * n + np.maximum(i, j)
+
+
+def abx_errors(
+    items: Sequence[AbxItem],
+    feats: Sequence[torch.Tensor],
+    modes: Sequence[str] = ("within", "across"),
+    context: str = "triphone",
+) -> Dict[str, float]:
+    """ABX error rates (0..1) ``{mode: error}`` of item features ``feats[k] (T_k, C)`` (each at least one
+    frame) for ``items[k]``, libri-light's averaging (see the module docstring). ``context`` ``"triphone"``
+    (the standard) compares phones in the same (prev, next) context; ``"none"`` drops the context condition.
+    The modes share one computation of the frame distances."""
+    for mode in modes:
+        if mode not in ("within", "across"):
+            raise ValueError(f"mode must be 'within' or 'across', got {mode!r}")
     if context not in ("triphone", "none"):
         raise ValueError(f"context must be 'triphone' or 'none', got {context!r}")
     if len(items) != len(feats):
         raise ValueError(f"{len(items)} items but {len(feats)} feature arrays")
-    cells = _cells(items, mode, context)
-    if not cells:
-        raise ValueError(f"no {mode}-speaker ABX triplets in these items")
     n = len(items)
+    stacks = {}
+    for mode in modes:
+        cells = _cells(items, mode, context)
+        if not cells:
+            raise ValueError(f"no {mode}-speaker ABX triplets in these items")
+        stacks[mode] = _stacked_cells(cells)
     codes = np.unique(
         np.concatenate(
             [
-                (np.minimum(i, j) * n + np.maximum(i, j)).ravel()
-                for a, b, xs in cells.values()
-                for i, j in ((a[:, None], xs[None, :]), (b[:, None], xs[None, :]))
+                _pair_codes(ab[:, :, None], xs[:, None, :], n).ravel()
+                for mode in modes
+                for _, a, b, xs in stacks[mode]
+                for ab in (a, b)
             ]
         )
     )
-    values = pair_distances(feats, codes // n, codes % n)
+    context_id = {}
+    groups = np.array(
+        [context_id.setdefault((it.prev, it.next) if context == "triphone" else (), len(context_id)) for it in items]
+    )
+    values = pair_distances(feats, codes // n, codes % n, groups)
+    out = {}
+    for mode in modes:
+        # each cell's error over its triplets (within: X != A, libri-light's infinite d(A, A))
+        by_speaker = defaultdict(list)
+        for keys, a, b, xs in stacks[mode]:
+            d_ax = values[np.searchsorted(codes, _pair_codes(a[:, :, None], xs[:, None, :], n))]  # (K, |A|, |X|)
+            d_bx = values[np.searchsorted(codes, _pair_codes(b[:, :, None], xs[:, None, :], n))]  # (K, |B|, |X|)
+            na, nb, nx = a.shape[1], b.shape[1], xs.shape[1]
+            if mode == "within":  # X is A's group, in the same order
+                d_ax[:, np.arange(na), np.arange(na)] = np.inf
+            d_ax, d_bx = d_ax[:, :, None, :], d_bx[:, None, :, :]
+            correct = (d_ax < d_bx).sum((1, 2, 3)) + 0.5 * (d_ax == d_bx).sum((1, 2, 3))
+            errors = 1.0 - correct / (na * (na - 1) * nb if mode == "within" else na * nb * nx)
+            for (ctx, s_ab, s_x, pa, pb), e in zip(keys, errors.tolist()):
+                by_speaker[(s_ab, pa, pb)].append(e)
+        # cells pooled per (A/B speaker, A, B): within over contexts, across over contexts and X speakers;
+        # then means over speakers, then over phone pairs (libri-light's order)
+        by_pair = defaultdict(list)
+        for (s_ab, pa, pb), errs in by_speaker.items():
+            by_pair[(pa, pb)].append(sum(errs) / len(errs))
+        out[mode] = float(np.mean([sum(v) / len(v) for v in by_pair.values()]))
+    return out
 
-    def lookup(i, j):  # (|i|, |j|) distances of the pairs
-        return values[
-            np.searchsorted(codes, np.minimum(i[:, None], j[None, :]) * n + np.maximum(i[:, None], j[None, :]))
-        ]
 
-    # each cell's error over its triplets; cells pooled per (A/B speaker, A, B): within over contexts,
-    # across over contexts and X speakers; then means over speakers, then phone pairs (libri-light's order)
-    by_speaker = defaultdict(list)
-    for (ctx, s_ab, s_x, pa, pb), (a, b, xs) in cells.items():
-        d_ax, d_bx = lookup(a, xs)[:, None, :], lookup(b, xs)[None, :, :]
-        score = (d_ax < d_bx) + 0.5 * (d_ax == d_bx)  # (|A|, |B|, |X|)
-        if mode == "within":
-            valid = np.broadcast_to((a[:, None] != xs[None, :])[:, None, :], score.shape)
-            correct = float(score[valid].mean())
-        else:
-            correct = float(score.mean())
-        by_speaker[(s_ab, pa, pb)].append(1.0 - correct)
-    by_pair = defaultdict(list)
-    for (s_ab, pa, pb), errs in by_speaker.items():
-        by_pair[(pa, pb)].append(float(np.mean(errs)))
-    return float(np.mean([np.mean(v) for v in by_pair.values()]))
+def abx_error(
+    items: Sequence[AbxItem], feats: Sequence[torch.Tensor], mode: str = "within", context: str = "triphone"
+) -> float:
+    """ABX error rate (0..1) of one mode: :func:`abx_errors`."""
+    return abx_errors(items, feats, (mode,), context)[mode]
 
 
 def abx_scores(
@@ -346,7 +467,7 @@ def abx_scores(
     """``{"within": error, "across": error, "items": kept, "dropped_items": dropped}`` (errors 0..1) for
     utterance features ``(T, C)`` at ``frame_rate`` frames per second."""
     kept, feats, dropped = select_items(items, utterance_feats, frame_rate, item_frames)
-    out = {mode: abx_error(kept, feats, mode, context) for mode in modes}
+    out = abx_errors(kept, feats, modes, context)
     return {**out, "items": len(kept), "dropped_items": dropped}
 
 
@@ -469,6 +590,7 @@ def main(argv=None) -> None:
         choices=ITEM_FRAME_RULES,
         default="libri-light",
         help="libri-light: frames ceil(r*onset-0.5) .. floor(r*offset-0.5) (exclusive), empty items dropped; "
+        "fastabx: the same range with the end included (fastabx's default); "
         "centre: the former rule, receptive-field centres in [onset, offset), never empty",
     )
     p.add_argument("--json", help="write the per-layer table here too")

@@ -28,15 +28,17 @@ def _refuse_cpc(*args, **kwargs):
 
 def load_eval_abx():
     """libri-light's ``eval_ABX`` module; ImportError (with the reason) when it cannot be used."""
-    spec = importlib.util.find_spec("libriabx")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("zerospeech-libriabx is not installed (pip install --no-deps zerospeech-libriabx)")
-    root = Path(list(spec.submodule_search_locations)[0])
-    for name, path in (("libriabx", root), ("libriabx.libri_light", root / "libri_light")):
-        if name not in sys.modules:
-            package = types.ModuleType(name)
-            package.__path__ = [str(path)]
-            sys.modules[name] = package
+    if "libriabx" not in sys.modules:
+        spec = importlib.util.find_spec("libriabx")
+        if spec is None or not spec.submodule_search_locations:
+            raise ImportError("zerospeech-libriabx is not installed (pip install --no-deps zerospeech-libriabx)")
+        root = Path(list(spec.submodule_search_locations)[0])
+        for name, path in (("libriabx", root), ("libriabx.libri_light", root / "libri_light")):
+            # the package, registered without running its __init__
+            spec = importlib.util.spec_from_file_location(
+                name, path / "__init__.py", submodule_search_locations=[str(path)]
+            )
+            sys.modules[name] = importlib.util.module_from_spec(spec)
     if "libriabx.libri_light.CPC_loader" not in sys.modules:
         stand_in = types.ModuleType("libriabx.libri_light.CPC_loader")
         stand_in.load_cpc_features = stand_in.build_feature_from_file = _refuse_cpc
@@ -92,3 +94,37 @@ def libri_light_abx(
             max_x_across=max_x_across if max_x_across is not None else n_speakers,
             max_size_group=max_size_group if max_size_group is not None else n_lines,
         )
+
+
+def random_item_set(
+    n_utts: int,
+    dim: int,
+    frame_rate: float = 50.0,
+    n_phones: int = 5,
+    n_speakers: int = 3,
+    phones_per_utt: int = 12,
+    seed: int = 0,
+    phone_scale: float = 1.0,
+):
+    """A random ABX set for comparing implementations: ``(items, {utt: (T, C) float32})``. Each utterance is a
+    random phone string (durations 20-160 ms, so a few items get no frame at ``frame_rate``); its frames are
+    the phone's direction (times ``phone_scale``), a weaker speaker direction and unit noise. Items are the phones with both neighbours."""
+    from .abx import AbxItem
+
+    rng = np.random.default_rng(seed)
+    phone_dir = rng.standard_normal((n_phones, dim))
+    speaker_dir = rng.standard_normal((n_speakers, dim))
+    items, feats = [], {}
+    for u in range(n_utts):
+        utt, spk = f"utt{u:04d}", u % n_speakers
+        phones = rng.integers(0, n_phones, phones_per_utt)
+        bounds = np.round(np.concatenate([[0.0], np.cumsum(rng.uniform(0.02, 0.16, phones_per_utt))]), 4)
+        n_frames = int(np.ceil(bounds[-1] * frame_rate)) + 1
+        centres = (np.arange(n_frames) + 0.5) / frame_rate
+        which = np.clip(np.searchsorted(bounds, centres, side="right") - 1, 0, phones_per_utt - 1)
+        f = phone_scale * (phone_dir[phones[which]] + 0.6 * speaker_dir[spk]) + rng.standard_normal((n_frames, dim))
+        feats[utt] = f.astype(np.float32)
+        for k in range(1, phones_per_utt - 1):
+            ph = [f"p{phones[k + d]}" for d in (-1, 0, 1)]
+            items.append(AbxItem(utt, float(bounds[k]), float(bounds[k + 1]), ph[1], ph[0], ph[2], f"s{spk}"))
+    return items, feats
