@@ -18,6 +18,7 @@ from fairseq_mtssl.evaluation.abx import (
     angular_distances,
     centre_span,
     dtw_path_mean,
+    fastabx_span,
     libri_light_span,
     make_items,
     read_items,
@@ -116,6 +117,11 @@ def test_libri_light_item_frames():
     assert libri_light_span(0.0, 0.26, 50, 100) == (0, 12)  # floor(13 - 0.5) = 12
     assert libri_light_span(1.0, 3.0, 10, 15) == (10, 15)  # cut at the utterance's end (floor(29.5) = 29 > 15)
     assert libri_light_span(2.0, 3.0, 10, 15) is None  # starts past the end
+    # float arithmetic, as libri-light: 100 * 0.145 = 14.499999999999998, floor(13.999...) = 13
+    assert libri_light_span(0.0, 0.145, 100, 1000) == (0, 13)
+    # fastabx's default: the same range with its end included, in decimal arithmetic (14.5 - 0.5 = 14, + 1)
+    assert fastabx_span(0.0, 0.145, 100, 1000) == (0, 15)
+    assert fastabx_span(0.12, 0.38, 10, 100) == (1, 4) and fastabx_span(0.12, 0.14, 10, 100) is None
     assert centre_span(0.12, 0.14, 10, 100) == (1, 2)  # the former rule: nearest frame (centre 0.1125)
 
 

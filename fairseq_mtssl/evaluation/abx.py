@@ -330,12 +330,14 @@ def _dtw_batches(flat, part, row0, width, col0, la, lb, chunk_cells, out) -> Non
     """DTW of the pairs ``part``, sorted by shape and batched; frame distance ``(s, t)`` of a pair at
     ``flat[row0 + s * width + col0 + t]``. Writes ``out[part]``."""
     by_shape = np.lexsort((lb, la))
+    sorted_la = la[by_shape]
+    m_all = int(lb.max())
     start = 0
-    while start < len(by_shape):
-        n = int(la[by_shape[start]])
-        m_all = int(lb.max())
-        sel = by_shape[start : start + max(1, chunk_cells // (n * m_all))]
-        n, m = int(la[sel].max()), int(lb[sel].max())
+    while start < len(by_shape):  # a batch: one row length, about chunk_cells cells
+        n = int(sorted_la[start])
+        stop = min(start + max(1, chunk_cells // (n * m_all)), int(np.searchsorted(sorted_la, n, side="right")))
+        sel = by_shape[start:stop]
+        m = int(lb[sel].max())
         s = np.minimum(np.arange(n)[None, :], la[sel, None] - 1)  # padding repeats the last frame
         t = np.minimum(np.arange(m)[None, :], lb[sel, None] - 1)
         index = (row0[sel, None] + s * width[sel, None])[:, :, None] + (col0[sel, None] + t)[:, None, :]
@@ -355,14 +357,15 @@ def _cells(items: Sequence[AbxItem], mode: str, context: str = "triphone"):
         groups[(it.prev, it.next) if context == "triphone" else ()][it.speaker][it.phone].append(k)
     cells = {}
     for ctx, speakers in groups.items():
+        speakers = {s: {ph: np.asarray(v) for ph, v in phones.items()} for s, phones in speakers.items()}
         for s_ab, phones in speakers.items():
             x_speakers = [s_ab] if mode == "within" else [s for s in speakers if s != s_ab]
             for s_x in x_speakers:
                 for pa, pb in itertools.permutations(phones, 2):
-                    xs = speakers[s_x].get(pa, [])
-                    if mode == "within" and len(xs) < 2 or not xs:
+                    xs = speakers[s_x].get(pa)
+                    if xs is None or mode == "within" and len(xs) < 2:
                         continue
-                    cells[(ctx, s_ab, s_x, pa, pb)] = tuple(np.asarray(v) for v in (phones[pa], phones[pb], xs))
+                    cells[(ctx, s_ab, s_x, pa, pb)] = (phones[pa], phones[pb], xs)
     return cells
 
 

@@ -5,8 +5,9 @@ zerospeech-libriabx is optional (``pip install --no-deps zerospeech-libriabx pro
 then ``scripts/build_libriabx_dtw.py`` to rebuild its DTW for numpy 2). Its package ``__init__`` imports a
 virtual-dataset wrapper, and ``eval_ABX`` imports libri-light's CPC loader, which imports torchaudio; none of
 them is needed to score features, so this registers the two packages without running their ``__init__`` and
-puts a stand-in that refuses to load CPC in place of the loader. Everything that scores (``eval_ABX.ABX``,
-``ABX_src``, the Cython DTW) is libri-light's code, unchanged.
+puts a stand-in that refuses to load CPC in place of the loader; its progress bars are silenced (see
+``_SilentBar``). Everything that scores (``eval_ABX.ABX``, ``ABX_src``, the Cython DTW) is libri-light's
+code, unchanged.
 """
 
 import contextlib
@@ -47,7 +48,28 @@ def load_eval_abx():
         import libri_light_dtw  # noqa: F401
     except (ImportError, ValueError) as err:  # ValueError: built against another numpy
         raise ImportError(f"libri-light's DTW does not import ({err}): run scripts/build_libriabx_dtw.py") from err
-    return importlib.import_module("libriabx.libri_light.eval_ABX")
+    eval_abx = importlib.import_module("libriabx.libri_light.eval_ABX")
+    for module in (eval_abx.abx_g, eval_abx.abx_it):
+        module.progressbar = types.SimpleNamespace(ProgressBar=_SilentBar)
+    return eval_abx
+
+
+class _SilentBar:
+    """Stands in for libri-light's ``progressbar.ProgressBar``: eval_ABX sizes the "across" bar before it
+    sets ``max_x_across``, so with more than 5 X speakers the bar overflows and progressbar2 raises
+    ("Value ... is too large"). The bar only displays progress; scoring is untouched."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def start(self):
+        return self
+
+    def update(self, *args, **kwargs):
+        pass
+
+    def finish(self):
+        pass
 
 
 def unavailable_reason() -> Optional[str]:
@@ -60,24 +82,30 @@ def unavailable_reason() -> Optional[str]:
 
 def libri_light_abx(
     item_file,
-    utterance_feats: Dict[str, np.ndarray],
+    utterance_feats,
     frame_rate: float,
     modes: Sequence[str] = ("within", "across"),
     max_size_group: Optional[int] = None,
     max_x_across: Optional[int] = None,
     quiet: bool = True,
 ) -> Dict[str, float]:
-    """libri-light's ``ABX`` (cosine distance, CPU) on ``utterance_feats[utt] (T, C)`` for ``item_file``:
-    ``{mode: error 0..1}``. ``max_size_group`` / ``max_x_across`` None: above every group and speaker
-    count, so libri-light samples nothing and scores every triplet; its own defaults are 10 and 5."""
+    """libri-light's ``ABX`` (cosine distance, CPU) for ``item_file`` on ``utterance_feats``: a dict
+    ``{utt: (T, C)}``, or a folder of ``{utt}.npy`` read as libri-light's ``--file_extension .npy`` does.
+    Returns ``{mode: error 0..1}``. ``max_size_group`` / ``max_x_across`` None: above every group and
+    speaker count, so libri-light samples nothing and scores every triplet; its own defaults are 10 and 5."""
     eval_abx = load_eval_abx()
-    n_lines = sum(1 for _ in open(item_file, encoding="utf-8"))
-    n_speakers = len({line.split()[6] for line in open(item_file, encoding="utf-8").readlines()[1:] if line.strip()})
-    seq_list = [(utt, utt) for utt in sorted(utterance_feats)]
+    with open(item_file, encoding="utf-8") as f:
+        lines = f.readlines()
+    n_speakers = len({line.split()[6] for line in lines[1:] if line.strip()})
+    if isinstance(utterance_feats, dict):
+        seq_list = [(utt, utt) for utt in sorted(utterance_feats)]
 
-    def feature_function(utt):  # libri-light normalises in place: hand it a copy
-        return torch.from_numpy(np.array(utterance_feats[utt], dtype=np.float32))
+        def feature_function(utt):  # libri-light normalises in place: hand it a copy
+            return torch.from_numpy(np.array(utterance_feats[utt], dtype=np.float32))
 
+    else:
+        seq_list = eval_abx.find_all_files(str(utterance_feats), ".npy")
+        feature_function = eval_abx.load_npy
     sink = io.StringIO()
     with contextlib.ExitStack() as stack:
         if quiet:
@@ -92,7 +120,7 @@ def libri_light_abx(
             list(modes),
             cuda=False,
             max_x_across=max_x_across if max_x_across is not None else n_speakers,
-            max_size_group=max_size_group if max_size_group is not None else n_lines,
+            max_size_group=max_size_group if max_size_group is not None else len(lines),
         )
 
 
