@@ -21,6 +21,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = {  # name: (script, full arguments, quick arguments)
+    "abx": ("bench_abx.py", [], ["--utts", "120", "--rounds", "2", "--no-default"]),
     "labels": ("bench_labels.py", [], ["--clusters", "50"]),
     "malloc": ("bench_malloc.py", ["--rounds", "3"], ["--rounds", "1", "--updates", "30"]),
     "mt4ssl_step": ("bench_mt4ssl_step.py", [], ["--rounds", "3"]),
