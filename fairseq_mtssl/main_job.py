@@ -56,6 +56,10 @@ class MainJob:
             malloc_tunables=a.malloc_tunables,
         )
 
+    def tensorboard_dir(self, model: str) -> Path:
+        """Training curves of ``model`` (``tensorboard --logdir {out}/tensorboard`` shows every model)."""
+        return self.out / "tensorboard" / model
+
     @property
     def mfcc_labels(self) -> Path:
         return self.data / "labels" / f"mfcc_km{self.a.clusters}"
@@ -71,6 +75,7 @@ class MainJob:
                 config,
                 f"common.user_dir={PACKAGE_DIR}",
                 f"hydra.run.dir={run_dir}",
+                f"common.tensorboard_logdir={self.tensorboard_dir(run_dir.name)}",
                 "common.log_interval=10",
                 f"checkpoint.save_interval_updates={self.a.save_interval}",
                 *overrides,
@@ -192,6 +197,8 @@ class MainJob:
                     run,
                     "--updates",
                     self.a.updates,
+                    "--tensorboard-logdir",
+                    self.tensorboard_dir(model),
                     "common.log_interval=10",
                     f"checkpoint.save_interval_updates={self.a.save_interval}",
                 ],

@@ -112,6 +112,11 @@ class ScenarioRunner:
             f"criterion.alpha={self.alpha(method)}",
             f"optimization.max_update={updates}",
             f"hydra.run.dir={run.resolve()}",
+            *(
+                [f"common.tensorboard_logdir={Path(self.a.tensorboard_logdir).resolve() / name}"]
+                if self.a.tensorboard_logdir
+                else []
+            ),
             *extra,
             *self.a.overrides,
         ]
@@ -184,6 +189,10 @@ def main(argv=None) -> None:
         help="folder of the stage config (default: the packaged VGS configs)",
     )
     p.add_argument("--config-name", default="vgs_ssl_tiny_cpu")
+    p.add_argument(
+        "--tensorboard-logdir",
+        help="write each stage's training curves under DIR/<stage> (fairseq's common.tensorboard_logdir)",
+    )
     p.add_argument("overrides", nargs="*", help="more hydra overrides for every stage")
     a = p.parse_args(argv)
     print(json.dumps(ScenarioRunner(a).run()))

@@ -54,7 +54,12 @@ def _save(model: torch.nn.Module, cfg: dict, path, task_state=None) -> None:
             "args": None,
             "task_state": task_state or {},
             "optimizer_history": [
-                {"criterion_name": "x", "optimizer_name": "Adam", "lr_scheduler_state": {"best": None}, "num_updates": 0}
+                {
+                    "criterion_name": "x",
+                    "optimizer_name": "Adam",
+                    "lr_scheduler_state": {"best": None},
+                    "num_updates": 0,
+                }
             ],
             "extra_state": {},
             "last_optimizer_state": None,
@@ -164,12 +169,13 @@ def _targets(out, wav, tmp_path) -> dict:
     return dict(np.load(tmp_path / "got.npz"))
 
 
-def _assert_all_match(encoder, wav_normed, wav_raw, got: dict, pre_ln: bool):
-    """Every target's states against the plugin encoder's: transformers and fairseq give the first
-    layer's input, every layer's output and the encoder output; s3prl the layer inputs and the encoder output."""
+def _assert_all_match(encoder, x: torch.Tensor, got: dict, pre_ln: bool):
+    """Every target's states against the plugin encoder's on ``x`` (the waveform, layer-normalised when
+    the task normalises): transformers and fairseq give the first layer's input, every layer's output
+    and the encoder output; s3prl the layer inputs and the encoder output."""
     from fairseq_mtssl.convert.to_transformers import fairseq_hidden_states
 
-    ours = fairseq_hidden_states(encoder.eval(), wav_normed[None])[:, 0].numpy()  # (L + 2, T, C)
+    ours = fairseq_hidden_states(encoder.eval(), x[None])[:, 0].numpy()  # (L + 2, T, C)
     assert pre_ln == (np.abs(ours[-1] - ours[-2]).max() > 1e-2)  # a pre-LN model's final norm really acts
     s3prl_ours = np.concatenate([ours[:-2], ours[-1:]])
     diffs = {}
@@ -188,7 +194,7 @@ def _assert_all_match(encoder, wav_normed, wav_raw, got: dict, pre_ln: bool):
 def _vgs_model(tmp_path, **model_over):
     from fairseq_mtssl.models.wav2vec2_vgs import Wav2Vec2VgsConfig, Wav2Vec2VgsModel
 
-    cfg = _compose("vgs", "vgs_ssl_tiny_cpu", "task.data=unused", *[f"model.{k}={v}" for k, v in model_over.items()])
+    cfg = _compose("vgs", "vgs_ssl_tiny_cpu", "task.data=unused", *[f"++model.{k}={v}" for k, v in model_over.items()])
     names = set(Wav2Vec2VgsConfig.__dataclass_fields__)
     torch.manual_seed(0)
     model = Wav2Vec2VgsModel(Wav2Vec2VgsConfig(**{k: v for k, v in cfg["model"].items() if k in names}))
@@ -216,7 +222,7 @@ def test_vgs_ssl_exports_its_wav2vec2_trunk_to_fairseq_transformers_and_s3prl(ma
     wav = _speech(manifest_dir, normalize=False)
     got = _targets(out, wav, tmp_path)
     assert set(got) == {"fairseq", "transformers", "s3prl", "s3prl_fairseq"}
-    _assert_all_match(model.w2v, torch.nn.functional.layer_norm(wav, wav.shape), wav, got, pre_ln=False)
+    _assert_all_match(model.w2v, torch.nn.functional.layer_norm(wav, wav.shape), got, pre_ln=False)
 
     # the heads kept beside the trunk rebuild the plugin model: the same retrieval embeddings
     back = load_vgs_export(out / "fairseq.pt", out / "vgs_heads.pt")
@@ -241,3 +247,139 @@ def test_a_trunk_plain_wav2vec2_cannot_represent_is_refused_in_one_line(tmp_path
     msg = str(err.value)
     assert "\n" not in msg and str(ckpt) in msg and "cls_token" in msg
     assert not (tmp_path / "out" / "fairseq.pt").exists()
+
+
+# ------------------------------------------------------------------------------ wav2vec 2.0
+
+
+@pytest.mark.parametrize(
+    "extractor_mode,layer_norm_first",
+    [("default", False), ("layer_norm", True)],
+    ids=["group-norm-post-ln(base)", "layer-norm-pre-ln(large)"],
+)
+def test_wav2vec2_both_front_ends_and_both_layer_norm_placements(
+    extractor_mode, layer_norm_first, manifest_dir, tmp_path
+):
+    from fairseq.models.wav2vec.wav2vec2 import Wav2Vec2Config, Wav2Vec2Model
+
+    cfg = _compose(
+        "wav2vec2/pretraining",
+        "wav2vec2_tiny_cpu",
+        "task.data=unused",
+        f"++model.extractor_mode={extractor_mode}",
+        f"++model.layer_norm_first={layer_norm_first}",
+    )
+    torch.manual_seed(1)
+    names = set(Wav2Vec2Config.__dataclass_fields__)
+    model = Wav2Vec2Model(Wav2Vec2Config(**{k: v for k, v in cfg["model"].items() if k in names}))
+    _perturb_norms(model, seed=1)
+    _save(model, cfg, tmp_path / "w2v.pt")
+    info = _export(tmp_path / "w2v.pt", tmp_path / "out")
+    assert info["architecture"] == "wav2vec2" and info["transformers"]["class"] == "Wav2Vec2Model"
+    hf_cfg = json.loads((tmp_path / "out" / "transformers" / "config.json").read_text())
+    assert hf_cfg["feat_extract_norm"] == {"default": "group", "layer_norm": "layer"}[extractor_mode]
+    assert hf_cfg["do_stable_layer_norm"] == layer_norm_first
+    assert (hf_cfg["conv_dim"], hf_cfg["conv_kernel"], hf_cfg["conv_stride"]) == (
+        [64] * 7,
+        [10, 3, 3, 3, 3, 2, 2],
+        [5, 2, 2, 2, 2, 2, 2],
+    )
+    wav = _speech(manifest_dir, normalize=False)
+    got = _targets(tmp_path / "out", wav, tmp_path)
+    assert set(got) == {"fairseq", "transformers", "s3prl", "s3prl_fairseq"}
+    _assert_all_match(model, torch.nn.functional.layer_norm(wav, wav.shape), got, pre_ln=layer_norm_first)
+
+
+# ---------------------------------------------------------------------------- MT4SSL / data2vec
+
+
+def _mt4ssl_checkpoint(tmp_path, *overrides):
+    from fairseq_mtssl.models.mt4ssl import MT4SSLConfig, MT4SSLModel
+
+    cfg = _compose(
+        "mt4ssl/pretrain",
+        "mt4ssl_tiny_cpu",
+        "task.data=unused",
+        "task.label_dir=unused",
+        "task.labels=[km]",
+        "task.label_rate=100",
+        *overrides,
+    )
+    names = set(MT4SSLConfig.__dataclass_fields__)
+    torch.manual_seed(2)
+    model = MT4SSLModel(MT4SSLConfig(**{k: v for k, v in cfg["model"].items() if k in names}), [12], [100.0], [1])
+    _perturb_norms(model, seed=2)
+    model.make_ema_teacher()  # what training builds at its first update: the checkpoint's ``_ema``
+    _save(model, cfg, tmp_path / "mt4ssl.pt")
+    return model, tmp_path / "mt4ssl.pt"
+
+
+@pytest.mark.parametrize(
+    "pos_conv_depth,hf_class",
+    [(1, "Wav2Vec2Model"), (5, "Data2VecAudioModel")],
+    ids=["one-weight-normed-pos-conv(tiny)", "pos-conv-stack(data2vec-base-layout)"],
+)
+def test_mt4ssl_exports_to_data2vec_transformers_and_s3prl(pos_conv_depth, hf_class, manifest_dir, tmp_path):
+    model, ckpt = _mt4ssl_checkpoint(tmp_path, f"++model.pos_conv_depth={pos_conv_depth}")
+    if pos_conv_depth > 1:
+        assert len(model.encoder.pos_conv) == 5 and model.encoder.pos_conv[0][0].kernel_size == (6,)  # even: SamePad
+    info = _export(ckpt, tmp_path / "out")
+    assert info["architecture"] == "mt4ssl" and info["fairseq"]["model"] == "data2vec_audio"
+    assert info["transformers"]["class"] == hf_class and info["s3prl"]["upstream"] == "data2vec_local"
+    if pos_conv_depth > 1:
+        hf_cfg = json.loads((tmp_path / "out" / "transformers" / "config.json").read_text())
+        assert (hf_cfg["num_conv_pos_embeddings"], hf_cfg["conv_pos_kernel_size"]) == (5, 6)
+    wav = _speech(manifest_dir, normalize=False)
+    got = _targets(tmp_path / "out", wav, tmp_path)
+    assert set(got) == {"fairseq", "transformers", "s3prl"}
+    _assert_all_match(model, torch.nn.functional.layer_norm(wav, wav.shape), got, pre_ln=False)
+
+
+def test_data2vec_layouts_transformers_lacks_are_refused_in_one_line(tmp_path):
+    from fairseq_mtssl.convert.export import export_all
+    from fairseq_mtssl.convert.to_transformers import TransformersExportError
+
+    _, ckpt = _mt4ssl_checkpoint(tmp_path, "++model.pos_conv_depth=5", "++model.extractor_mode=default")
+    with pytest.raises(TransformersExportError) as err:
+        export_all(ckpt, tmp_path / "out")
+    assert "\n" not in str(err.value) and "fairseq.pt" in str(err.value) and "Data2VecAudioModel" in str(err.value)
+    assert not (tmp_path / "out" / "transformers").exists()
+
+
+# ----------------------------------------------------------------------------- HuBERT and SCORE
+
+
+@pytest.mark.parametrize("arch", ["hubert", "score_hubert"])
+def test_hubert_and_score_export_through_the_one_command(arch, manifest_dir, tmp_path):
+    from test_interop import _build_checkpoint
+
+    from fairseq_mtssl.convert.hubert_checkpoint import load_hubert
+    from fairseq_mtssl.models.score import ScoreHubertConfig, ScoreHubertModel
+
+    pre_ln = arch == "hubert"  # the plain HuBERT as Large (layer_norm, pre-LN), SCORE on a Base-like one
+    start = tmp_path / "hubert.pt"
+    _build_checkpoint(start, "layer_norm" if pre_ln else "default", pre_ln)
+    if arch == "hubert":
+        ckpt, encoder = start, load_hubert(start)[0]
+    else:
+        cfg = _compose("score", "score_tiny_cpu", "task.data=unused", f"model.hubert_path={start}")
+        names = set(ScoreHubertConfig.__dataclass_fields__)
+        score = ScoreHubertModel.build_model(ScoreHubertConfig(**{k: v for k, v in cfg["model"].items() if k in names}))
+        _perturb_norms(score.student.encoder.layers[-1], seed=3)  # the student now differs from the start
+        ckpt, encoder = tmp_path / "score.pt", score.student
+        _save(score, cfg, ckpt)
+    info = _export(ckpt, tmp_path / "out")
+    assert info["architecture"] == arch and info["transformers"]["class"] == "HubertModel"
+    wav = _speech(manifest_dir, normalize=False)
+    got = _targets(tmp_path / "out", wav, tmp_path)
+    assert set(got) == {"fairseq", "transformers", "s3prl", "s3prl_fairseq"}
+    _assert_all_match(encoder, wav, got, pre_ln=pre_ln)  # these HuBERT tasks do not normalise
+
+
+def test_unknown_architectures_are_refused_in_one_line(tmp_path):
+    from fairseq_mtssl.convert.export import UnknownArchitecture, export_all
+
+    bad = tmp_path / "lm.pt"
+    torch.save({"cfg": {"model": {"_name": "transformer_lm"}}, "model": {}, "args": None}, bad)
+    with pytest.raises(UnknownArchitecture, match="lm.pt: model 'transformer_lm' has no export"):
+        export_all(bad, tmp_path / "out")

@@ -62,9 +62,10 @@ def load_plain_trunk(path) -> Tuple[str, torch.nn.Module, dict]:
     if family == "hubert":
         model, state = load_hubert(path)
         return family, model, state
-    dataclass, cls = {"wav2vec2": (Wav2Vec2Config, Wav2Vec2Model), "data2vec_audio": (Data2VecAudioConfig, Data2VecAudioModel)}[
-        family
-    ]
+    dataclass, cls = {
+        "wav2vec2": (Wav2Vec2Config, Wav2Vec2Model),
+        "data2vec_audio": (Data2VecAudioConfig, Data2VecAudioModel),
+    }[family]
     names = {f.name for f in fields(dataclass)}
     model = cls(dataclass(**{k: v for k, v in state["cfg"]["model"].items() if k in names}))
     weights = {k: v for k, v in state["model"].items() if k != "_ema"}  # data2vec's teacher: not built here
@@ -185,7 +186,11 @@ def transformers_names(fairseq_keys, hf_keys, n_conv: int, n_layers: int, extrac
         g = next(k for k in hf_keys if k.startswith(prefix) and k.endswith(("weight_g", "original0")))
         v = next(k for k in hf_keys if k.startswith(prefix) and k.endswith(("weight_v", "original1")))
         names.update(
-            {"encoder.pos_conv.0.weight_g": g, "encoder.pos_conv.0.weight_v": v, "encoder.pos_conv.0.bias": prefix + "bias"}
+            {
+                "encoder.pos_conv.0.weight_g": g,
+                "encoder.pos_conv.0.weight_v": v,
+                "encoder.pos_conv.0.bias": prefix + "bias",
+            }
         )
     return names
 
@@ -240,7 +245,9 @@ def build_transformers(family: str, model, model_cfg):
     cls = getattr(transformers, class_name)
     config_cls = getattr(transformers, class_name.replace("Model", "Config"))
     hf = cls(config_cls(**transformers_config(class_name, model_cfg, model))).eval()
-    missing, unexpected = hf.load_state_dict(transformers_state(family, model, model_cfg, hf.state_dict().keys()), strict=False)
+    missing, unexpected = hf.load_state_dict(
+        transformers_state(family, model, model_cfg, hf.state_dict().keys()), strict=False
+    )
     if missing or unexpected:
         raise TransformersExportError(f"transformers {class_name}: missing {missing}, unexpected {unexpected}")
     return hf, class_name
