@@ -108,7 +108,7 @@ def export_all(
     if arch == "wav2vec2_vgs":
         info["vgs_heads"] = "vgs_heads.pt"
     if "transformers" in formats:
-        hf = export_transformers(plain, out_dir / "transformers", verify=verify)
+        hf = export_transformers(plain, out_dir / "transformers", verify=verify, source=checkpoint)
         info["transformers"] = {"path": "transformers", **hf}
     if "s3prl" in formats:
         info["s3prl"] = {"path": "s3prl.pt", "upstream": export_s3prl(plain, out_dir / "s3prl.pt")}
@@ -144,7 +144,7 @@ def transformers_main(argv=None) -> None:
     with tempfile.TemporaryDirectory(dir=parent) as tmp:
         plain = Path(tmp) / "fairseq.pt"
         export_fairseq(a.checkpoint, plain, a.hubert)
-        print(json.dumps(export_transformers(plain, a.output_dir)))
+        print(json.dumps(export_transformers(plain, a.output_dir, source=a.checkpoint)))
 
 
 if __name__ == "__main__":

@@ -253,22 +253,24 @@ def build_transformers(family: str, model, model_cfg):
     return hf, class_name
 
 
-def export_transformers(plain_checkpoint, out_dir, verify: bool = True) -> dict:
+def export_transformers(plain_checkpoint, out_dir, verify: bool = True, source=None) -> dict:
     """Write ``out_dir`` (``config.json`` and weights, via ``save_pretrained``) from a plain fairseq
-    checkpoint; returns ``{"class", "max_abs_diff"}``. The directory appears whole or not at all."""
+    checkpoint; returns ``{"class", "max_abs_diff"}``. The directory appears whole or not at all.
+    Errors name ``source`` (the checkpoint the user gave) when given, else ``plain_checkpoint``."""
+    source = source or plain_checkpoint
     family, model, state = load_plain_trunk(plain_checkpoint)
     model_cfg = state["cfg"]["model"]
     try:
         hf, class_name = build_transformers(family, model, model_cfg)
     except TransformersExportError as err:
-        raise TransformersExportError(f"{plain_checkpoint}: {err}") from None
+        raise TransformersExportError(f"{source}: {err}") from None
     info = {"class": class_name}
     if verify:
         wav = torch.randn(1, 16000, generator=torch.Generator().manual_seed(0))
         diff = float((fairseq_hidden_states(model, wav) - transformers_hidden_states(hf, wav)).abs().max())
         if not diff < VERIFY_TOLERANCE:
             raise TransformersExportError(
-                f"{plain_checkpoint}: transformers {class_name} differs from fairseq by {diff:.2e} on a test input"
+                f"{source}: transformers {class_name} differs from fairseq by {diff:.2e} on a test input"
             )
         info["max_abs_diff"] = diff
     out_dir = Path(out_dir)

@@ -73,6 +73,10 @@ def export_wav2vec2_trunk(src, dst, heads_dst=None) -> dict:
     from fairseq.tasks.audio_pretraining import AudioPretrainingConfig
 
     state = load_checkpoint_safely(src)
+    if state.get("cfg") is None and state.get("args") is not None:  # a pre-hydra release (``args`` Namespace)
+        from fairseq.checkpoint_utils import load_checkpoint_to_cpu
+
+        state = load_checkpoint_to_cpu(str(src))  # weights-only again, and fairseq's args -> cfg upgrade
     cfg = _plain(state.get("cfg"))
     model_cfg = (cfg or {}).get("model") or {}
     name = model_cfg.get("_name")
