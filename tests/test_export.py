@@ -383,3 +383,32 @@ def test_unknown_architectures_are_refused_in_one_line(tmp_path):
     torch.save({"cfg": {"model": {"_name": "transformer_lm"}}, "model": {}, "args": None}, bad)
     with pytest.raises(UnknownArchitecture, match="lm.pt: model 'transformer_lm' has no export"):
         export_all(bad, tmp_path / "out")
+
+
+def test_a_wav2vec2_without_a_feature_projection_gets_the_identity_in_transformers():
+    """fairseq builds no ``post_extract_proj`` when the conv width equals the encoder width."""
+    from fairseq.models.wav2vec.wav2vec2 import Wav2Vec2Config, Wav2Vec2Model
+
+    from fairseq_mtssl.convert.to_transformers import (
+        build_transformers,
+        fairseq_hidden_states,
+        transformers_hidden_states,
+    )
+
+    cfg = dict(
+        extractor_mode="layer_norm",
+        conv_feature_layers="[(64,10,5)] + [(64,3,2)] * 4 + [(64,2,2)] * 2",
+        encoder_layers=2,
+        encoder_embed_dim=64,
+        encoder_ffn_embed_dim=128,
+        encoder_attention_heads=4,
+        conv_pos=16,
+        conv_pos_groups=8,
+    )
+    torch.manual_seed(4)
+    model = Wav2Vec2Model(Wav2Vec2Config(**cfg)).eval()
+    assert model.post_extract_proj is None
+    _perturb_norms(model, seed=4)
+    hf, _ = build_transformers("wav2vec2", model, cfg)
+    wav = torch.randn(1, 8000)
+    assert float((fairseq_hidden_states(model, wav) - transformers_hidden_states(hf, wav)).abs().max()) < TOL
