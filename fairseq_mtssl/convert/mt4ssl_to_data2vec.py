@@ -1,4 +1,4 @@
-"""Export an MT4SSL student as a plain fairseq ``data2vec_audio`` checkpoint.
+"""Export an MT4SSL student (or a data2vec_audio trained with the plugin) as a plain fairseq ``data2vec_audio`` checkpoint.
 
     mtssl-export-data2vec runs/mt4ssl/checkpoints/checkpoint_best.pt exported/data2vec_student.pt
 
@@ -23,8 +23,8 @@ def export_mt4ssl_student(src, dst) -> dict:
     state = load_checkpoint_safely(src)
     cfg = state.get("cfg")
     model_cfg = (cfg or {}).get("model") or {}
-    if model_cfg.get("_name") != "mt4ssl":
-        raise ExportError(f"{src}: model is {model_cfg.get('_name')!r}, not an MT4SSL checkpoint")
+    if model_cfg.get("_name") not in ("mt4ssl", "data2vec_audio"):  # data2vec_audio: rewritten without user_dir
+        raise ExportError(f"{src}: model is {model_cfg.get('_name')!r}, not an MT4SSL or data2vec_audio checkpoint")
     keep = {f.name for f in fields(Data2VecAudioConfig)}
     new_model_cfg = {k: v for k, v in model_cfg.items() if k in keep}
     new_model_cfg["_name"] = "data2vec_audio"
@@ -45,6 +45,7 @@ def export_mt4ssl_student(src, dst) -> dict:
     out = {
         "cfg": {
             **{k: v for k, v in cfg.items() if k not in ("model", "task", "criterion")},
+            "common": {**(cfg.get("common") or {}), "user_dir": None},
             "model": new_model_cfg,
             "task": new_task_cfg,
             "criterion": {"_name": "model"},

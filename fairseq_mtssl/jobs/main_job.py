@@ -60,6 +60,10 @@ class MainJob:
             malloc_tunables=args.malloc_tunables,
         )
 
+    def tensorboard_dir(self, model: str) -> Path:
+        """Training curves of ``model`` (``tensorboard --logdir {out}/tensorboard`` shows every model)."""
+        return self.out / "tensorboard" / model
+
     @property
     def mfcc_labels(self) -> Path:
         return self.data / "labels" / f"mfcc_km{self.args.clusters}"
@@ -75,6 +79,7 @@ class MainJob:
                 config,
                 f"common.user_dir={PACKAGE_DIR}",
                 f"hydra.run.dir={run_dir}",
+                f"common.tensorboard_logdir={self.tensorboard_dir(run_dir.name)}",
                 "common.log_interval=10",
                 f"checkpoint.save_interval_updates={self.args.save_interval}",
                 *overrides,
@@ -198,6 +203,8 @@ class MainJob:
                     run,
                     "--updates",
                     self.args.updates,
+                    "--tensorboard-logdir",
+                    self.tensorboard_dir(model),
                     "common.log_interval=10",
                     f"checkpoint.save_interval_updates={self.args.save_interval}",
                 ],

@@ -113,6 +113,11 @@ class ScenarioRunner:
             f"criterion.alpha={self.alpha(method)}",
             f"optimization.max_update={updates}",
             f"hydra.run.dir={run.resolve()}",
+            *(
+                [f"common.tensorboard_logdir={Path(self.args.tensorboard_logdir).resolve() / name}"]
+                if self.args.tensorboard_logdir
+                else []
+            ),
             *extra,
             *self.args.overrides,
         ]
@@ -179,6 +184,10 @@ def main(argv=None) -> None:
         help="folder of the stage config (default: the packaged VGS configs)",
     )
     parser.add_argument("--config-name", default="vgs_ssl_tiny_cpu")
+    parser.add_argument(
+        "--tensorboard-logdir",
+        help="write each stage's training curves under DIR/<stage> (fairseq's common.tensorboard_logdir)",
+    )
     parser.add_argument("overrides", nargs="*", help="more hydra overrides for every stage")
     args = parser.parse_args(argv)
     print(json.dumps(ScenarioRunner(args).run()))
