@@ -1,5 +1,6 @@
 """SCORE through fairseq-hydra-train from a real HuBERT checkpoint, and the vanilla export."""
 
+import copy
 import re
 import subprocess
 import sys
@@ -23,7 +24,7 @@ np.save(sys.argv[3], x.numpy())
 """
 
 
-def test_score_finetunes_top_layers_only_and_exports_a_vanilla_hubert(manifest_dir, tiny_hubert_checkpoint, tmp_path):
+def test_score_finetunes_the_authors_set_and_exports_a_vanilla_hubert(manifest_dir, tiny_hubert_checkpoint, tmp_path):
     run = tmp_path / "score"
     out = run_cli(
         "fairseq-hydra-train",
@@ -33,7 +34,7 @@ def test_score_finetunes_top_layers_only_and_exports_a_vanilla_hubert(manifest_d
         "score_tiny_cpu",
         f"common.user_dir={PACKAGE_DIR}",
         f"task.data={manifest_dir}",
-        f"model.hubert_path={tiny_hubert_checkpoint}",
+        f"model.upstream_path={tiny_hubert_checkpoint}",
         "optimization.max_update=30",
         "common.log_interval=5",
         f"hydra.run.dir={run}",
@@ -43,13 +44,13 @@ def test_score_finetunes_top_layers_only_and_exports_a_vanilla_hubert(manifest_d
 
     start = torch.load(tiny_hubert_checkpoint)["model"]
     tuned = torch.load(run / "checkpoints" / "checkpoint_last.pt")["model"]
-    top = "encoder.layers.1."  # tiny HuBERT: 2 layers, trainable_layers 1
+    # the authors' set on a 2-layer HuBERT: both layers and the two LayerNorms learn; the conv front end,
+    # post_extract_proj and pos_conv stay; final_proj, mask_emb, label_embs_concat train but get no gradient
+    learns = ("encoder.layers.", "encoder.layer_norm.", "layer_norm.")
     for k, v in start.items():
         assert torch.equal(tuned[f"teacher.{k}"], v), f"teacher changed: {k}"
-        if not k.startswith(top):
-            assert torch.equal(tuned[f"student.{k}"], v), f"frozen student parameter changed: {k}"
-    assert any(not torch.equal(tuned[f"student.{k}"], v) for k, v in start.items() if k.startswith(top))
-
+        assert torch.equal(tuned[f"student.{k}"], v) != k.startswith(learns), f"{k}: changed iff it learns"
+    top = "encoder.layers.1."
     exported = tmp_path / "hubert_score.pt"
     run_cli("mtssl-export-hubert", run / "checkpoints" / "checkpoint_last.pt", exported)
     from fairseq_mtssl.convert.hubert_checkpoint import load_hubert
@@ -83,45 +84,149 @@ def test_export_refuses_other_architectures(tiny_hubert_checkpoint, tmp_path):
     assert not (tmp_path / "x.pt").exists()
 
 
-@pytest.mark.parametrize(
-    "batched", [True, False], ids=["layer-norm-front-end(batched)", "group-norm-front-end(one-by-one)"]
-)
-def test_student_split_forward_equals_the_full_forward(batched):
-    """The student's frozen bottom runs under no_grad and its top layers on top of it: same output as
-    fairseq's full extract_features (padded batch or one by one), gradient only into the top layers."""
+def _hubert(**overrides):
+    """A fairseq HubertModel (HuBERT Base's architecture unless overridden), random weights."""
     from fairseq.data.dictionary import Dictionary
     from fairseq.models.hubert import HubertConfig, HubertModel
     from fairseq.tasks.hubert_pretraining import HubertPretrainingConfig
 
-    from fairseq_mtssl.models.score import ScoreHubertConfig, ScoreHubertModel
+    d = Dictionary()
+    cfg = HubertConfig(label_rate=50.0, **overrides)
+    return HubertModel(cfg, HubertPretrainingConfig(labels=["km"], label_rate=50.0), [d])
+
+
+TINY = dict(
+    encoder_layers=4,
+    encoder_embed_dim=64,
+    encoder_ffn_embed_dim=128,
+    encoder_attention_heads=4,
+    conv_pos=16,
+    conv_pos_groups=4,
+    conv_feature_layers="[(32,10,5)] + [(32,3,2)] * 4 + [(32,2,2)] * 2",
+    dropout=0.0,
+    attention_dropout=0.0,
+    activation_dropout=0.0,
+    dropout_input=0.0,
+    final_dim=16,
+)
+
+
+def _authors_trainable(hubert) -> set:
+    """The authors' freeze-by-position rule (runner_part_freeze_layers.py) applied to s3prl's
+    ``hubert_base`` upstream, whose parameters are the HubertModel's under ``model.``: the 1-based
+    parameters 3..176 are frozen; every other one keeps requires_grad=True (their two ``elif``
+    branches, for ``model.layer_norm`` and ``model.final_proj``, set True again)."""
+    names = ["model." + n for n, _ in hubert.named_parameters()]
+    return {n[len("model.") :] for count, n in enumerate(names, start=1) if not 2 < count < 177}
+
+
+def _grad_names(module) -> set:
+    return {n for n, p in module.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+
+
+def test_paper_config_trains_the_authors_set_and_gradients_reach_what_theirs_reach():
+    """HuBERT Base's architecture: the trainable set of score_base_librispeech.yaml is, by name, what the
+    authors' positional rule leaves trainable; the parameters that receive a gradient from the SCORE loss
+    are those that receive one in a plain fairseq HuBERT frozen their way (feature_grad_mult 0, as s3prl)."""
+    from omegaconf import OmegaConf
+
+    from fairseq_mtssl.criterions.score_criterion import ScoreCriterion
+    from fairseq_mtssl.models.score import ScoreConfig, ScoreModel
+    from fairseq_mtssl.models.weight_norm import detach_weight_norm_weights
 
     torch.manual_seed(0)
-    d = Dictionary()
-    cfg = HubertConfig(
-        extractor_mode="layer_norm" if batched else "default",
-        encoder_layers=4,
-        encoder_embed_dim=64,
-        encoder_ffn_embed_dim=128,
-        encoder_attention_heads=4,
-        conv_pos=16,
-        conv_pos_groups=4,
-        label_rate=50.0,
-        conv_feature_layers="[(32,10,5)] + [(32,3,2)] * 4 + [(32,2,2)] * 2",
-        dropout=0.0,
-        attention_dropout=0.0,
-        activation_dropout=0.0,
-        encoder_layerdrop=0.0,
-        final_dim=16,
+    hubert = _hubert(encoder_layerdrop=0.05)  # the official hubert_base_ls960's layerdrop
+    authors = _authors_trainable(hubert)
+    paper = OmegaConf.load(REPO / "fairseq_mtssl/config/score/score_base_librispeech.yaml").model
+    detach_weight_norm_weights(hubert)  # torch >= 2.1 deep-copies weight-normed modules only so
+    reference = copy.deepcopy(hubert)
+    model = ScoreModel(ScoreConfig(upstream_path="-", trainable=list(paper.trainable), proj_dim=256), hubert).train()
+    ours = {n for n, p in model.student.named_parameters() if p.requires_grad}
+    assert ours == authors, sorted(ours ^ authors)
+    assert model.student.encoder.layerdrop == 0 and model.teacher.encoder.layerdrop == 0
+
+    x, y = torch.randn(16000), torch.randn(17600)
+    out = model([x], [y])
+    loss, _, _ = ScoreCriterion(None)(model, {"net_input": {"source": [x], "target_source": [y]}})
+    loss.backward()
+    got = _grad_names(model.student)
+
+    for n, p in reference.named_parameters():
+        p.requires_grad_(n in authors)
+    reference.feature_grad_mult, reference.encoder.layerdrop = 0.0, 0.0
+    reference.train().extract_features(x[None], padding_mask=None, mask=False)[0].square().sum().backward()
+    expected = _grad_names(reference)
+    assert got == expected, sorted(got ^ expected)
+    groups = {".".join(n.split(".")[:3]) if n.startswith("encoder.layers.") else n.rsplit(".", 1)[0] for n in got}
+    assert groups == {"encoder.layers.10", "encoder.layers.11", "encoder.layer_norm", "layer_norm"}, groups
+    assert model.proj.weight.grad is not None and out["teacher"].requires_grad  # the projection learns from both
+
+
+@pytest.mark.parametrize("layerdrop", [0.0, 0.5])
+def test_layerdrop_is_the_configs_in_student_and_teacher(layerdrop):
+    from fairseq_mtssl.models.score import ScoreConfig, ScoreModel
+
+    torch.manual_seed(0)
+    hubert = _hubert(**TINY, extractor_mode="layer_norm", encoder_layerdrop=0.05)
+    model = ScoreModel(ScoreConfig(upstream_path="-", proj_dim=8, layerdrop=layerdrop, teacher_dropout=True), hubert)
+    model.train()
+    assert model.student.encoder.layerdrop == layerdrop and model.teacher.encoder.layerdrop == layerdrop
+    assert model.teacher.training  # teacher_dropout: the authors' train-mode teacher
+    x = [torch.randn(8000)]
+    outs = [model._encode(model.student, x)[0].detach() for _ in range(12)]
+    same = all(torch.equal(o, outs[0]) for o in outs)  # the tiny model has no dropout: only LayerDrop varies
+    assert same == (layerdrop == 0)
+    model.eval()
+    assert not model.teacher.training
+
+
+@pytest.mark.parametrize(
+    "batched", [True, False], ids=["layer-norm-front-end(batched)", "group-norm-front-end(one-by-one)"]
+)
+@pytest.mark.parametrize("trainable", ["top2", "paper", "pre-ln-top1"])
+def test_student_forward_equals_the_full_forward_and_graphs_only_what_trains(batched, trainable):
+    """Split or full, the student's output is fairseq's extract_features (padded batch or one by one);
+    gradients reach exactly the trainable set's feature-path parameters; below the lowest trainable
+    layer no graph is recorded when nothing there trains."""
+    from fairseq_mtssl.models.score import AUTHORS_TRAINABLE, ScoreConfig, ScoreModel
+
+    torch.manual_seed(0)
+    entries = {
+        "top2": ["encoder.layers.-2", "encoder.layers.-1"],
+        "paper": AUTHORS_TRAINABLE,
+        "pre-ln-top1": ["encoder.layers.3", "encoder.layer_norm"],
+    }[trainable]
+    hubert = _hubert(
+        **TINY, extractor_mode="layer_norm" if batched else "default", layer_norm_first=trainable == "pre-ln-top1"
     )
-    hubert = HubertModel(cfg, HubertPretrainingConfig(labels=["km"], label_rate=50.0), [d])
-    model = ScoreHubertModel(ScoreHubertConfig(hubert_path="-", trainable_layers=2, proj_dim=8), hubert).train()
+    model = ScoreModel(ScoreConfig(upstream_path="-", trainable=entries, proj_dim=8), hubert).train()
     assert model.batchable == batched
+    assert model.first_graph_layer == {"top2": 2, "paper": None, "pre-ln-top1": 3}[trainable]
+    recorded = []
+    model.student.encoder.layers[0].register_forward_hook(lambda m, i, o: recorded.append(o[0].requires_grad))
     sources = [torch.randn(9000), torch.randn(6400)]
     x, lengths = model._encode(model.student, sources)
+    assert recorded and all(r == (trainable == "paper") for r in recorded)
     with torch.no_grad():
         for i, s in enumerate(sources):
             full, _ = model.student.extract_features(s[None], padding_mask=None, mask=False)
             torch.testing.assert_close(x[i, : lengths[i]], full[0], atol=1e-5, rtol=1e-5)
     x[0, : lengths[0]].sum().backward()
-    grads = {n for n, p in model.student.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
-    assert grads and all(n.startswith(("encoder.layers.2.", "encoder.layers.3.")) for n in grads), sorted(grads)
+    grads = _grad_names(model.student)
+    want = {
+        "top2": ("encoder.layers.2.", "encoder.layers.3."),
+        "paper": ("encoder.layers.2.", "encoder.layers.3.", "encoder.layer_norm.", "layer_norm."),
+        "pre-ln-top1": ("encoder.layers.3.", "encoder.layer_norm."),
+    }[trainable]
+    assert grads and all(n.startswith(want) for n in grads), sorted(grads)
+    assert all(any(n.startswith(w) for n in grads) for w in want), sorted(grads)
+
+
+def test_trainable_names_that_select_nothing_are_refused():
+    from fairseq_mtssl.models.score import ScoreConfig, ScoreModel, TrainableSetError
+
+    hubert = _hubert(**TINY, extractor_mode="layer_norm")
+    with pytest.raises(TrainableSetError, match="'encoder.layerz.1' names no parameter of the HubertModel"):
+        ScoreModel(ScoreConfig(upstream_path="-", trainable=["encoder.layerz.1"]), hubert)
+    with pytest.raises(TrainableSetError, match="'encoder.layers.-5' but the upstream has 4 layers"):
+        ScoreModel(ScoreConfig(upstream_path="-", trainable=["encoder.layers.-5"]), hubert)

@@ -22,11 +22,9 @@ class ExportError(ValueError):
 def export_score_student(score_checkpoint, out, hubert_path=None) -> None:
     state = load_checkpoint_safely(score_checkpoint)
     model_cfg = (state.get("cfg") or {}).get("model") or {}
-    if model_cfg.get("_name") != "score_hubert":
-        raise ExportError(
-            f"{score_checkpoint}: model is {model_cfg.get('_name')!r}, not a SCORE (score_hubert) checkpoint"
-        )
-    hubert_path = hubert_path or model_cfg["hubert_path"]
+    if model_cfg.get("_name") not in ("score", "score_hubert"):
+        raise ExportError(f"{score_checkpoint}: model is {model_cfg.get('_name')!r}, not a SCORE checkpoint")
+    hubert_path = hubert_path or model_cfg.get("upstream_path") or model_cfg["hubert_path"]
     hubert, source_state = load_hubert(hubert_path)
     student = {k[len("student.") :]: v for k, v in state["model"].items() if k.startswith("student.")}
     missing, unexpected = hubert.load_state_dict(student, strict=False)
