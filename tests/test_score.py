@@ -230,3 +230,22 @@ def test_trainable_names_that_select_nothing_are_refused():
         ScoreModel(ScoreConfig(upstream_path="-", trainable=["encoder.layerz.1"]), hubert)
     with pytest.raises(TrainableSetError, match="'encoder.layers.-5' but the upstream has 4 layers"):
         ScoreModel(ScoreConfig(upstream_path="-", trainable=["encoder.layers.-5"]), hubert)
+
+
+def test_paper_config_has_the_authors_optimisation_and_batches():
+    """score_base_librispeech.yaml against the facts of the authors' code (content_preserving_hubert/config.yaml,
+    s3prl's AdamW defaults, runner's clipping, train_batch_size 1, whole LibriSpeech utterances)."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(REPO / "fairseq_mtssl/config/score/score_base_librispeech.yaml")
+    opt = cfg.optimizer
+    assert opt._name == "adam" and eval(opt.adam_betas) == (0.9, 0.999)  # fairseq's Adam decays decoupled
+    assert float(opt.adam_eps) == 1e-7 and float(opt.weight_decay) == 0.0
+    assert cfg.optimization.clip_norm == 1.0 and list(cfg.optimization.lr) == [2e-5]
+    assert cfg.optimization.max_update == 3600 and list(cfg.optimization.update_freq) == [8]
+    assert cfg.lr_scheduler._name == "polynomial_decay" and cfg.lr_scheduler.warmup_updates == 1000
+    assert cfg.lr_scheduler.power == 1.0 and cfg.lr_scheduler.end_learning_rate == 0.0  # linear to 0
+    assert cfg.common.fp16 is False and cfg.dataset.batch_size == 1 and "max_tokens" not in cfg.dataset
+    assert cfg.task.max_sample_size >= 24.6 * 16000  # no crop: train-clean-100's longest utterance is 24.5 s
+    assert cfg.task.pitch_method == "phase_vocoder" and cfg.criterion.gamma == 0.1 and cfg.model.proj_dim == 256
+    assert cfg.model.layerdrop == 0.0 and cfg.model.teacher_dropout is False
