@@ -4,6 +4,7 @@ import copy
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,62 +13,152 @@ from conftest import PACKAGE_DIR, REPO, run_cli
 
 _VANILLA = """
 import sys, argparse, numpy as np, torch
+from torch.nn.utils.weight_norm import WeightNorm
 from fairseq.data.dictionary import Dictionary
 torch.serialization.add_safe_globals([Dictionary, argparse.Namespace])  # what any torch>=2.6 fairseq user needs
+from fairseq.examples.data2vec.models import data2vec_audio  # what common.user_dir=examples/data2vec does
+
+# fairseq's data2vec cannot build its EMA teacher under torch >= 2.1 (weight norm's derived weight is
+# not deep-copyable), and loading any data2vec checkpoint builds it; every torch 2.13 user needs this.
+make_teacher = data2vec_audio.Data2VecAudioModel.make_ema_teacher
+def detached_make_teacher(self):
+    for m in self.modules():
+        for h in m._forward_pre_hooks.values():
+            if isinstance(h, WeightNorm):
+                setattr(m, h.name, getattr(m, h.name).detach())
+    make_teacher(self)
+data2vec_audio.Data2VecAudioModel.make_ema_teacher = detached_make_teacher
+
 from fairseq import checkpoint_utils
 models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([sys.argv[1]])
 m = models[0].eval()
-assert type(m).__name__ == "HubertModel" and "fairseq_mtssl" not in sys.modules
+assert type(m).__name__ == sys.argv[4] and "fairseq_mtssl" not in sys.modules, type(m)
+out = []
+for layer in m.encoder.layers:
+    layer.register_forward_hook(lambda mod, i, o: out.append(o[0].transpose(0, 1)))
+x = torch.from_numpy(np.load(sys.argv[2]))
 with torch.no_grad():
-    x, _ = m.extract_features(torch.from_numpy(np.load(sys.argv[2])), padding_mask=None, mask=False)
-np.save(sys.argv[3], x.numpy())
+    if type(m).__name__ == "HubertModel":
+        last = m.extract_features(x, padding_mask=None, mask=False)[0]
+    else:
+        last = m.extract_features(x, None, mask=False)["x"]
+np.save(sys.argv[3], torch.stack(out + [last]).numpy())
 """
 
 
-def test_score_finetunes_the_authors_set_and_exports_a_vanilla_hubert(manifest_dir, tiny_hubert_checkpoint, tmp_path):
+def _layer_outputs(model, x):
+    """Every transformer layer's output and the final output ``(L + 1, B, T, C)``, as _VANILLA computes them."""
+    from fairseq_mtssl.models.score import features_after
+
+    out = []
+    layers = model.encoder.layers
+    hooks = [layer.register_forward_hook(lambda mod, i, o: out.append(o[0].transpose(0, 1))) for layer in layers]
+    try:
+        with torch.no_grad():
+            last, _ = features_after(model.eval(), x, None)
+    finally:
+        for h in hooks:
+            h.remove()
+    return torch.stack(out + [last]).numpy()
+
+
+@pytest.fixture(scope="module")
+def tiny_wav2vec2_checkpoint(manifest_dir, tmp_path_factory):
+    run = tmp_path_factory.mktemp("w2v2")
+    run_cli(
+        "fairseq-hydra-train",
+        "--config-dir",
+        REPO / "fairseq_mtssl/config/wav2vec2/pretraining",
+        "--config-name",
+        "wav2vec2_tiny_cpu",
+        f"common.user_dir={PACKAGE_DIR}",
+        f"task.data={manifest_dir}",
+        "optimization.max_update=4",
+        f"hydra.run.dir={run}",
+    )
+    return run / "checkpoints" / "checkpoint_last.pt"
+
+
+@pytest.fixture(scope="module")
+def tiny_mt4ssl_checkpoint(manifest_dir, mfcc_labels, tmp_path_factory):
+    run = tmp_path_factory.mktemp("mt4ssl")
+    run_cli(
+        "fairseq-hydra-train",
+        "--config-dir",
+        REPO / "fairseq_mtssl/config/mt4ssl/pretrain",
+        "--config-name",
+        "mt4ssl_tiny_cpu",
+        f"common.user_dir={PACKAGE_DIR}",
+        f"task.data={manifest_dir}",
+        f"task.label_dir={mfcc_labels}",
+        'task.labels=["km"]',
+        "task.label_rate=100",
+        "optimization.max_update=10",  # tri_stage needs >= 10 for a decay stage
+        f"hydra.run.dir={run}",
+    )
+    return run / "checkpoints" / "checkpoint_last.pt"
+
+
+UPSTREAMS = {  # SCORE config, fixture of the starting checkpoint, model class of the export in plain fairseq
+    "hubert": ("score_tiny_cpu", "tiny_hubert_checkpoint", "HubertModel"),
+    "wav2vec2": ("score_wav2vec2_tiny_cpu", "tiny_wav2vec2_checkpoint", "Wav2Vec2Model"),
+    "mt4ssl": ("score_mt4ssl_tiny_cpu", "tiny_mt4ssl_checkpoint", "Data2VecAudioModel"),
+}
+
+
+@pytest.mark.parametrize("upstream", sorted(UPSTREAMS))
+def test_score_finetunes_the_authors_set_and_exports_the_upstreams_format(upstream, manifest_dir, request, tmp_path):
+    """A few SCORE updates of each upstream through fairseq-hydra-train: the authors' set learns and
+    nothing else does, the teacher stays the start; the export loads in plain fairseq (no plugin) as
+    the upstream's own model class, with the student's hidden states at every layer."""
+    from fairseq_mtssl.kmeans.features import load_speech_model
+    from fairseq_mtssl.models.upstream import speech_encoder_of
+
+    config, fixture, exported_class = UPSTREAMS[upstream]
+    start_ckpt = request.getfixturevalue(fixture)
     run = tmp_path / "score"
     out = run_cli(
         "fairseq-hydra-train",
         "--config-dir",
         REPO / "fairseq_mtssl/config/score",
         "--config-name",
-        "score_tiny_cpu",
+        config,
         f"common.user_dir={PACKAGE_DIR}",
         f"task.data={manifest_dir}",
-        f"model.upstream_path={tiny_hubert_checkpoint}",
-        "optimization.max_update=30",
+        f"model.upstream_path={start_ckpt}",
+        f"optimization.max_update={30 if upstream == 'hubert' else 6}",
         "common.log_interval=5",
         f"hydra.run.dir={run}",
     )
-    losses = [float(x) for x in re.findall(r"\[train_inner\].* loss=([\d.]+),", out.stdout)]
-    assert len(losses) >= 5 and losses[-1] < losses[0], losses
+    if upstream == "hubert":
+        losses = [float(x) for x in re.findall(r"\[train_inner\].* loss=([\d.]+),", out.stdout)]
+        assert len(losses) >= 5 and losses[-1] < losses[0], losses
 
-    start = torch.load(tiny_hubert_checkpoint)["model"]
+    start = {k: v for k, v in torch.load(start_ckpt)["model"].items() if k != "_ema"}
     tuned = torch.load(run / "checkpoints" / "checkpoint_last.pt")["model"]
-    # the authors' set on a 2-layer HuBERT: both layers and the two LayerNorms learn; the conv front end,
-    # post_extract_proj and pos_conv stay; final_proj, mask_emb, label_embs_concat train but get no gradient
+    # the authors' set on a 2-layer model: both layers and the two LayerNorms learn; the conv front end,
+    # post_extract_proj and pos_conv stay; final_proj, mask_emb (label_embs_concat) train but get no gradient
     learns = ("encoder.layers.", "encoder.layer_norm.", "layer_norm.")
     for k, v in start.items():
         assert torch.equal(tuned[f"teacher.{k}"], v), f"teacher changed: {k}"
         assert torch.equal(tuned[f"student.{k}"], v) != k.startswith(learns), f"{k}: changed iff it learns"
-    top = "encoder.layers.1."
-    exported = tmp_path / "hubert_score.pt"
-    run_cli("mtssl-export-hubert", run / "checkpoints" / "checkpoint_last.pt", exported)
-    from fairseq_mtssl.convert.hubert_checkpoint import load_hubert
 
-    ours, _ = load_hubert(exported)
+    exported = tmp_path / "student.pt"
+    score_ckpt = run / "checkpoints" / "checkpoint_last.pt"
+    if upstream == "hubert":
+        run_cli("mtssl-export-hubert", score_ckpt, exported)  # the earlier command name still works
+    else:
+        run_cli(Path(sys.executable).name, "-m", "fairseq_mtssl.convert.score_export", score_ckpt, exported)
+    score_model, _ = load_speech_model(str(score_ckpt))
     x = torch.randn(1, 20000)
     np.save(tmp_path / "x.npy", x.numpy())
-    subprocess.run(
-        [sys.executable, "-c", _VANILLA, str(exported), str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
-        check=True,
-        capture_output=True,
-    )
-    with torch.no_grad():
-        expected, _ = ours.extract_features(x, padding_mask=None, mask=False)
-    assert np.abs(np.load(tmp_path / "y.npy") - expected.numpy()).max() < 1e-4
-    # and the exported student differs from the start where SCORE trained it
-    assert not torch.equal(torch.load(exported)["model"][f"{top}fc1.weight"], start[f"{top}fc1.weight"])
+    vanilla = [sys.executable, "-c", _VANILLA, exported, tmp_path / "x.npy", tmp_path / "y.npy", exported_class]
+    proc = subprocess.run([str(a) for a in vanilla], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected = _layer_outputs(speech_encoder_of(score_model), x)
+    assert np.abs(np.load(tmp_path / "y.npy") - expected).max() < 1e-4
+    top = "encoder.layers.1.fc1.weight"  # the exported student is SCORE's, not the start
+    assert not torch.equal(torch.load(exported)["model"][top], start[top])
 
 
 def test_export_refuses_other_architectures(tiny_hubert_checkpoint, tmp_path):
@@ -249,3 +340,16 @@ def test_paper_config_has_the_authors_optimisation_and_batches():
     assert cfg.task.max_sample_size >= 24.6 * 16000  # no crop: train-clean-100's longest utterance is 24.5 s
     assert cfg.task.pitch_method == "phase_vocoder" and cfg.criterion.gamma == 0.1 and cfg.model.proj_dim == 256
     assert cfg.model.layerdrop == 0.0 and cfg.model.teacher_dropout is False
+
+
+def test_a_task_that_normalises_differently_from_the_upstream_is_refused():
+    from types import SimpleNamespace
+
+    from fairseq_mtssl.models.score import UpstreamMismatch, check_normalize
+
+    task = SimpleNamespace(cfg=SimpleNamespace(normalize=False))
+    with pytest.raises(
+        UpstreamMismatch, match="up.pt: the upstream was trained with normalize=True but task.normalize=False"
+    ):
+        check_normalize("up.pt", SimpleNamespace(normalize=True), task)
+    check_normalize("up.pt", SimpleNamespace(normalize=False), task)

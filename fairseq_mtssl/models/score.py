@@ -132,6 +132,18 @@ def graph_start(model: nn.Module, trainable: Sequence[str]) -> Tuple[bool, Optio
     return conv, None if front else lowest
 
 
+class UpstreamMismatch(ValueError):
+    """The SCORE task would feed the upstream differently from how it was trained."""
+
+
+def check_normalize(path: str, upstream_task_cfg, task) -> None:
+    """Refuse a ``task.normalize`` that differs from the upstream's own (every frame would shift)."""
+    want = bool(getattr(upstream_task_cfg, "normalize", False))
+    have = getattr(getattr(task, "cfg", None), "normalize", None)
+    if have is not None and bool(have) != want:
+        raise UpstreamMismatch(f"{path}: the upstream was trained with normalize={want} but task.normalize={have}")
+
+
 def sample_padding_mask(model: nn.Module, lengths: Sequence[int], total: int, device) -> torch.Tensor:
     """Sample-level mask ``(B, total)`` from which ``model`` derives exactly ``conv_output_frames(len)``
     valid frames: wav2vec 2.0 / data2vec apply the conv formula to the unmasked count, HuBERT needs
@@ -187,7 +199,8 @@ class ScoreModel(BaseFairseqModel):
         from ..kmeans.features import load_speech_model
         from .upstream import speech_encoder_of
 
-        model, _ = load_speech_model(cfg.upstream_path)
+        model, upstream_task = load_speech_model(cfg.upstream_path)
+        check_normalize(cfg.upstream_path, upstream_task, task)
         try:
             return cls(cfg, speech_encoder_of(model))
         except TypeError as err:
