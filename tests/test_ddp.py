@@ -90,5 +90,5 @@ def test_vgs_ssl_on_two_ranks(vgs_data, tmp_path):
 def test_score_on_two_ranks(manifest_dir, tiny_hubert_checkpoint, tmp_path):
     _two_ranks(
         REPO / "fairseq_mtssl/config/score", "score_tiny_cpu", tmp_path,
-        [f"task.data={manifest_dir}", f"model.hubert_path={tiny_hubert_checkpoint}"],
+        [f"task.data={manifest_dir}", f"model.upstream_path={tiny_hubert_checkpoint}"],
     )  # fmt: skip

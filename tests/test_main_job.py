@@ -87,7 +87,7 @@ def test_main_job_resumes_after_kill_9_and_writes_the_report(tmp_path):
     commands = (out / "commands.sh").read_text()
     assert (
         "# stage train_score\n" in commands
-        and "model.hubert_path=" in commands
+        and "model.upstream_path=" in commands
         and "mtssl-evaluate-upstream" in commands
     )
     summary = json.loads((out / "summary.json").read_text())

@@ -23,7 +23,7 @@ import argparse
 import json
 import tempfile
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 from ..atomic import atomic_write
 from ..checkpoint_safety import load_checkpoint_safely
@@ -35,6 +35,7 @@ FORMATS = ("fairseq", "transformers", "s3prl")
 ARCHITECTURES = {
     "hubert": "hubert",
     "score_hubert": "hubert",
+    "score": "its upstream's",  # SCORE on any upstream: the student leaves in its start's own format
     "wav2vec2": "wav2vec2",
     "wav2vec2_vgs": "wav2vec2",
     "data2vec_audio": "data2vec_audio",
@@ -60,18 +61,19 @@ def detect(checkpoint) -> str:
     return name
 
 
-def export_fairseq(checkpoint, out, hubert_path: Optional[str] = None, heads_out=None) -> str:
-    """Write the plain fairseq checkpoint ``out``; returns the source architecture."""
+def export_fairseq(checkpoint, out, hubert_path: Optional[str] = None, heads_out=None) -> Tuple[str, str]:
+    """Write the plain fairseq checkpoint ``out``; returns ``(source architecture, written model)``."""
     arch = detect(checkpoint)
+    written = ARCHITECTURES[arch]
     if arch == "hubert":
         from .hubert_checkpoint import load_hubert, save_vanilla_hubert
 
         model, state = load_hubert(checkpoint)
         save_vanilla_hubert(model, state, out)
-    elif arch == "score_hubert":
-        from .score_to_hubert import export_score_student
+    elif arch in ("score_hubert", "score"):
+        from .score_export import export_score_student
 
-        export_score_student(checkpoint, out, hubert_path)
+        written = export_score_student(checkpoint, out, hubert_path)
     elif arch in ("wav2vec2", "wav2vec2_vgs"):
         from .wav2vec2_trunk import export_wav2vec2_trunk
 
@@ -80,7 +82,7 @@ def export_fairseq(checkpoint, out, hubert_path: Optional[str] = None, heads_out
         from .mt4ssl_to_data2vec import export_mt4ssl_student
 
         export_mt4ssl_student(checkpoint, out)
-    return arch
+    return arch, written
 
 
 def export_all(
@@ -100,11 +102,11 @@ def export_all(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plain = out_dir / "fairseq.pt"
-    arch = export_fairseq(checkpoint, plain, hubert_path, heads_out=out_dir / "vgs_heads.pt")
+    arch, written = export_fairseq(checkpoint, plain, hubert_path, heads_out=out_dir / "vgs_heads.pt")
     info: Dict[str, object] = {
         "source": str(checkpoint),
         "architecture": arch,
-        "fairseq": {"path": plain.name, "model": ARCHITECTURES[arch]},
+        "fairseq": {"path": plain.name, "model": written},
     }
     if arch == "wav2vec2_vgs":
         info["vgs_heads"] = "vgs_heads.pt"

@@ -224,7 +224,7 @@ class MainJob:
             "score_tiny_cpu",
             run,
             f"task.data={self.manifests}",
-            f"model.hubert_path={start}",
+            f"model.upstream_path={start}",
             f"optimization.max_update={self.args.score_updates}",
         )
         return {

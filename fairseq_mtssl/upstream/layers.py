@@ -28,14 +28,17 @@ def record_layers(layers: nn.ModuleList, upto: Optional[int] = None) -> Iterator
             h.remove()
 
 
-def run_encoder(encoder: nn.Module, source: torch.Tensor, padding_mask: Optional[torch.Tensor], layer: int):
+def run_encoder(
+    encoder: nn.Module, source: torch.Tensor, padding_mask: Optional[torch.Tensor], layer: Optional[int] = None
+):
     """``(output of transformer layer ``layer`` (1-based) (B, T, C), frame padding mask (B, T) or None)``,
-    unmasked, for HuBERT, wav2vec 2.0 and data2vec alike."""
+    unmasked, for HuBERT, wav2vec 2.0 and data2vec alike; ``layer=None``: after every layer and, for a
+    pre-LN model, the encoder's final norm."""
     from fairseq.models.hubert import HubertModel
 
     if isinstance(encoder, HubertModel):
         return encoder.extract_features(source, padding_mask=padding_mask, mask=False, output_layer=layer)
-    out = encoder.extract_features(source, padding_mask, mask=False, layer=layer - 1)
+    out = encoder.extract_features(source, padding_mask, mask=False, layer=None if layer is None else layer - 1)
     return out["x"], out["padding_mask"]
 
 
