@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_vgs.py [--preset base --batch 2 --seconds 4]
 
 Step = forward, loss, backward, with fairseq's ``wav2vec`` criterion (InfoNCE + diversity) for
-wav2vec 2.0 and the plugin's ``vgs_ssl`` (alpha 0.5: the same wav2vec 2.0 loss plus the speech-image
+wav2vec 2.0 and the plugin's ``vgs_ssl`` (av_weight 0.5: the same wav2vec 2.0 loss plus the speech-image
 loss from layer 8 of the same masked forward) for VGS+SSL; one fixed mask for both; interleaved
 rounds, medians. Retrieval: recall@1/5/10 both ways for 25,000 captions x 5,000 images (random
 768-dim embeddings), timed.
@@ -71,7 +71,7 @@ def main():
     model = Wav2Vec2VgsModel(cfg).train()
     task = SimpleNamespace()
     w2v_crit = Wav2vecCriterion(task, infonce=True, loss_weights=[0.1, 10], log_keys=[])
-    vgs_crit = VgsSslCriterion(task, infonce=True, loss_weights=[0.1, 10], log_keys=[], alpha=0.5)
+    vgs_crit = VgsSslCriterion(task, infonce=True, loss_weights=[0.1, 10], log_keys=[], av_weight=0.5)
     source = torch.randn(a.batch, int(a.seconds * 16000))
     frames = int(model.w2v._get_feat_extract_output_lengths(torch.tensor(source.size(1))))
     mask = torch.from_numpy(compute_mask_indices((a.batch, frames), None, 0.65, 10, min_masks=2))

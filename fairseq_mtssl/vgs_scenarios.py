@@ -4,8 +4,8 @@
     mtssl-vgs-train --scenario W2V2,VGS --data ... --out runs/vgs/w2v2_then_vgs --updates 700 [--freeze-shared 2]
     mtssl-vgs-train --scenario W2V2,VGS --config-name vgs_ssl_base_spokencoco --data ... --out ... --updates 350000
 
-Methods: ``W2V2`` (wav2vec 2.0 loss only, ``criterion.alpha=1``), ``VGS`` (speech-image loss only,
-alpha 0), ``VGS+`` (both, alpha ``--alpha``, 0.5 as the paper). ``A,B`` trains A for 20/70 of the
+Methods: ``W2V2`` (wav2vec 2.0 loss only, ``criterion.av_weight=0``), ``VGS`` (speech-image loss only,
+``av_weight`` 1), ``VGS+`` (both, ``--av-weight``, the paper's alpha 0.5: weight of the audio-visual loss). ``A,B`` trains A for 20/70 of the
 updates and B for the rest (the paper's 20 + 50 epochs), B starting from A's last checkpoint with a
 new optimiser, learning-rate schedule and data iterator (fairseq's ``reset_*``). Every parameter is
 handed over (the model is the same in all scenarios); ``handover.json`` reports, for each part of the
@@ -29,7 +29,7 @@ from .checkpoint_safety import load_checkpoint_safely
 from .child_process import child_kwargs
 from .config import config_dir
 
-ALPHA = {"W2V2": 1.0, "VGS": 0.0, "VGS+": None}  # VGS+: --alpha
+AV_WEIGHT = {"W2V2": 0.0, "VGS": 1.0, "VGS+": None}  # criterion.av_weight (the paper's alpha); VGS+: --av-weight
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
@@ -48,15 +48,15 @@ def parameter_group(name: str, vgs_layer: int, n_layers: int) -> str:
     return "VGS audio head" if name.startswith("audio_") else "VGS image head"
 
 
-def trained_by(group: str, alpha: float) -> bool:
+def trained_by(group: str, av_weight: float) -> bool:
     if group.startswith("VGS"):
-        return alpha < 1
+        return av_weight > 0
     if group.startswith(("SSL-only", "SSL heads")):
-        return alpha > 0
+        return av_weight < 1
     return True
 
 
-def handover_report(stage_a: Path, stage_b: Path, alpha_a: float, alpha_b: float, freeze: int) -> Dict:
+def handover_report(stage_a: Path, stage_b: Path, av_weight_a: float, av_weight_b: float, freeze: int) -> Dict:
     a, b = load_checkpoint_safely(stage_a), load_checkpoint_safely(stage_b)
     model_cfg = b["cfg"]["model"]
     vgs_layer, n_layers = int(model_cfg["vgs_layer"]), int(model_cfg["encoder_layers"])
@@ -69,8 +69,8 @@ def handover_report(stage_a: Path, stage_b: Path, alpha_a: float, alpha_b: float
             raise KeyError(f"{stage_b}: parameter {name} is not in stage A's checkpoint {stage_a}")
         entry["changed_in_b"] |= not torch.equal(a["model"][name], tensor)
     for g, entry in groups.items():
-        entry["trained_in_a"] = trained_by(g, alpha_a)
-        entry["trained_in_b"] = trained_by(g, alpha_b)
+        entry["trained_in_a"] = trained_by(g, av_weight_a)
+        entry["trained_in_b"] = trained_by(g, av_weight_b)
         entry["frozen_in_b"] = freeze > 0 and (g == "front end" or (g.startswith("shared") and freeze >= vgs_layer))
         entry["status"] = (
             "new to training in B (initial weights from A's untouched init)"
@@ -90,10 +90,10 @@ class ScenarioRunner:
         self.out = Path(a.out)
         self.out.mkdir(parents=True, exist_ok=True)
 
-    def alpha(self, method: str) -> float:
-        if method not in ALPHA:
+    def av_weight(self, method: str) -> float:
+        if method not in AV_WEIGHT:
             raise ValueError(f"unknown method {method!r}: choose W2V2, VGS or VGS+")
-        return self.a.alpha if ALPHA[method] is None else ALPHA[method]
+        return self.a.av_weight if AV_WEIGHT[method] is None else AV_WEIGHT[method]
 
     def stage(self, name: str, method: str, updates: int, extra: List[str]) -> Path:
         run = self.out / name
@@ -109,7 +109,7 @@ class ScenarioRunner:
             self.a.config_name,
             f"common.user_dir={PACKAGE_DIR}",
             f"task.data={Path(self.a.data).resolve()}",
-            f"criterion.alpha={self.alpha(method)}",
+            f"criterion.av_weight={self.av_weight(method)}",
             f"optimization.max_update={updates}",
             f"hydra.run.dir={run.resolve()}",
             *extra,
@@ -151,7 +151,9 @@ class ScenarioRunner:
             )
             extra.append(f"model.freeze_shared_layers={self.a.freeze_shared}")
             ckpt_b = self.stage(stage_b, second, self.a.updates - n_a, extra)
-            report = handover_report(ckpt_a, ckpt_b, self.alpha(first), self.alpha(second), self.a.freeze_shared)
+            report = handover_report(
+                ckpt_a, ckpt_b, self.av_weight(first), self.av_weight(second), self.a.freeze_shared
+            )
             with atomic_write(self.out / "handover.json") as f:
                 json.dump(report, f, indent=1)
             for g, e in report.items():
@@ -176,7 +178,12 @@ def main(argv=None) -> None:
     p.add_argument("--data", required=True, help="manifest directory (with .img/.images and image features)")
     p.add_argument("--out", required=True)
     p.add_argument("--updates", type=int, required=True, help="total updates (split 20:50 between two stages)")
-    p.add_argument("--alpha", type=float, default=0.5, help="wav2vec 2.0 weight for VGS+")
+    p.add_argument(
+        "--av-weight",
+        type=float,
+        default=0.5,
+        help="VGS+: the paper's alpha, weight of the audio-visual loss (1 - it weighs the wav2vec 2.0 loss)",
+    )
     p.add_argument("--freeze-shared", type=int, default=0, help="stage B: freeze the front end and layers 1..n")
     p.add_argument(
         "--config-dir",

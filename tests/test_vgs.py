@@ -2,6 +2,7 @@
 against fairseq's wav2vec 2.0, the data pipeline's errors, scenarios with hand-over, retrieval."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -15,31 +16,61 @@ from conftest import REPO, run_cli
 from fairseq_mtssl.losses.speech_image import speech_image_loss
 
 
-def brute_loss(speech, image, ids, kind, margin=1.0, temperature=0.07):
-    total = 0.0
+def brute_loss(speech, image, ids, kind="margin_infonce", margin=1.0, temperature=0.07, similarity="dot"):
+    """FaST-VGS's formula, one element at a time: ``S[i][j] = image_i . caption_j`` (rows images, columns
+    captions); I2C_i = -log softmax over row i, C2I_j = -log softmax over column j, the positive's score
+    less the margin (or every score over the temperature), entries of other captions of the same image
+    left out; loss = mean_i I2C_i + mean_j C2I_j."""
+    speech, image = np.asarray(speech, dtype=np.float64), np.asarray(image, dtype=np.float64)
+    if similarity == "cosine":
+        speech = speech / np.linalg.norm(speech, axis=1, keepdims=True)
+        image = image / np.linalg.norm(image, axis=1, keepdims=True)
     n = len(ids)
-    for q_set, c_set in ((speech, image), (image, speech)):
-        for i in range(n):
-            scores = {}
-            for j in range(n):
-                if j != i and ids[j] == ids[i]:
-                    continue  # another caption of the same image: neither positive nor negative
-                s = float(q_set[i] @ c_set[j])
-                scores[j] = (s - margin if j == i else s) if kind == "margin_infonce" else s / temperature
-            total += 0.5 * (np.log(sum(np.exp(v) for v in scores.values())) - scores[i])
-    return total
+
+    def score(i, j):  # image i against caption j
+        s = sum(float(image[i][k]) * float(speech[j][k]) for k in range(len(image[i])))
+        if kind == "margin_infonce":
+            return s - margin if i == j else s
+        return s / temperature
+
+    def kept(i, j):
+        return i == j or ids[i] != ids[j]
+
+    i2c = [-score(i, i) + math.log(sum(math.exp(score(i, j)) for j in range(n) if kept(i, j))) for i in range(n)]
+    c2i = [-score(j, j) + math.log(sum(math.exp(score(i, j)) for i in range(n) if kept(i, j))) for j in range(n)]
+    return sum(i2c) / n + sum(c2i) / n
 
 
-@pytest.mark.parametrize("kind", ["margin_infonce", "infonce"])
-def test_speech_image_loss_matches_brute_force(kind):
+@pytest.mark.parametrize(
+    "kind,similarity",
+    [("margin_infonce", "dot"), ("margin_infonce", "cosine"), ("infonce", "dot"), ("infonce", "cosine")],
+)
+def test_speech_image_loss_matches_brute_force(kind, similarity):
     torch.manual_seed(0)
-    speech = torch.nn.functional.normalize(torch.randn(7, 5, dtype=torch.float64), dim=1)
-    image = torch.nn.functional.normalize(torch.randn(7, 5, dtype=torch.float64), dim=1)
+    speech = torch.randn(7, 5, dtype=torch.float64) * 0.7  # unnormalised: dot products well outside [-1, 1]
+    image = torch.randn(7, 5, dtype=torch.float64) * 0.7
     ids = torch.tensor([0, 1, 1, 2, 3, 3, 3])  # captions sharing images
-    got = speech_image_loss(speech, image, ids, kind, margin=1.0, temperature=0.2)
-    assert float(got) == pytest.approx(
-        brute_loss(speech.numpy(), image.numpy(), ids.tolist(), kind, 1.0, 0.2), rel=1e-10
-    )
+    got = speech_image_loss(speech, image, ids, kind, margin=1.0, temperature=0.5, similarity=similarity) / 7
+    want = brute_loss(speech.numpy(), image.numpy(), ids.tolist(), kind, 1.0, 0.5, similarity)
+    assert float(got) == pytest.approx(want, rel=1e-10)
+    # the masking matters: with every caption of its own image, the loss is a different number
+    unmasked = brute_loss(speech.numpy(), image.numpy(), list(range(7)), kind, 1.0, 0.5, similarity)
+    assert abs(unmasked - want) > 1e-3
+
+
+def test_speech_image_loss_defaults_are_the_authors():
+    """dot similarity, margin 1, directions summed: doubling the embeddings changes the loss (no
+    normalisation), and one pair of orthogonal embeddings gives 2 x (log(e^-1 + 1) + 1) - 2."""
+    torch.manual_seed(2)
+    s, i = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    ids = torch.arange(5)
+    assert float(speech_image_loss(s, i, ids)) != pytest.approx(float(speech_image_loss(2 * s, 2 * i, ids)))
+    assert float(speech_image_loss(s, i, ids)) == pytest.approx(5 * brute_loss(s.numpy(), i.numpy(), list(range(5))))
+    e = torch.eye(2, dtype=torch.float64)  # caption 0 = image 0 = e0, caption 1 = image 1 = e1
+    # each direction, each query: positive 1 - 1 = 0, negative 0: -log(1 / 2); two pairs x two directions
+    assert float(speech_image_loss(e, e, torch.arange(2))) == pytest.approx(4 * math.log(2))
+    with pytest.raises(ValueError, match="unknown speech-image similarity 'l2'"):
+        speech_image_loss(s, i, ids, similarity="l2")
 
 
 _WORKER = textwrap.dedent("""
@@ -64,9 +95,9 @@ _WORKER = textwrap.dedent("""
 
 def test_negatives_across_two_gloo_workers_equal_one_process_on_the_joined_batch(tmp_path):
     torch.manual_seed(1)
-    speech = torch.nn.functional.normalize(torch.randn(7, 6, dtype=torch.float64), dim=1)
-    image = torch.nn.functional.normalize(torch.randn(7, 6, dtype=torch.float64), dim=1)
-    ids = torch.tensor([0, 1, 2, 2, 3, 4, 0])  # image 0 and 2 have captions on both workers
+    speech = torch.randn(7, 6, dtype=torch.float64) * 0.5
+    image = torch.randn(7, 6, dtype=torch.float64) * 0.5
+    ids = torch.tensor([0, 1, 2, 2, 3, 4, 0])  # image 0 has captions on both workers
     torch.save({"speech": speech, "image": image, "ids": ids}, tmp_path / "batch.pt")
     port = str(29500 + os.getpid() % 1000)
     procs = [
@@ -82,6 +113,9 @@ def test_negatives_across_two_gloo_workers_equal_one_process_on_the_joined_batch
     full = speech_image_loss(s, i, ids, "margin_infonce", gather=False) / 7
     full.backward()
     torch.testing.assert_close(parts[0]["loss"] + parts[1]["loss"], full.detach())
+    assert float(parts[0]["loss"] + parts[1]["loss"]) == pytest.approx(
+        brute_loss(speech.numpy(), image.numpy(), ids.tolist()), rel=1e-10
+    )
     torch.testing.assert_close(torch.cat([parts[0]["speech"], parts[1]["speech"]]), s.grad)
     torch.testing.assert_close(torch.cat([parts[0]["image"], parts[1]["image"]]), i.grad)
 
@@ -127,7 +161,7 @@ def _batch(task, n=4):
     return ds.collater([ds[i] for i in range(n)])
 
 
-def test_alpha_one_is_exactly_fairseqs_wav2vec2_loss(vgs_data):
+def test_av_weight_zero_is_exactly_fairseqs_wav2vec2_loss(vgs_data):
     from fairseq.criterions.wav2vec_criterion import Wav2vecCriterion
 
     from fairseq_mtssl.criterions.vgs_criterion import VgsSslCriterion
@@ -144,7 +178,7 @@ def test_alpha_one_is_exactly_fairseqs_wav2vec2_loss(vgs_data):
     )
     kw = dict(infonce=True, loss_weights=[0.1, 10], log_keys=[])
     torch.manual_seed(5), np.random.seed(5)
-    ours, n_ours, _ = VgsSslCriterion(task, alpha=1.0, **kw)(model, sample)
+    ours, n_ours, _ = VgsSslCriterion(task, av_weight=0.0, **kw)(model, sample)
     plain = {
         "id": sample["id"],
         "net_input": {k: v for k, v in sample["net_input"].items() if not k.startswith("image")},
@@ -155,7 +189,7 @@ def test_alpha_one_is_exactly_fairseqs_wav2vec2_loss(vgs_data):
     torch.testing.assert_close(ours, theirs)
 
 
-def test_alpha_mixes_the_two_losses_and_vgs_only_needs_images(vgs_data):
+def test_av_weight_mixes_the_two_losses_as_the_papers_alpha_and_vgs_only_needs_images(vgs_data):
     from fairseq_mtssl.criterions.vgs_criterion import VgsSslCriterion
 
     cfg, task = _setup(vgs_data)
@@ -163,19 +197,21 @@ def test_alpha_mixes_the_two_losses_and_vgs_only_needs_images(vgs_data):
     sample = _batch(task)
     kw = dict(infonce=True, loss_weights=[0.1, 10], log_keys=[])
     torch.manual_seed(3), np.random.seed(3)
-    mixed, size, log = VgsSslCriterion(task, alpha=0.3, **kw)(model, sample)
-    vgs_mean = log["vgs_loss"] / log["vgs_pairs"]
-    assert float(mixed) == pytest.approx(0.3 * log["ssl_loss"] + 0.7 * vgs_mean * size, rel=1e-5)
-    only, pairs, _ = VgsSslCriterion(task, alpha=0.0, **kw)(model, sample)
+    mixed, size, log = VgsSslCriterion(task, av_weight=0.3, **kw)(model, sample)
+    vgs_mean = log["vgs_loss"] / log["vgs_pairs"]  # per pair, per unit of sample_size: 0.3 x L_AV + 0.7 x L_AUD
+    assert float(mixed) / size == pytest.approx(0.3 * vgs_mean + 0.7 * log["ssl_loss"] / size, rel=1e-5)
+    only, pairs, _ = VgsSslCriterion(task, av_weight=1.0, **kw)(model, sample)
     with torch.no_grad():  # VGS only: unmasked forward; the loss of the model's own embeddings, summed over pairs
         ni = sample["net_input"]
         speech = model.embed_speech(ni["source"], ni["padding_mask"])
         image = model.embed_images(ni["image_feats"], ni["image_padding_mask"])
-        expected = speech_image_loss(speech, image, sample["image_ids"])
-    assert pairs == 4 and float(only) == pytest.approx(float(expected), rel=1e-5)
+        ids = sample["image_ids"].tolist()
+    assert pairs == 4 and float(only) / pairs == pytest.approx(brute_loss(speech, image, ids), rel=1e-5)
     no_images = dict(sample, image_ids=torch.full_like(sample["image_ids"], -1))
-    with pytest.raises(ValueError, match="no images, and alpha=0"):
-        VgsSslCriterion(task, alpha=0.0, **kw)(model, no_images)
+    with pytest.raises(ValueError, match="no images, and av_weight=1"):
+        VgsSslCriterion(task, av_weight=1.0, **kw)(model, no_images)
+    with pytest.raises(ValueError, match="criterion.alpha=0.5: renamed to criterion.av_weight"):
+        VgsSslCriterion(task, alpha=0.5, **kw)
 
 
 def test_speech_embedding_reads_the_configured_layer(vgs_data):
@@ -189,7 +225,6 @@ def test_speech_embedding_reads_the_configured_layer(vgs_data):
         out = model(src, ssl=False)
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(out["speech_emb"], expected)
-    assert got.norm(dim=-1).sub(1).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("norm", ["instance", "batch"])

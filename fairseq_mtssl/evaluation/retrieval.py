@@ -2,7 +2,8 @@
 
     mtssl-vgs-retrieval RUN/checkpoints/checkpoint_best.pt --split test [--json retrieval.json]
 
-Every caption of the split is embedded (unmasked forward) and every distinct image once.
+Every caption of the split is embedded (unmasked forward) and every distinct image once, scored by
+the similarity the checkpoint's criterion trained with (``dot``, or ``cosine``: L2-normalised).
 speech -> image: a caption's query succeeds at k when its image is among the k most similar images;
 image -> speech: an image succeeds at k when any of its captions (5 per image in SpokenCOCO) is
 among the k most similar captions. Similarities are computed in blocks, so 25k captions x 5k images
@@ -82,7 +83,14 @@ def embed_split(checkpoint: str, split: str, max_batch_samples: int = 800_000):
         emb = model.embed_speech(source, padding if len(wavs) > 1 else None)
         for i, e in zip(indices, emb):
             speech[i] = e
-    return torch.stack(speech), image_emb, torch.tensor([index[n] for n in names])
+    speech = torch.stack(speech)
+    # score as the model was trained: checkpoints from before the criterion's similarity field normalised inside
+    if str(cfg.criterion.get("similarity", "cosine")) == "cosine":
+        speech, image_emb = (
+            torch.nn.functional.normalize(speech, dim=1),
+            torch.nn.functional.normalize(image_emb, dim=1),
+        )
+    return speech, image_emb, torch.tensor([index[n] for n in names])
 
 
 def main(argv=None) -> None:

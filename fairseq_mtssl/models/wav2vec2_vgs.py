@@ -188,7 +188,7 @@ class Wav2Vec2VgsModel(BaseFairseqModel):
                 frame_mask = torch.arange(h.size(1), device=h.device)[None, :] >= lengths[:, None]
         else:
             h = self.audio_in(h)
-        return F.normalize(self.audio_out(self.audio_pool(h, frame_mask)), dim=-1)
+        return self.audio_out(self.audio_pool(h, frame_mask))
 
     def embed_speech(self, source: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``(B, E)`` caption embeddings from an unmasked forward up to ``vgs_layer``."""
@@ -203,7 +203,7 @@ class Wav2Vec2VgsModel(BaseFairseqModel):
             raise ValueError(
                 f"image features have {image_feats.size(-1)} dims, the model expects image_dim={self.cfg.image_dim}"
             )
-        return F.normalize(self.image_out(self.image_pool(self.image_in(image_feats), image_padding_mask)), dim=-1)
+        return self.image_out(self.image_pool(self.image_in(image_feats), image_padding_mask))
 
     # ------------------------------------------------------------------ training forward
 
