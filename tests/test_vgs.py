@@ -395,3 +395,114 @@ def test_image_features_from_a_torchscript_backbone_and_the_scene_feature(corpus
             tmp_path / "x",
         )
     assert not (tmp_path / "x.npy").exists()
+
+
+# ---------------------------------------------------------------------------- bottom-up-attention region features
+
+
+def _b64(a, dtype):
+    import base64
+
+    return base64.b64encode(np.ascontiguousarray(a, dtype=dtype).tobytes()).decode("ascii")
+
+
+def write_bua_tsv(path, images, n_boxes=8, dim=2048, seed=0, bad=None):
+    """A bottom-up-attention TSV written from its format description: one image a line, no header,
+    img_id img_h img_w objects_id objects_conf attrs_id attrs_conf num_boxes boxes features, arrays
+    base64 of raw int64 / float32. Returns ``{img_id: (conf, pixel boxes, features, h, w)}``."""
+    rng = np.random.default_rng(seed)
+    truth, lines = {}, []
+    for img_id in images:
+        h, w = int(rng.integers(200, 640)), int(rng.integers(200, 640))
+        conf = rng.permutation(np.linspace(0.05, 0.95, n_boxes)).astype(np.float32)
+        x0, y0 = rng.uniform(0, w / 2, n_boxes), rng.uniform(0, h / 2, n_boxes)
+        boxes = np.stack([x0, y0, x0 + rng.uniform(1, w / 2, n_boxes), y0 + rng.uniform(1, h / 2, n_boxes)], 1)
+        feats = rng.standard_normal((n_boxes, dim)).astype(np.float32)
+        truth[img_id] = (conf, boxes.astype(np.float32), feats, h, w)
+        cols = [
+            img_id,
+            str(h),
+            str(w),
+            _b64(rng.integers(0, 1600, n_boxes), np.int64),
+            _b64(conf, np.float32),
+            _b64(rng.integers(0, 400, n_boxes), np.int64),
+            _b64(rng.uniform(0, 1, n_boxes), np.float32),
+            str(n_boxes),
+            _b64(boxes, np.float32),
+            _b64(feats, np.float32),
+        ]
+        lines.append("\t".join(cols))
+    path.write_text("\n".join(lines) + "\n")
+    return truth
+
+
+def test_bottom_up_attention_tsv_into_the_store(manifest_dir, tmp_path):
+    from fairseq_mtssl.data.image_features import ImageFeatureStore
+    from fairseq_mtssl.data.region_features import image_key
+
+    names = (manifest_dir / "valid.images").read_text().splitlines()
+    ids = [image_key(n) for n in names]
+    # two files, as COCO's train2014 / val2014, with an image nobody asked for in between
+    truth = write_bua_tsv(tmp_path / "a.tsv", ids[:2] + ["unused_image"], seed=1)
+    truth.update(write_bua_tsv(tmp_path / "b.tsv", ids[2:], seed=2))
+    run_cli("mtssl-image-features", "--images", manifest_dir / "valid.images", "--tsv", tmp_path / "a.tsv",
+            tmp_path / "b.tsv", "--out", tmp_path / "rf", "--regions", "5")  # fmt: skip
+    store = ImageFeatureStore(tmp_path / "rf")
+    assert store.dim == 2052
+    for name in names:
+        conf, boxes, feats, h, w = truth[image_key(name)]
+        got = store[name]
+        top = sorted(range(len(conf)), key=lambda k: -conf[k])[:5]  # the 5 most confident, in that order
+        assert got.shape == (5, 2052)
+        np.testing.assert_array_equal(got[:, :2048], feats[top])
+        np.testing.assert_allclose(got[:, 2048:], boxes[top] / np.array([w, h, w, h]), rtol=1e-6)
+
+
+def test_bottom_up_attention_tsv_errors_name_the_file_and_line(manifest_dir, tmp_path):
+    from fairseq_mtssl.data.region_features import image_key
+
+    images = manifest_dir / "train.images"  # 8 images
+    ids = [image_key(n) for n in images.read_text().splitlines()]
+
+    def fails(tsv, pattern, *extra):
+        with pytest.raises(AssertionError, match=pattern):
+            run_cli("mtssl-image-features", "--images", images, "--tsv", tsv, "--out", tmp_path / "x", *extra)
+        assert not (tmp_path / "x.npy").exists() and not (tmp_path / "x.idx").exists()
+
+    write_bua_tsv(tmp_path / "missing.tsv", ids[:1] + ids[2:])
+    fails(tmp_path / "missing.tsv", rf"train.images:2: image \S+ \(img_id {ids[1]}\) is in none of \S+missing.tsv")
+    write_bua_tsv(tmp_path / "narrow.tsv", ids, dim=1024)
+    fails(tmp_path / "narrow.tsv", rf"narrow.tsv:1: image {ids[0]}: 1024-dim region features, expected 2048")
+    good = tmp_path / "good.tsv"
+    write_bua_tsv(good, ids)
+    lines = good.read_text().splitlines()
+    cols = lines[2].split("\t")
+    (tmp_path / "cut.tsv").write_text("\n".join(lines[:2] + ["\t".join(cols[:7])] + lines[3:]) + "\n")
+    fails(tmp_path / "cut.tsv", "cut.tsv:3: corrupt row: 7 tab-separated columns, expected 10")
+    (tmp_path / "b64.tsv").write_text("\n".join(lines[:2] + ["\t".join(cols[:9] + [cols[9][:-7] + "!"])] + lines[3:]))
+    fails(tmp_path / "b64.tsv", "b64.tsv:3: corrupt row: column features is not base64")
+    (tmp_path / "n.tsv").write_text("\n".join(lines[:2] + ["\t".join(cols[:7] + ["9"] + cols[8:])] + lines[3:]))
+    fails(tmp_path / "n.tsv", r"n.tsv:3: corrupt row: 8 confidences and 8 boxes for num_boxes=9")
+
+
+def test_region_features_train_a_model(vgs_data, manifest_dir, tmp_path):
+    """A bottom-up-attention TSV through mtssl-image-features into a few VGS+ updates."""
+    import shutil
+
+    from fairseq_mtssl.data.region_features import image_key
+
+    data = tmp_path / "data"
+    shutil.copytree(manifest_dir, data)
+    for split in ("train", "valid"):
+        ids = [image_key(n) for n in (data / f"{split}.images").read_text().splitlines()]
+        write_bua_tsv(tmp_path / f"{split}.tsv", ids, n_boxes=6)
+        run_cli("mtssl-image-features", "--images", data / f"{split}.images", "--tsv", tmp_path / f"{split}.tsv",
+                "--out", data / split)  # fmt: skip
+    out = tmp_path / "run"
+    run_cli("mtssl-vgs-train", "--scenario", "VGS+", "--data", data, "--out", out, "--updates", "3",
+            "model.image_dim=2052", "checkpoint.save_interval_updates=3", "dataset.validate_interval_updates=3",
+            timeout=900)  # fmt: skip
+    log = (out / "stage1_vgs_plus.log").read_text()
+    assert "num_updates 3" in log or '"num_updates": "3"' in log
+    ckpt = torch.load(out / "stage1_vgs_plus/checkpoints/checkpoint_last.pt", weights_only=False)
+    assert ckpt["cfg"]["model"]["image_dim"] == 2052
