@@ -38,7 +38,14 @@ def parameter_group(name: str, vgs_layer: int, n_layers: int) -> str:
         i = int(name.split(".")[3])
         return f"shared layers 1-{vgs_layer}" if i < vgs_layer else f"SSL-only layers {vgs_layer + 1}-{n_layers}"
     if name.startswith(
-        ("w2v.feature_extractor", "w2v.layer_norm", "w2v.post_extract_proj", "w2v.encoder.pos_conv", "w2v.mask_emb")
+        (
+            "w2v.feature_extractor",
+            "w2v.layer_norm",
+            "w2v.post_extract_proj",
+            "w2v.encoder.pos_conv",
+            "w2v.mask_emb",
+            "w2v.encoder.cls_token",
+        )
     ):
         return "front end"
     if name.startswith("w2v.encoder.layer_norm"):

@@ -151,8 +151,11 @@ class ModelLayerReader:
                 batch = [w] if not self.batchable else list(w)
                 captured.clear()
                 self(batch)
+                p = getattr(self.model.encoder, "prefix_tokens", 0)  # VGS+SSL's CLS token first: not a frame
                 for k, h in enumerate(captured):  # (T, B, C), T possibly padded to a multiple
-                    per_layer[k] += [h[: self.num_frames(len(x)), i].float().cpu().numpy() for i, x in enumerate(batch)]
+                    per_layer[k] += [
+                        h[p : p + self.num_frames(len(x)), i].float().cpu().numpy() for i, x in enumerate(batch)
+                    ]
         finally:
             self.layer = saved
             for h in hooks:

@@ -57,7 +57,8 @@ def hidden_states(
         for h in hooks:
             h.remove()
     t = x.size(1)  # layers may see a copy padded to a multiple of required_seq_len_multiple
-    states = [h.transpose(0, 1)[:, :t] for h in captured]
+    p = getattr(encoder.encoder, "prefix_tokens", 0)  # VGS+SSL's CLS token comes first; not a frame
+    states = [h.transpose(0, 1)[:, p : p + t] for h in captured]
     if frame_mask is not None and not frame_mask.any():
         frame_mask = None
     return states, frame_mask
