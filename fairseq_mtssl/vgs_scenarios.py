@@ -7,7 +7,11 @@
 Methods: ``W2V2`` (wav2vec 2.0 loss only, ``criterion.av_weight=0``), ``VGS`` (speech-image loss only,
 ``av_weight`` 1), ``VGS+`` (both, ``--av-weight``, the paper's alpha 0.5: weight of the audio-visual loss). ``A,B`` trains A for 20/70 of the
 updates and B for the rest (the paper's 20 + 50 epochs), B starting from A's last checkpoint with a
-new optimiser, learning-rate schedule and data iterator (fairseq's ``reset_*``). Every parameter is
+new optimiser, learning-rate schedule and data iterator (fairseq's ``reset_*``). Each stage is its own
+run with its own schedule: ``optimization.max_update`` is the stage's updates, and a warm-up given as
+``lr_scheduler.warmup_fraction`` (scheduler ``polynomial_decay_fraction``, as the packaged configs do) is
+that fraction of the stage's own updates, as the authors' BertAdam warms up over 10 % of each run.
+``--config-name-b`` gives stage B its own config, ``--override-a`` / ``--override-b`` its own overrides. Every parameter is
 handed over (the model is the same in all scenarios); ``handover.json`` reports, for each part of the
 model, whether stage A trained it, whether stage B changed it, and whether B froze it
 (``--freeze-shared n``: conv front end and layers 1..n). Each stage is a plain ``fairseq-hydra-train``
@@ -102,7 +106,7 @@ class ScenarioRunner:
             raise ValueError(f"unknown method {method!r}: choose W2V2, VGS or VGS+")
         return self.a.av_weight if AV_WEIGHT[method] is None else AV_WEIGHT[method]
 
-    def stage(self, name: str, method: str, updates: int, extra: List[str]) -> Path:
+    def stage(self, name: str, method: str, updates: int, extra: List[str], config_name: str = "") -> Path:
         run = self.out / name
         last = run / "checkpoints" / "checkpoint_last.pt"
         if (run / "done").exists():
@@ -113,14 +117,14 @@ class ScenarioRunner:
             "--config-dir",
             str(self.a.config_dir),
             "--config-name",
-            self.a.config_name,
+            config_name or self.a.config_name,
             f"common.user_dir={PACKAGE_DIR}",
             f"task.data={Path(self.a.data).resolve()}",
             f"criterion.av_weight={self.av_weight(method)}",
             f"optimization.max_update={updates}",
             f"hydra.run.dir={run.resolve()}",
-            *extra,
             *self.a.overrides,
+            *extra,
         ]
         with open(self.out / "commands.sh", "a", encoding="utf-8") as f:
             f.write(f"# {name}: {method}\n{' '.join(shlex.quote(c) for c in cmd)}\n")
@@ -142,7 +146,7 @@ class ScenarioRunner:
         elif len(methods) == 2:
             first, second = methods
             n_a = round(self.a.updates * 20 / 70)
-            ckpt_a = self.stage("stage1_" + _slug(first), first, n_a, [])
+            ckpt_a = self.stage("stage1_" + _slug(first), first, n_a, list(self.a.override_a))
             stage_b = "stage2_" + _slug(second)
             resume = (self.out / stage_b / "checkpoints" / "checkpoint_last.pt").exists()
             extra = (
@@ -157,7 +161,8 @@ class ScenarioRunner:
                 ]
             )
             extra.append(f"model.freeze_shared_layers={self.a.freeze_shared}")
-            ckpt_b = self.stage(stage_b, second, self.a.updates - n_a, extra)
+            extra += self.a.override_b
+            ckpt_b = self.stage(stage_b, second, self.a.updates - n_a, extra, self.a.config_name_b)
             report = handover_report(
                 ckpt_a, ckpt_b, self.av_weight(first), self.av_weight(second), self.a.freeze_shared
             )
@@ -198,6 +203,9 @@ def main(argv=None) -> None:
         help="folder of the stage config (default: the packaged VGS configs)",
     )
     p.add_argument("--config-name", default="vgs_ssl_tiny_cpu")
+    p.add_argument("--config-name-b", default="", help="stage B's config (default: --config-name)")
+    p.add_argument("--override-a", action="append", default=[], help="a hydra override for stage A only")
+    p.add_argument("--override-b", action="append", default=[], help="a hydra override for stage B only")
     p.add_argument("overrides", nargs="*", help="more hydra overrides for every stage")
     a = p.parse_args(argv)
     print(json.dumps(ScenarioRunner(a).run()))

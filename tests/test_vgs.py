@@ -298,6 +298,18 @@ def test_recall_at_k_against_brute_force():
         assert got[f"i2s_r{k}"] == pytest.approx(100 * i2s, abs=0.01)
 
 
+def _logged_lr(log: str) -> dict:
+    """``{num_updates: lr}`` of fairseq's per-update training log lines (log_format simple)."""
+    import re
+
+    out = {}
+    for line in log.splitlines():
+        if "[train_inner][INFO]" in line:
+            n, lr = re.search(r"num_updates=(\d+)", line), re.search(r"lr=([0-9.e+-]+)", line)
+            out[int(n.group(1))] = float(lr.group(1))
+    return out
+
+
 def test_sequential_scenario_hands_over_weights_and_freezes(vgs_data, tmp_path):
     out = tmp_path / "w2v2_vgs"
     run_cli(
@@ -313,8 +325,17 @@ def test_sequential_scenario_hands_over_weights_and_freezes(vgs_data, tmp_path):
         "--freeze-shared",
         "2",
         "checkpoint.save_interval_updates=5",
+        "common.log_interval=1",
+        "lr_scheduler.warmup_fraction=0.5",
         timeout=900,
     )
+    # each stage its own schedule: stage A 4 updates (warm-up 2), stage B 10 updates (warm-up 5), both peaking at lr
+    for stage, n, warm in (("stage1_w2v2", 4, 2), ("stage2_vgs", 10, 5)):
+        logged = _logged_lr((out / f"{stage}.log").read_text())
+        assert sorted(logged) == list(range(1, n + 1)), (stage, logged)
+        for k, lr in logged.items():  # the lr the scheduler sets after update k: warm-up, then linear to 0
+            want = 1e-3 * (k / warm if k <= warm else (n - k) / (n - warm))
+            assert lr == pytest.approx(want, rel=1e-3, abs=1e-9), (stage, k, lr, want)
     report = json.loads((out / "handover.json").read_text())
     a = torch.load(out / "stage1_w2v2/checkpoints/checkpoint_last.pt")["model"]
     b = torch.load(out / "stage2_vgs/checkpoints/checkpoint_last.pt")["model"]
@@ -694,3 +715,33 @@ def test_old_light_checkpoints_need_the_light_override(vgs_data):
     paper = _small_fast_vgs_plus()
     with pytest.raises(ValueError, match="load it with the override model.vgs_arch=light"):
         paper.load_state_dict(light.state_dict())
+
+
+def test_paper_config_states_the_authors_recipe():
+    cfg = _compose("vgs_ssl_base_spokencoco", "task.data=x")
+    o, t, c, m = cfg.optimization, cfg.task, cfg.criterion, cfg.model
+    assert cfg.dataset.batch_size * cfg.distributed_training.distributed_world_size == 64  # captions per step
+    assert (o.lr, o.clip_norm, cfg.common.fp16) == ([1e-4], 1.0, False)
+    assert cfg.lr_scheduler._name == "polynomial_decay_fraction" and cfg.lr_scheduler.warmup_fraction == 0.1
+    assert o.max_update == 70 * (592064 // 64)  # 70 epochs of 9,251 updates
+    assert (t.normalize, t.crop, t.max_sample_size, t.max_sample_size_valid) == (True, "start", 8 * 16000, 10 * 16000)
+    assert (c.av_weight, c.vgs_loss, c.similarity, c.margin, list(c.loss_weights)) == (
+        0.5, "margin_infonce", "dot", 1.0, [0.1, 1.0])  # fmt: skip
+    assert (m.vgs_arch, m.feature_grad_mult, m.encoder_layerdrop, m.vgs_layer) == ("fast_vgs_plus", 1.0, 0.0, 8)
+
+
+def test_start_crop_keeps_the_first_seconds_normalised(tmp_path):
+    import soundfile as sf
+
+    from fairseq_mtssl.tasks.vgs_pretraining import StartCropAudioDataset
+
+    rng = np.random.default_rng(0)
+    wav = (rng.standard_normal(5000) * 0.3 + np.linspace(0, 1, 5000)).astype(np.float32)  # a drift: mean varies
+    sf.write(tmp_path / "a.wav", wav, 16000)
+    (tmp_path / "m.tsv").write_text(f"{tmp_path}\na.wav\t5000\n")
+    ds = StartCropAudioDataset(
+        str(tmp_path / "m.tsv"), sample_rate=16000, max_sample_size=2000, pad=True, normalize=True
+    )
+    got = ds.collater([ds[0]])["net_input"]["source"][0].numpy()
+    raw = sf.read(tmp_path / "a.wav", dtype="float32")[0][:2000]  # the authors: cut the first part, then normalise
+    np.testing.assert_allclose(got, (raw - raw.mean()) / raw.std(), rtol=1e-3, atol=1e-3)
