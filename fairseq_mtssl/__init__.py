@@ -14,6 +14,6 @@ from .checkpoint_safety import allow_fairseq_checkpoint_classes  # noqa: E402
 
 allow_fairseq_checkpoint_classes()
 
-from . import criterions, models, tasks  # noqa: E402,F401  (registration side effects)
+from . import criterions, models, optim, tasks  # noqa: E402,F401  (registration side effects)
 
 __version__ = "0.1.0"

@@ -84,6 +84,8 @@ def test_every_documented_config_exists():
     for doc in _documented_files():
         text = doc.read_text()
         for config_dir, name in re.findall(r"--config-dir (\S+) --config-name (\S+)", text):
+            if "..." in config_dir + name:  # a placeholder in a launch template
+                continue
             path = REPO / config_dir.replace("$PWD/", "") / f"{name}.yaml"
             assert path.is_file(), f"{doc.name}: {path}"
         for path in re.findall(r"`(fairseq_mtssl/config/[^`{}* ]+\.yaml)`", text):

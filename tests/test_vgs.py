@@ -2,6 +2,7 @@
 against fairseq's wav2vec 2.0, the data pipeline's errors, scenarios with hand-over, retrieval."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -10,36 +11,67 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import REPO, run_cli
 
 from fairseq_mtssl.losses.speech_image import speech_image_loss
 
 
-def brute_loss(speech, image, ids, kind, margin=1.0, temperature=0.07):
-    total = 0.0
+def brute_loss(speech, image, ids, kind="margin_infonce", margin=1.0, temperature=0.07, similarity="dot"):
+    """FaST-VGS's formula, one element at a time: ``S[i][j] = image_i . caption_j`` (rows images, columns
+    captions); I2C_i = -log softmax over row i, C2I_j = -log softmax over column j, the positive's score
+    less the margin (or every score over the temperature), entries of other captions of the same image
+    left out; loss = mean_i I2C_i + mean_j C2I_j."""
+    speech, image = np.asarray(speech, dtype=np.float64), np.asarray(image, dtype=np.float64)
+    if similarity == "cosine":
+        speech = speech / np.linalg.norm(speech, axis=1, keepdims=True)
+        image = image / np.linalg.norm(image, axis=1, keepdims=True)
     n = len(ids)
-    for q_set, c_set in ((speech, image), (image, speech)):
-        for i in range(n):
-            scores = {}
-            for j in range(n):
-                if j != i and ids[j] == ids[i]:
-                    continue  # another caption of the same image: neither positive nor negative
-                s = float(q_set[i] @ c_set[j])
-                scores[j] = (s - margin if j == i else s) if kind == "margin_infonce" else s / temperature
-            total += 0.5 * (np.log(sum(np.exp(v) for v in scores.values())) - scores[i])
-    return total
+
+    def score(i, j):  # image i against caption j
+        s = sum(float(image[i][k]) * float(speech[j][k]) for k in range(len(image[i])))
+        if kind == "margin_infonce":
+            return s - margin if i == j else s
+        return s / temperature
+
+    def kept(i, j):
+        return i == j or ids[i] != ids[j]
+
+    i2c = [-score(i, i) + math.log(sum(math.exp(score(i, j)) for j in range(n) if kept(i, j))) for i in range(n)]
+    c2i = [-score(j, j) + math.log(sum(math.exp(score(i, j)) for i in range(n) if kept(i, j))) for j in range(n)]
+    return sum(i2c) / n + sum(c2i) / n
 
 
-@pytest.mark.parametrize("kind", ["margin_infonce", "infonce"])
-def test_speech_image_loss_matches_brute_force(kind):
+@pytest.mark.parametrize(
+    "kind,similarity",
+    [("margin_infonce", "dot"), ("margin_infonce", "cosine"), ("infonce", "dot"), ("infonce", "cosine")],
+)
+def test_speech_image_loss_matches_brute_force(kind, similarity):
     torch.manual_seed(0)
-    speech = torch.nn.functional.normalize(torch.randn(7, 5, dtype=torch.float64), dim=1)
-    image = torch.nn.functional.normalize(torch.randn(7, 5, dtype=torch.float64), dim=1)
+    speech = torch.randn(7, 5, dtype=torch.float64) * 0.7  # unnormalised: dot products well outside [-1, 1]
+    image = torch.randn(7, 5, dtype=torch.float64) * 0.7
     ids = torch.tensor([0, 1, 1, 2, 3, 3, 3])  # captions sharing images
-    got = speech_image_loss(speech, image, ids, kind, margin=1.0, temperature=0.2)
-    assert float(got) == pytest.approx(
-        brute_loss(speech.numpy(), image.numpy(), ids.tolist(), kind, 1.0, 0.2), rel=1e-10
-    )
+    got = speech_image_loss(speech, image, ids, kind, margin=1.0, temperature=0.5, similarity=similarity) / 7
+    want = brute_loss(speech.numpy(), image.numpy(), ids.tolist(), kind, 1.0, 0.5, similarity)
+    assert float(got) == pytest.approx(want, rel=1e-10)
+    # the masking matters: with every caption of its own image, the loss is a different number
+    unmasked = brute_loss(speech.numpy(), image.numpy(), list(range(7)), kind, 1.0, 0.5, similarity)
+    assert abs(unmasked - want) > 1e-3
+
+
+def test_speech_image_loss_defaults_are_the_authors():
+    """dot similarity, margin 1, directions summed: doubling the embeddings changes the loss (no
+    normalisation), and one pair of orthogonal embeddings gives 2 x (log(e^-1 + 1) + 1) - 2."""
+    torch.manual_seed(2)
+    s, i = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    ids = torch.arange(5)
+    assert float(speech_image_loss(s, i, ids)) != pytest.approx(float(speech_image_loss(2 * s, 2 * i, ids)))
+    assert float(speech_image_loss(s, i, ids)) == pytest.approx(5 * brute_loss(s.numpy(), i.numpy(), list(range(5))))
+    e = torch.eye(2, dtype=torch.float64)  # caption 0 = image 0 = e0, caption 1 = image 1 = e1
+    # each direction, each query: positive 1 - 1 = 0, negative 0: -log(1 / 2); two pairs x two directions
+    assert float(speech_image_loss(e, e, torch.arange(2))) == pytest.approx(4 * math.log(2))
+    with pytest.raises(ValueError, match="unknown speech-image similarity 'l2'"):
+        speech_image_loss(s, i, ids, similarity="l2")
 
 
 _WORKER = textwrap.dedent("""
@@ -64,9 +96,9 @@ _WORKER = textwrap.dedent("""
 
 def test_negatives_across_two_gloo_workers_equal_one_process_on_the_joined_batch(tmp_path):
     torch.manual_seed(1)
-    speech = torch.nn.functional.normalize(torch.randn(7, 6, dtype=torch.float64), dim=1)
-    image = torch.nn.functional.normalize(torch.randn(7, 6, dtype=torch.float64), dim=1)
-    ids = torch.tensor([0, 1, 2, 2, 3, 4, 0])  # image 0 and 2 have captions on both workers
+    speech = torch.randn(7, 6, dtype=torch.float64) * 0.5
+    image = torch.randn(7, 6, dtype=torch.float64) * 0.5
+    ids = torch.tensor([0, 1, 2, 2, 3, 4, 0])  # image 0 has captions on both workers
     torch.save({"speech": speech, "image": image, "ids": ids}, tmp_path / "batch.pt")
     port = str(29500 + os.getpid() % 1000)
     procs = [
@@ -82,11 +114,27 @@ def test_negatives_across_two_gloo_workers_equal_one_process_on_the_joined_batch
     full = speech_image_loss(s, i, ids, "margin_infonce", gather=False) / 7
     full.backward()
     torch.testing.assert_close(parts[0]["loss"] + parts[1]["loss"], full.detach())
+    assert float(parts[0]["loss"] + parts[1]["loss"]) == pytest.approx(
+        brute_loss(speech.numpy(), image.numpy(), ids.tolist()), rel=1e-10
+    )
     torch.testing.assert_close(torch.cat([parts[0]["speech"], parts[1]["speech"]]), s.grad)
     torch.testing.assert_close(torch.cat([parts[0]["image"], parts[1]["image"]]), i.grad)
 
 
 # ---------------------------------------------------------------------------- model, task, criterion
+
+
+def _compose(name, *overrides):
+    from fairseq.dataclass.initialize import hydra_init
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    import fairseq_mtssl  # noqa: F401
+
+    hydra_init(name)
+    with initialize_config_dir(config_dir=str(REPO / "fairseq_mtssl/config/vgs"), version_base="1.1"):
+        cfg = compose(name, overrides=["hydra.run.dir=x", *overrides])
+    return OmegaConf.create(OmegaConf.to_container(cfg, resolve=False, enum_to_str=True))
 
 
 def _setup(data, **model_overrides):
@@ -112,7 +160,7 @@ def _batch(task, n=4):
     return ds.collater([ds[i] for i in range(n)])
 
 
-def test_alpha_one_is_exactly_fairseqs_wav2vec2_loss(vgs_data):
+def test_av_weight_zero_is_exactly_fairseqs_wav2vec2_loss(vgs_data):
     from fairseq.criterions.wav2vec_criterion import Wav2vecCriterion
 
     from fairseq_mtssl.criterions.vgs_criterion import VgsSslCriterion
@@ -129,7 +177,7 @@ def test_alpha_one_is_exactly_fairseqs_wav2vec2_loss(vgs_data):
     )
     kw = dict(infonce=True, loss_weights=[0.1, 10], log_keys=[])
     torch.manual_seed(5), np.random.seed(5)
-    ours, n_ours, _ = VgsSslCriterion(task, alpha=1.0, **kw)(model, sample)
+    ours, n_ours, _ = VgsSslCriterion(task, av_weight=0.0, **kw)(model, sample)
     plain = {
         "id": sample["id"],
         "net_input": {k: v for k, v in sample["net_input"].items() if not k.startswith("image")},
@@ -140,7 +188,7 @@ def test_alpha_one_is_exactly_fairseqs_wav2vec2_loss(vgs_data):
     torch.testing.assert_close(ours, theirs)
 
 
-def test_alpha_mixes_the_two_losses_and_vgs_only_needs_images(vgs_data):
+def test_av_weight_mixes_the_two_losses_as_the_papers_alpha_and_vgs_only_needs_images(vgs_data):
     from fairseq_mtssl.criterions.vgs_criterion import VgsSslCriterion
 
     cfg, task = _setup(vgs_data)
@@ -148,19 +196,21 @@ def test_alpha_mixes_the_two_losses_and_vgs_only_needs_images(vgs_data):
     sample = _batch(task)
     kw = dict(infonce=True, loss_weights=[0.1, 10], log_keys=[])
     torch.manual_seed(3), np.random.seed(3)
-    mixed, size, log = VgsSslCriterion(task, alpha=0.3, **kw)(model, sample)
-    vgs_mean = log["vgs_loss"] / log["vgs_pairs"]
-    assert float(mixed) == pytest.approx(0.3 * log["ssl_loss"] + 0.7 * vgs_mean * size, rel=1e-5)
-    only, pairs, _ = VgsSslCriterion(task, alpha=0.0, **kw)(model, sample)
+    mixed, size, log = VgsSslCriterion(task, av_weight=0.3, **kw)(model, sample)
+    vgs_mean = log["vgs_loss"] / log["vgs_pairs"]  # per pair, per unit of sample_size: 0.3 x L_AV + 0.7 x L_AUD
+    assert float(mixed) / size == pytest.approx(0.3 * vgs_mean + 0.7 * log["ssl_loss"] / size, rel=1e-5)
+    only, pairs, _ = VgsSslCriterion(task, av_weight=1.0, **kw)(model, sample)
     with torch.no_grad():  # VGS only: unmasked forward; the loss of the model's own embeddings, summed over pairs
         ni = sample["net_input"]
         speech = model.embed_speech(ni["source"], ni["padding_mask"])
         image = model.embed_images(ni["image_feats"], ni["image_padding_mask"])
-        expected = speech_image_loss(speech, image, sample["image_ids"])
-    assert pairs == 4 and float(only) == pytest.approx(float(expected), rel=1e-5)
+        ids = sample["image_ids"].tolist()
+    assert pairs == 4 and float(only) / pairs == pytest.approx(brute_loss(speech, image, ids), rel=1e-5)
     no_images = dict(sample, image_ids=torch.full_like(sample["image_ids"], -1))
-    with pytest.raises(ValueError, match="no images, and alpha=0"):
-        VgsSslCriterion(task, alpha=0.0, **kw)(model, no_images)
+    with pytest.raises(ValueError, match="no images, and av_weight=1"):
+        VgsSslCriterion(task, av_weight=1.0, **kw)(model, no_images)
+    with pytest.raises(ValueError, match="criterion.alpha=0.5: renamed to criterion.av_weight"):
+        VgsSslCriterion(task, alpha=0.5, **kw)
 
 
 def test_speech_embedding_reads_the_configured_layer(vgs_data):
@@ -174,7 +224,6 @@ def test_speech_embedding_reads_the_configured_layer(vgs_data):
         out = model(src, ssl=False)
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(out["speech_emb"], expected)
-    assert got.norm(dim=-1).sub(1).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("norm", ["instance", "batch"])
@@ -234,6 +283,18 @@ def test_recall_at_k_against_brute_force():
         assert got[f"i2s_r{k}"] == pytest.approx(100 * i2s, abs=0.01)
 
 
+def _logged_lr(log: str) -> dict:
+    """``{num_updates: lr}`` of fairseq's per-update training log lines (log_format simple)."""
+    import re
+
+    out = {}
+    for line in log.splitlines():
+        if "[train_inner][INFO]" in line:
+            n, lr = re.search(r"num_updates=(\d+)", line), re.search(r"lr=([0-9.e+-]+)", line)
+            out[int(n.group(1))] = float(lr.group(1))
+    return out
+
+
 @pytest.mark.slow
 def test_sequential_scenario_hands_over_weights_and_freezes(vgs_data, tmp_path):
     out = tmp_path / "w2v2_vgs"
@@ -250,8 +311,17 @@ def test_sequential_scenario_hands_over_weights_and_freezes(vgs_data, tmp_path):
         "--freeze-shared",
         "2",
         "checkpoint.save_interval_updates=5",
+        "common.log_interval=1",
+        "lr_scheduler.warmup_fraction=0.5",
         timeout=900,
     )
+    # each stage its own schedule: stage A 4 updates (warm-up 2), stage B 10 updates (warm-up 5), both peaking at lr
+    for stage, n, warm in (("stage1_w2v2", 4, 2), ("stage2_vgs", 10, 5)):
+        logged = _logged_lr((out / f"{stage}.log").read_text())
+        assert sorted(logged) == list(range(1, n + 1)), (stage, logged)
+        for k, lr in logged.items():  # the lr the scheduler sets after update k: warm-up, then linear to 0
+            want = 1e-3 * (k / warm if k <= warm else (n - k) / (n - warm))
+            assert lr == pytest.approx(want, rel=1e-3, abs=1e-9), (stage, k, lr, want)
     report = json.loads((out / "handover.json").read_text())
     a = torch.load(out / "stage1_w2v2/checkpoints/checkpoint_last.pt")["model"]
     b = torch.load(out / "stage2_vgs/checkpoints/checkpoint_last.pt")["model"]
@@ -346,3 +416,319 @@ def test_image_features_from_a_torchscript_backbone_and_the_scene_feature(corpus
             tmp_path / "x",
         )
     assert not (tmp_path / "x.npy").exists()
+
+
+# ---------------------------------------------------------------------------- bottom-up-attention region features
+
+
+def _b64(a, dtype):
+    import base64
+
+    return base64.b64encode(np.ascontiguousarray(a, dtype=dtype).tobytes()).decode("ascii")
+
+
+def write_bua_tsv(path, images, n_boxes=8, dim=2048, seed=0, bad=None):
+    """A bottom-up-attention TSV written from its format description: one image a line, no header,
+    img_id img_h img_w objects_id objects_conf attrs_id attrs_conf num_boxes boxes features, arrays
+    base64 of raw int64 / float32. Returns ``{img_id: (conf, pixel boxes, features, h, w)}``."""
+    rng = np.random.default_rng(seed)
+    truth, lines = {}, []
+    for img_id in images:
+        h, w = int(rng.integers(200, 640)), int(rng.integers(200, 640))
+        conf = rng.permutation(np.linspace(0.05, 0.95, n_boxes)).astype(np.float32)
+        x0, y0 = rng.uniform(0, w / 2, n_boxes), rng.uniform(0, h / 2, n_boxes)
+        boxes = np.stack([x0, y0, x0 + rng.uniform(1, w / 2, n_boxes), y0 + rng.uniform(1, h / 2, n_boxes)], 1)
+        feats = rng.standard_normal((n_boxes, dim)).astype(np.float32)
+        truth[img_id] = (conf, boxes.astype(np.float32), feats, h, w)
+        cols = [
+            img_id,
+            str(h),
+            str(w),
+            _b64(rng.integers(0, 1600, n_boxes), np.int64),
+            _b64(conf, np.float32),
+            _b64(rng.integers(0, 400, n_boxes), np.int64),
+            _b64(rng.uniform(0, 1, n_boxes), np.float32),
+            str(n_boxes),
+            _b64(boxes, np.float32),
+            _b64(feats, np.float32),
+        ]
+        lines.append("\t".join(cols))
+    path.write_text("\n".join(lines) + "\n")
+    return truth
+
+
+def test_bottom_up_attention_tsv_into_the_store(manifest_dir, tmp_path):
+    from fairseq_mtssl.data.image_features import ImageFeatureStore
+    from fairseq_mtssl.data.region_features import image_key
+
+    names = (manifest_dir / "valid.images").read_text().splitlines()
+    ids = [image_key(n) for n in names]
+    # two files, as COCO's train2014 / val2014, with an image nobody asked for in between
+    truth = write_bua_tsv(tmp_path / "a.tsv", ids[:2] + ["unused_image"], seed=1)
+    truth.update(write_bua_tsv(tmp_path / "b.tsv", ids[2:], seed=2))
+    run_cli("mtssl-image-features", "--images", manifest_dir / "valid.images", "--tsv", tmp_path / "a.tsv",
+            tmp_path / "b.tsv", "--out", tmp_path / "rf", "--regions", "5")  # fmt: skip
+    store = ImageFeatureStore(tmp_path / "rf")
+    assert store.dim == 2052
+    for name in names:
+        conf, boxes, feats, h, w = truth[image_key(name)]
+        got = store[name]
+        top = sorted(range(len(conf)), key=lambda k: -conf[k])[:5]  # the 5 most confident, in that order
+        assert got.shape == (5, 2052)
+        np.testing.assert_array_equal(got[:, :2048], feats[top])
+        np.testing.assert_allclose(got[:, 2048:], boxes[top] / np.array([w, h, w, h]), rtol=1e-6)
+
+
+def test_bottom_up_attention_tsv_errors_name_the_file_and_line(manifest_dir, tmp_path):
+    from fairseq_mtssl.data.region_features import image_key
+
+    images = manifest_dir / "train.images"  # 8 images
+    ids = [image_key(n) for n in images.read_text().splitlines()]
+
+    def fails(tsv, pattern, *extra):
+        with pytest.raises(AssertionError, match=pattern):
+            run_cli("mtssl-image-features", "--images", images, "--tsv", tsv, "--out", tmp_path / "x", *extra)
+        assert not (tmp_path / "x.npy").exists() and not (tmp_path / "x.idx").exists()
+
+    write_bua_tsv(tmp_path / "missing.tsv", ids[:1] + ids[2:])
+    fails(tmp_path / "missing.tsv", rf"train.images:2: image \S+ \(img_id {ids[1]}\) is in none of \S+missing.tsv")
+    write_bua_tsv(tmp_path / "narrow.tsv", ids, dim=1024)
+    fails(tmp_path / "narrow.tsv", rf"narrow.tsv:1: image {ids[0]}: 1024-dim region features, expected 2048")
+    good = tmp_path / "good.tsv"
+    write_bua_tsv(good, ids)
+    lines = good.read_text().splitlines()
+    cols = lines[2].split("\t")
+    (tmp_path / "cut.tsv").write_text("\n".join(lines[:2] + ["\t".join(cols[:7])] + lines[3:]) + "\n")
+    fails(tmp_path / "cut.tsv", "cut.tsv:3: corrupt row: 7 tab-separated columns, expected 10")
+    (tmp_path / "b64.tsv").write_text("\n".join(lines[:2] + ["\t".join(cols[:9] + [cols[9][:-7] + "!"])] + lines[3:]))
+    fails(tmp_path / "b64.tsv", "b64.tsv:3: corrupt row: column features is not base64")
+    (tmp_path / "n.tsv").write_text("\n".join(lines[:2] + ["\t".join(cols[:7] + ["9"] + cols[8:])] + lines[3:]))
+    fails(tmp_path / "n.tsv", r"n.tsv:3: corrupt row: 8 confidences and 8 boxes for num_boxes=9")
+
+
+@pytest.mark.slow
+def test_region_features_train_a_model(vgs_data, manifest_dir, tmp_path):
+    """A bottom-up-attention TSV through mtssl-image-features into a few VGS+ updates."""
+    import shutil
+
+    from fairseq_mtssl.data.region_features import image_key
+
+    data = tmp_path / "data"
+    shutil.copytree(manifest_dir, data)
+    for split in ("train", "valid"):
+        ids = [image_key(n) for n in (data / f"{split}.images").read_text().splitlines()]
+        write_bua_tsv(tmp_path / f"{split}.tsv", ids, n_boxes=6)
+        run_cli("mtssl-image-features", "--images", data / f"{split}.images", "--tsv", tmp_path / f"{split}.tsv",
+                "--out", data / split)  # fmt: skip
+    out = tmp_path / "run"
+    run_cli("mtssl-vgs-train", "--scenario", "VGS+", "--data", data, "--out", out, "--updates", "3",
+            "model.image_dim=2052", "checkpoint.save_interval_updates=3", "dataset.validate_interval_updates=3",
+            timeout=900)  # fmt: skip
+    log = (out / "stage1_vgs_plus.log").read_text()
+    assert "num_updates 3" in log or '"num_updates": "3"' in log
+    ckpt = torch.load(out / "stage1_vgs_plus/checkpoints/checkpoint_last.pt", weights_only=False)
+    assert ckpt["cfg"]["model"]["image_dim"] == 2052
+
+
+# ---------------------------------------------------------------------------- the FaST-VGS+ architecture
+
+
+def _bert_layer(d, ffn):  # q, k, v, output projection, two LayerNorms, FFN
+    return 4 * (d * d + d) + 2 * 2 * d + (d * ffn + ffn) + (ffn * d + d)
+
+
+def _cls_mlp(d):  # Linear(d, 2d) -> GELU -> Linear(2d, d)
+    return (d * 2 * d + 2 * d) + (2 * d * d + d)
+
+
+def _resdavenet(c, widths, k=9):
+    """FaST-VGS's ResDAVEnet: Linear c -> w0 + BN, then per stage 2 basic blocks (two bias-free k-wide
+    convs + BNs; the first block of a stage strided, with a 1x1 conv + BN on its shortcut)."""
+    n = c * widths[0] + widths[0] + 2 * widths[0]
+    cin = widths[0]
+    for w in widths:
+        n += k * cin * w + 2 * w + k * w * w + 2 * w + cin * w + 2 * w  # block 1 (strided, shortcut conv)
+        n += 2 * (k * w * w + 2 * w)  # block 2
+        cin = w
+    return n
+
+
+def test_paper_config_builds_fast_vgs_plus_with_the_authors_parameter_counts():
+    """Per part, the count derived from the authors' DualEncoder (models/fast_vgs.py, utils.py) at
+    hidden 768, 12 heads, FFN 3072, trm_layers 6, layer widths 128/256/512/768. The authors' module
+    also holds ``audio_cls_token_proj_coarse`` (2,361,600 parameters), whose output their forward
+    overwrites; it is not built here."""
+    from fairseq.models import build_model
+    from fairseq.models.wav2vec.wav2vec2 import Wav2Vec2Model
+
+    from fairseq_mtssl.models.wav2vec2_vgs import ClsTransformerEncoder, Wav2Vec2VgsModel
+
+    cfg = _compose("vgs_ssl_base_spokencoco", "task.data=x")
+    model = build_model(cfg.model, None)  # fairseq merges the yaml with the model's dataclass
+    assert isinstance(model, Wav2Vec2VgsModel)
+    assert model.arch == "fast_vgs_plus" and isinstance(model.w2v.encoder, ClsTransformerEncoder)
+
+    def count(prefix):
+        return sum(p.numel() for n, p in model.named_parameters() if n.startswith(prefix))
+
+    plain = Wav2Vec2Model(model.cfg)  # fairseq's own wav2vec 2.0 Base, the reference for the trunk
+    assert count("w2v.") == sum(p.numel() for p in plain.parameters()) + 768  # + the CLS token
+    assert count("w2v.encoder.cls_token") == 768 and len(model.w2v.encoder.layers) == 12
+    d, ffn = 768, 3072
+    want = {
+        "audio_cls_mlp": _cls_mlp(d),
+        "audio_branch": _resdavenet(768, [128, 256, 512, 768]),
+        "audio_transformer": _bert_layer(d, ffn),
+        "audio_out": d * d + d,
+        "image_feat_in": 2048 * d + d + 2 * d,
+        "image_box_in": 4 * d + d + 2 * d,
+        "image_cls": d,
+        "image_transformer": 6 * _bert_layer(d, ffn),
+        "image_out": _cls_mlp(d),
+    }
+    got = {k: count(k) for k in want}
+    assert got == want
+    heads = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("w2v."))
+    assert heads == sum(want.values())
+    assert model.audio_transformer[0].self_attn.num_heads == 12 and not model.audio_transformer[0].layer_norm_first
+    assert len(model.image_transformer) == 6 and not model.image_transformer[0].layer_norm_first
+
+
+def _small_fast_vgs_plus(**kw):
+    from fairseq_mtssl.models.wav2vec2_vgs import Wav2Vec2VgsConfig, Wav2Vec2VgsModel
+
+    cfg = Wav2Vec2VgsConfig(
+        extractor_mode="layer_norm",
+        conv_feature_layers="[(64,10,5)] + [(64,3,2)] * 4 + [(64,2,2)] * 2",
+        encoder_layers=3,
+        encoder_embed_dim=64,
+        encoder_ffn_embed_dim=128,
+        encoder_attention_heads=4,
+        conv_pos=16,
+        conv_pos_groups=4,
+        quantize_targets=True,
+        latent_vars=8,
+        latent_groups=2,
+        final_dim=32,
+        num_negatives=10,
+        encoder_layerdrop=0.0,
+        vgs_layer=2,
+        vgs_dim=64,
+        vgs_heads=4,
+        vgs_ffn_dim=128,
+        audio_widths=[16, 32, 48, 64],
+        image_dim=36,
+        image_layers=2,
+        **kw,
+    )
+    return Wav2Vec2VgsModel(cfg)
+
+
+def test_cls_token_passes_pos_conv_and_every_layer_and_feeds_the_audio_head():
+    from fairseq.models.wav2vec.wav2vec2 import TransformerEncoder
+
+    from fairseq_mtssl.models.upstream import hidden_states
+
+    torch.manual_seed(0)
+    model = _small_fast_vgs_plus().eval()
+    enc = model.w2v.encoder
+    # fairseq's own encoder with the same weights, fed [CLS; frames] by hand, is the reference
+    ref = TransformerEncoder(model.cfg).eval()
+    ref.load_state_dict({k: v for k, v in enc.state_dict().items() if k != "cls_token"})
+    x = torch.randn(2, 13, 64)
+    mask = torch.zeros(2, 13, dtype=torch.bool)
+    mask[1, 9:] = True
+    with torch.no_grad():
+        ours, _ = enc(x, padding_mask=mask)
+        theirs, _ = ref(torch.cat([enc.cls_token.expand(2, 1, -1), x], 1), F.pad(mask, (1, 0)))
+        torch.testing.assert_close(ours, theirs[:, 1:])
+        plain, _ = ref(x, padding_mask=mask)
+        assert (ours - plain).abs().max() > 1e-3  # the token changes the frames: it is really inside
+
+    # the audio head's CLS is the MLP of the token's state at layer vgs_layer (2); its frames are the others
+    seen = {}
+    model.w2v.encoder.layers[1].register_forward_hook(lambda m, a, out: seen.__setitem__("layer2", out[0]))
+    model.audio_cls_mlp.register_forward_pre_hook(lambda m, a: seen.__setitem__("mlp_in", a[0]))
+    model.audio_branch.register_forward_pre_hook(lambda m, a: seen.__setitem__("frames", a[0]))
+    src = torch.randn(2, 16000)
+    with torch.no_grad():
+        emb = model.embed_speech(src)
+    layer2 = seen["layer2"].transpose(0, 1)
+    t = seen["frames"].size(1)
+    torch.testing.assert_close(seen["mlp_in"], layer2[:, 0])
+    torch.testing.assert_close(seen["frames"], layer2[:, 1 : 1 + t])
+    assert emb.shape == (2, 64)
+    # feature readers see frames only: as many as the conv front end makes, equal to the encoder's output
+    with torch.no_grad():
+        states, _ = hidden_states(model.speech_encoder(), src, None)
+        last = model.w2v.extract_features(src, None, mask=False, layer=None)["x"]
+    frames = int(model.w2v._get_feat_extract_output_lengths(torch.tensor(16000)))
+    assert len(states) == 4 and all(h.shape == (2, frames, 64) for h in states)
+    torch.testing.assert_close(states[-1], last)
+    # and the VGS loss trains the token
+    model.train()
+    out = model(src, image_feats=torch.randn(2, 4, 36), ssl=False)
+    speech_image_loss(out["speech_emb"], out["image_emb"], torch.arange(2)).backward()
+    assert enc.cls_token.grad is not None and enc.cls_token.grad.abs().sum() > 0
+
+
+def test_fast_vgs_plus_image_head_splits_feature_and_box_and_audio_mask_follows_the_strides():
+    torch.manual_seed(0)
+    model = _small_fast_vgs_plus().eval()
+    feats = torch.randn(1, 4, 36)
+    with torch.no_grad():
+        base = model.embed_images(feats)
+        moved = feats.clone()
+        moved[..., -4:] += 0.5  # only the boxes
+        assert (model.embed_images(moved) - base).abs().max() > 1e-4
+        x = (model.image_feat_in(feats[..., :-4]) + model.image_box_in(feats[..., -4:])) / 2
+        torch.testing.assert_close(x, (model.image_feat_in[1](model.image_feat_in[0](feats[..., :32])) +
+                                       model.image_box_in[1](model.image_box_in[0](feats[..., 32:]))) / 2)  # fmt: skip
+        # padding: a short caption in a batch with a long one embeds as it does alone
+        src = torch.randn(2, 32000)
+        pad = torch.zeros(2, 32000, dtype=torch.bool)
+        pad[1, 12000:] = True
+        src[1, 12000:] = 0.0  # padding as the collater writes it
+        together = model.embed_speech(src, pad)[1]
+        alone = model.embed_speech(src[1:, :12000])[0]
+    lengths = model.audio_branch.output_lengths(torch.tensor([1, 16, 17, 100]))
+    assert lengths.tolist() == [1, 1, 2, 7]  # ceil(n / 16): four stride-2 convolutions of width 9, padding 4
+    torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-5)
+
+
+def test_old_light_checkpoints_need_the_light_override(vgs_data):
+    cfg, task = _setup(vgs_data)
+    light = task.build_model(cfg.model)
+    paper = _small_fast_vgs_plus()
+    with pytest.raises(ValueError, match="load it with the override model.vgs_arch=light"):
+        paper.load_state_dict(light.state_dict())
+
+
+def test_paper_config_states_the_authors_recipe():
+    cfg = _compose("vgs_ssl_base_spokencoco", "task.data=x")
+    o, t, c, m = cfg.optimization, cfg.task, cfg.criterion, cfg.model
+    assert cfg.dataset.batch_size * cfg.distributed_training.distributed_world_size == 64  # captions per step
+    assert (o.lr, o.clip_norm, cfg.common.fp16) == ([1e-4], 1.0, False)
+    assert cfg.lr_scheduler._name == "polynomial_decay_fraction" and cfg.lr_scheduler.warmup_fraction == 0.1
+    assert o.max_update == 70 * (592064 // 64)  # 70 epochs of 9,251 updates
+    assert (t.normalize, t.crop, t.max_sample_size, t.max_sample_size_valid) == (True, "start", 8 * 16000, 10 * 16000)
+    assert (c.av_weight, c.vgs_loss, c.similarity, c.margin, list(c.loss_weights)) == (
+        0.5, "margin_infonce", "dot", 1.0, [0.1, 1.0])  # fmt: skip
+    assert (m.vgs_arch, m.feature_grad_mult, m.encoder_layerdrop, m.vgs_layer) == ("fast_vgs_plus", 1.0, 0.0, 8)
+
+
+def test_start_crop_keeps_the_first_seconds_normalised(tmp_path):
+    import soundfile as sf
+
+    from fairseq_mtssl.tasks.vgs_pretraining import StartCropAudioDataset
+
+    rng = np.random.default_rng(0)
+    wav = (rng.standard_normal(5000) * 0.3 + np.linspace(0, 1, 5000)).astype(np.float32)  # a drift: mean varies
+    sf.write(tmp_path / "a.wav", wav, 16000)
+    (tmp_path / "m.tsv").write_text(f"{tmp_path}\na.wav\t5000\n")
+    ds = StartCropAudioDataset(
+        str(tmp_path / "m.tsv"), sample_rate=16000, max_sample_size=2000, pad=True, normalize=True
+    )
+    got = ds.collater([ds[0]])["net_input"]["source"][0].numpy()
+    raw = sf.read(tmp_path / "a.wav", dtype="float32")[0][:2000]  # the authors: cut the first part, then normalise
+    np.testing.assert_allclose(got, (raw - raw.mean()) / raw.std(), rtol=1e-3, atol=1e-3)

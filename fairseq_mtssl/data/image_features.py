@@ -2,6 +2,7 @@
 
     mtssl-image-features --images manifests/train.images --root CORPUS_ROOT --out features/train [--backbone scene]
     mtssl-image-features --images train.images --root COCO_ROOT --out feats/train --backbone resnet.ts --size 224
+    mtssl-image-features --images train.images --tsv train2014_obj36.tsv val2014_obj36.tsv --out feats/train
 
 ``{out}.npy`` holds ``(total_regions, D)`` float32 rows; ``{out}.idx`` (tab-separated, with a header)
 gives each image's ``image  offset  regions``. Backbones:
@@ -12,12 +13,14 @@ gives each image's ``image  offset  regions``. Backbones:
 - a TorchScript file (``torch.jit.save`` of any image backbone, e.g. a ResNet trunk or Faster R-CNN
   region head): images resized to ``--size``, ImageNet-normalised; an output ``(1, C, h, w)`` gives
   ``h * w`` regions of ``C`` dims (+ their boxes), ``(1, C)`` one global region.
+- ``--tsv``: precomputed bottom-up-attention Faster R-CNN regions (the paper's: 36 x 2048 and their
+  normalised boxes per image), read from their TSV files (:mod:`fairseq_mtssl.data.region_features`).
+
+Every row ends with its region's box ``(x0, y0, x1, y1)`` in [0, 1].
 
 Both files are written under temporary names and moved into place.
 """
 
-import argparse
-import logging
 import os
 from pathlib import Path
 from typing import Dict, List, Tuple
@@ -27,7 +30,7 @@ import torch
 from PIL import Image
 
 from ..atomic import atomic_write
-from ..errors import MtsslError, cli
+from ..errors import MtsslError
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -148,22 +151,3 @@ class ImageFeatureStore:
     def __getitem__(self, name: str) -> np.ndarray:
         off, n = self.index[name]
         return np.asarray(self.matrix[off : off + n], dtype=np.float32)
-
-
-@cli
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", required=True, help="image list (a manifest's {split}.images)")
-    p.add_argument("--root", required=True, help="directory the image paths are relative to")
-    p.add_argument("--out", required=True, help="output prefix: writes {out}.npy and {out}.idx")
-    p.add_argument("--backbone", default="scene", help="'scene' or a TorchScript backbone file")
-    p.add_argument("--size", type=int, default=224)
-    p.add_argument("--dim", type=int, default=64, help="scene feature size")
-    a = p.parse_args(argv)
-    logging.getLogger("PIL").setLevel(logging.INFO)  # PIL logs every PNG chunk at DEBUG
-    n, d = write_image_features(a.images, a.root, a.out, a.backbone, a.size, a.dim)
-    print(f"{a.out}: {n} images, {d}-dim regions")
-
-
-if __name__ == "__main__":
-    main()

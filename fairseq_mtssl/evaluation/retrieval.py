@@ -2,7 +2,8 @@
 
     mtssl-vgs-retrieval RUN/checkpoints/checkpoint_best.pt --split test [--json retrieval.json]
 
-Every caption of the split is embedded (unmasked forward) and every distinct image once.
+Every caption of the split is embedded (unmasked forward) and every distinct image once, scored by
+the similarity the checkpoint's criterion trained with (``dot``, or ``cosine``: L2-normalised).
 speech -> image: a caption's query succeeds at k when its image is among the k most similar images;
 image -> speech: an image succeeds at k when any of its captions (5 per image in SpokenCOCO) is
 among the k most similar captions. Similarities are computed in blocks, so 25k captions x 5k images
@@ -53,7 +54,8 @@ def embed_split(checkpoint: str, split: str, max_batch_samples: int = 800_000):
     from ..data.manifest import read_manifest
     from ..tasks.vgs_pretraining import read_image_ids
 
-    model, task_cfg = upstream.load_speech_model(checkpoint)
+    model, cfg, task = upstream.load_model_and_task(checkpoint)
+    task_cfg = task.cfg
     data = task_cfg.data
     manifest = read_manifest(os.path.join(data, f"{split}.tsv"))
     names = read_image_ids(data, split, len(manifest))
@@ -72,7 +74,14 @@ def embed_split(checkpoint: str, split: str, max_batch_samples: int = 800_000):
         emb = model.embed_speech(source, padding if len(wavs) > 1 else None)
         for i, e in zip(indices, emb):
             speech[i] = e
-    return torch.stack(speech), image_emb, torch.tensor([index[n] for n in names])
+    speech = torch.stack(speech)
+    # score as the model was trained: checkpoints from before the criterion's similarity field normalised inside
+    if str(cfg.criterion.get("similarity", "cosine")) == "cosine":
+        speech, image_emb = (
+            torch.nn.functional.normalize(speech, dim=1),
+            torch.nn.functional.normalize(image_emb, dim=1),
+        )
+    return speech, image_emb, torch.tensor([index[n] for n in names])
 
 
 @cli

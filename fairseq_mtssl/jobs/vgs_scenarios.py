@@ -4,10 +4,14 @@
     mtssl-vgs-train --scenario W2V2,VGS --data ... --out runs/vgs/w2v2_then_vgs --updates 700 [--freeze-shared 2]
     mtssl-vgs-train --scenario W2V2,VGS --config-name vgs_ssl_base_spokencoco --data ... --out ... --updates 350000
 
-Methods: ``W2V2`` (wav2vec 2.0 loss only, ``criterion.alpha=1``), ``VGS`` (speech-image loss only,
-alpha 0), ``VGS+`` (both, alpha ``--alpha``, 0.5 as the paper). ``A,B`` trains A for 20/70 of the
+Methods: ``W2V2`` (wav2vec 2.0 loss only, ``criterion.av_weight=0``), ``VGS`` (speech-image loss only,
+``av_weight`` 1), ``VGS+`` (both, ``--av-weight``, the paper's alpha 0.5: weight of the audio-visual loss). ``A,B`` trains A for 20/70 of the
 updates and B for the rest (the paper's 20 + 50 epochs), B starting from A's last checkpoint with a
-new optimiser, learning-rate schedule and data iterator (fairseq's ``reset_*``). Every parameter is
+new optimiser, learning-rate schedule and data iterator (fairseq's ``reset_*``). Each stage is its own
+run with its own schedule: ``optimization.max_update`` is the stage's updates, and a warm-up given as
+``lr_scheduler.warmup_fraction`` (scheduler ``polynomial_decay_fraction``, as the packaged configs do) is
+that fraction of the stage's own updates, as the authors' BertAdam warms up over 10 % of each run.
+``--config-name-b`` gives stage B its own config, ``--override-a`` / ``--override-b`` its own overrides. Every parameter is
 handed over (the model is the same in all scenarios); ``handover.json`` reports, for each part of the
 model, whether stage A trained it, whether stage B changed it, and whether B froze it
 (``--freeze-shared n``: conv front end and layers 1..n). Each stage is a plain ``fairseq-hydra-train``
@@ -28,7 +32,7 @@ from ..config import config_dir
 from ..errors import MtsslError, cli
 from .commands import CommandRunner
 
-ALPHA = {"W2V2": 1.0, "VGS": 0.0, "VGS+": None}  # VGS+: --alpha
+AV_WEIGHT = {"W2V2": 0.0, "VGS": 1.0, "VGS+": None}  # criterion.av_weight (the paper's alpha); VGS+: --av-weight
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # common.user_dir
 
 
@@ -41,7 +45,14 @@ def parameter_group(name: str, vgs_layer: int, n_layers: int) -> str:
         i = int(name.split(".")[3])
         return f"shared layers 1-{vgs_layer}" if i < vgs_layer else f"SSL-only layers {vgs_layer + 1}-{n_layers}"
     if name.startswith(
-        ("w2v.feature_extractor", "w2v.layer_norm", "w2v.post_extract_proj", "w2v.encoder.pos_conv", "w2v.mask_emb")
+        (
+            "w2v.feature_extractor",
+            "w2v.layer_norm",
+            "w2v.post_extract_proj",
+            "w2v.encoder.pos_conv",
+            "w2v.mask_emb",
+            "w2v.encoder.cls_token",
+        )
     ):
         return "front end"
     if name.startswith("w2v.encoder.layer_norm"):
@@ -51,15 +62,15 @@ def parameter_group(name: str, vgs_layer: int, n_layers: int) -> str:
     return "VGS audio head" if name.startswith("audio_") else "VGS image head"
 
 
-def trained_by(group: str, alpha: float) -> bool:
+def trained_by(group: str, av_weight: float) -> bool:
     if group.startswith("VGS"):
-        return alpha < 1
+        return av_weight > 0
     if group.startswith(("SSL-only", "SSL heads")):
-        return alpha > 0
+        return av_weight < 1
     return True
 
 
-def handover_report(stage_a: Path, stage_b: Path, alpha_a: float, alpha_b: float, freeze: int) -> Dict:
+def handover_report(stage_a: Path, stage_b: Path, av_weight_a: float, av_weight_b: float, freeze: int) -> Dict:
     a, b = load_checkpoint_safely(stage_a), load_checkpoint_safely(stage_b)
     model_cfg = b["cfg"]["model"]
     vgs_layer, n_layers = int(model_cfg["vgs_layer"]), int(model_cfg["encoder_layers"])
@@ -72,8 +83,8 @@ def handover_report(stage_a: Path, stage_b: Path, alpha_a: float, alpha_b: float
             raise KeyError(f"{stage_b}: parameter {name} is not in stage A's checkpoint {stage_a}")
         entry["changed_in_b"] |= not torch.equal(a["model"][name], tensor)
     for g, entry in groups.items():
-        entry["trained_in_a"] = trained_by(g, alpha_a)
-        entry["trained_in_b"] = trained_by(g, alpha_b)
+        entry["trained_in_a"] = trained_by(g, av_weight_a)
+        entry["trained_in_b"] = trained_by(g, av_weight_b)
         entry["frozen_in_b"] = freeze > 0 and (g == "front end" or (g.startswith("shared") and freeze >= vgs_layer))
         entry["status"] = (
             "new to training in B (initial weights from A's untouched init)"
@@ -94,12 +105,12 @@ class ScenarioRunner:
         self.out.mkdir(parents=True, exist_ok=True)
         self.commands = CommandRunner(self.out, bin_dir=Path(sys.executable).parent)
 
-    def alpha(self, method: str) -> float:
-        if method not in ALPHA:
+    def av_weight(self, method: str) -> float:
+        if method not in AV_WEIGHT:
             raise ScenarioError(f"unknown method {method!r}: choose W2V2, VGS or VGS+")
-        return self.args.alpha if ALPHA[method] is None else ALPHA[method]
+        return self.args.av_weight if AV_WEIGHT[method] is None else AV_WEIGHT[method]
 
-    def stage(self, name: str, method: str, updates: int, extra: List[str]) -> Path:
+    def stage(self, name: str, method: str, updates: int, extra: List[str], config_name: str = "") -> Path:
         run = self.out / name
         last = run / "checkpoints" / "checkpoint_last.pt"
         cmd = [
@@ -107,10 +118,10 @@ class ScenarioRunner:
             "--config-dir",
             str(self.args.config_dir),
             "--config-name",
-            self.args.config_name,
+            config_name or self.args.config_name,
             f"common.user_dir={PACKAGE_DIR}",
             f"task.data={Path(self.args.data).resolve()}",
-            f"criterion.alpha={self.alpha(method)}",
+            f"criterion.av_weight={self.av_weight(method)}",
             f"optimization.max_update={updates}",
             f"hydra.run.dir={run.resolve()}",
             *(
@@ -118,8 +129,8 @@ class ScenarioRunner:
                 if self.args.tensorboard_logdir
                 else []
             ),
-            *extra,
             *self.args.overrides,
+            *extra,
         ]
         if not self.commands.done.is_done(name):
             print(f"[{name}] {method}, {updates} updates", flush=True)
@@ -134,7 +145,7 @@ class ScenarioRunner:
         elif len(methods) == 2:
             first, second = methods
             n_a = round(self.args.updates * 20 / 70)
-            ckpt_a = self.stage("stage1_" + _slug(first), first, n_a, [])
+            ckpt_a = self.stage("stage1_" + _slug(first), first, n_a, list(self.args.override_a))
             stage_b = "stage2_" + _slug(second)
             resume = (self.out / stage_b / "checkpoints" / "checkpoint_last.pt").exists()
             extra = (
@@ -149,8 +160,11 @@ class ScenarioRunner:
                 ]
             )
             extra.append(f"model.freeze_shared_layers={self.args.freeze_shared}")
-            ckpt_b = self.stage(stage_b, second, self.args.updates - n_a, extra)
-            report = handover_report(ckpt_a, ckpt_b, self.alpha(first), self.alpha(second), self.args.freeze_shared)
+            extra += self.args.override_b
+            ckpt_b = self.stage(stage_b, second, self.args.updates - n_a, extra, self.args.config_name_b)
+            report = handover_report(
+                ckpt_a, ckpt_b, self.av_weight(first), self.av_weight(second), self.args.freeze_shared
+            )
             with atomic_write(self.out / "handover.json") as f:
                 json.dump(report, f, indent=1)
             for g, e in report.items():
@@ -176,7 +190,12 @@ def main(argv=None) -> None:
     parser.add_argument("--data", required=True, help="manifest directory (with .img/.images and image features)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--updates", type=int, required=True, help="total updates (split 20:50 between two stages)")
-    parser.add_argument("--alpha", type=float, default=0.5, help="wav2vec 2.0 weight for VGS+")
+    parser.add_argument(
+        "--av-weight",
+        type=float,
+        default=0.5,
+        help="VGS+: the paper's alpha, weight of the audio-visual loss (1 - it weighs the wav2vec 2.0 loss)",
+    )
     parser.add_argument("--freeze-shared", type=int, default=0, help="stage B: freeze the front end and layers 1..n")
     parser.add_argument(
         "--config-dir",
@@ -184,6 +203,9 @@ def main(argv=None) -> None:
         help="folder of the stage config (default: the packaged VGS configs)",
     )
     parser.add_argument("--config-name", default="vgs_ssl_tiny_cpu")
+    parser.add_argument("--config-name-b", default="", help="stage B's config (default: --config-name)")
+    parser.add_argument("--override-a", action="append", default=[], help="a hydra override for stage A only")
+    parser.add_argument("--override-b", action="append", default=[], help="a hydra override for stage B only")
     parser.add_argument(
         "--tensorboard-logdir",
         help="write each stage's training curves under DIR/<stage> (fairseq's common.tensorboard_logdir)",

@@ -1,13 +1,16 @@
 """Contrastive speech-image losses, with negatives gathered across data-parallel workers.
 
-Both take L2-normalised embeddings ``speech (B, E)`` and ``image (B, E)`` of paired items (row ``i``
-of each is a caption and its image) and ``image_ids (B,)``; other captions of the same image are
-not used as negatives (FaST-VGS). Each query's loss is a cross-entropy over all candidates of the
-(global) batch, in both directions (speech -> image, image -> speech), averaged over the two.
+Inputs: embeddings ``speech (B, E)`` and ``image (B, E)`` of paired items (row ``i`` of each is a
+caption and its image) and ``image_ids (B,)``. Every query (a caption, or an image) is scored against
+every candidate of the other modality in the (global) batch; other captions of the same image are
+neither positive nor negative (FaST-VGS masks them). Per pair ``i`` the loss is the sum of the two
+directions, image -> caption and caption -> image, each a cross-entropy over the candidates; the mean
+over pairs therefore equals FaST-VGS's ``I2C_loss + C2I_loss`` (two batch means, summed).
 
-- ``margin_infonce`` (FaST-VGS / the EUSIPCO paper): dot products, ``margin`` subtracted from the
-  positive's score, no temperature;
-- ``infonce``: dot products divided by ``temperature``.
+- ``similarity``: ``dot`` (FaST-VGS: the plain dot product of the two CLS projections, unbounded) or
+  ``cosine`` (both L2-normalised first, every score in [-1, 1]);
+- ``kind``: ``margin_infonce`` (FaST-VGS / the EUSIPCO paper: ``margin`` subtracted from the positive's
+  score, no temperature) or ``infonce`` (scores divided by ``temperature``, no margin).
 
 With ``torch.distributed`` initialised and more than one worker, candidates come from every worker
 (``torch.distributed.nn.functional.all_gather`` carries gradients back to their owner), so the sum
@@ -19,6 +22,9 @@ from typing import Tuple
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+LOSSES = ("margin_infonce", "infonce")
+SIMILARITIES = ("dot", "cosine")
 
 
 def _world() -> Tuple[int, int]:
@@ -60,17 +66,21 @@ def speech_image_loss(
     margin: float = 1.0,
     temperature: float = 0.07,
     gather: bool = True,
+    similarity: str = "dot",
 ) -> torch.Tensor:
-    """Summed loss over this worker's ``B`` pairs, ``(loss_s2i + loss_i2s) / 2`` per pair."""
-    if kind not in ("margin_infonce", "infonce"):
-        raise ValueError(f"unknown speech-image loss {kind!r} (margin_infonce or infonce)")
+    """Summed loss over this worker's ``B`` pairs, ``loss_s2i + loss_i2s`` per pair (see the module doc)."""
+    if kind not in LOSSES:
+        raise ValueError(f"unknown speech-image loss {kind!r} (one of {', '.join(LOSSES)})")
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"unknown speech-image similarity {similarity!r} (one of {', '.join(SIMILARITIES)})")
+    if similarity == "cosine":
+        speech, image = F.normalize(speech, dim=-1), F.normalize(image, dim=-1)
     b = speech.size(0)
     if gather:
         (all_speech, all_image, all_ids), offset = gather_batches(speech, image, image_ids)
     else:
         all_speech, all_image, all_ids, offset = speech, image, image_ids, 0
-    rows = torch.arange(b, device=speech.device)
-    positive = rows + offset
+    positive = torch.arange(b, device=speech.device) + offset
     # other captions of the same image are neither positives nor negatives
     same_image = image_ids[:, None] == all_ids[None, :]
     excluded = same_image & (torch.arange(len(all_ids), device=speech.device)[None, :] != positive[:, None])
@@ -84,4 +94,4 @@ def speech_image_loss(
         logits = logits.masked_fill(excluded, float("-inf"))
         return F.cross_entropy(logits, positive, reduction="sum")
 
-    return 0.5 * (directional(speech, all_image) + directional(image, all_speech))
+    return directional(speech, all_image) + directional(image, all_speech)

@@ -1,19 +1,32 @@
 """wav2vec 2.0 with a visually grounded speech (VGS) branch (FaST-VGS+ / Khorrami et al., EUSIPCO 2023).
 
-Registered as ``wav2vec2_vgs``. Composes fairseq's ``Wav2Vec2Model`` (``self.w2v``, unchanged: its
-masked contrastive forward, quantiser and diversity loss) with two heads into one L2-normalised space:
+Registered as ``wav2vec2_vgs``. Composes fairseq's ``Wav2Vec2Model`` (``self.w2v``: its masked
+contrastive forward, quantiser and diversity loss) with an audio and an image head into one joint
+space. The audio head reads wav2vec 2.0 layer ``vgs_layer`` *of the same masked forward* the SSL loss
+uses (FaST-VGS+ reads layer 8 of 12; layers above it serve the SSL loss only). ``vgs_arch``:
 
-- audio head: the output of wav2vec 2.0 layer ``vgs_layer`` *of the same masked forward* the SSL loss
-  uses (FaST-VGS+ reads layer 8 of 12; layers above it serve the SSL loss only), downsampled by
-  ``audio_downsample`` stride-2 convolutions, then ``audio_layers`` transformer layers over
-  ``[CLS; frames]``, pooled (CLS or attention) and projected;
-- image head: precomputed region features ``(R, image_dim)`` projected, ``image_layers`` transformer
-  layers over ``[CLS; regions]``, pooled and projected.
+- ``fast_vgs_plus`` (default; the authors' DualEncoder, jasonppy/FaST-VGS-Family ``models/fast_vgs.py``
+  as khazarkhorrami/scheduled_SSL_XSL trains it): a learned CLS token is prepended to the wav2vec 2.0
+  transformer input (:class:`ClsTransformerEncoder`: it passes the positional convolution and every
+  layer; the frame outputs, SSL loss and hidden states are those of the other positions); its state at
+  ``vgs_layer``, through a 2-layer GELU MLP, becomes the CLS of the audio head.
+  Audio head: a ResDAVEnet branch on the layer's frames (Linear ``C -> 128`` + BatchNorm + ReLU, 4
+  stages x 2 residual blocks, kernel 9, BatchNorm, widths ``audio_widths`` 128/256/512/768, each stage
+  stride 2: 16x fewer frames), ``[CLS; frames]`` through ``audio_layers`` post-LN transformer layers
+  (``vgs_heads`` 12, FFN ``vgs_ffn_dim`` 3072), a Linear of the CLS output.
+  Image head: the region feature (first ``image_dim - 4`` columns, 2048) and its box (last 4) each
+  through Linear + LayerNorm, averaged, dropout, a learned CLS prepended, ``image_layers`` (6) post-LN
+  transformer layers, a 2-layer GELU MLP on the CLS output.
+- ``light`` (the CPU-scale heads, used by ``vgs_ssl_tiny_cpu``): the layer's frames (batch-normalised,
+  ``audio_feature_norm``) through ``audio_downsample`` stride-2 convolutions; each head a fresh CLS,
+  pre-LN layers, CLS or attention pooling, a Linear; the image head one Linear over feature and box.
 
-With the SSL loss off (VGS only), the forward is unmasked and stops at ``vgs_layer``. Retrieval and
-downstream evaluation use :meth:`embed_speech` / :meth:`embed_images` and :meth:`speech_encoder`.
+Embeddings are not normalised here: the criterion's ``similarity`` (dot, or cosine) decides. With the
+SSL loss off (VGS only), the forward is unmasked and stops at ``vgs_layer``. Retrieval and downstream
+evaluation use :meth:`embed_speech` / :meth:`embed_images` and :meth:`speech_encoder`.
 """
 
+import math
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -22,34 +35,60 @@ import torch.nn as nn
 import torch.nn.functional as F
 from fairseq.dataclass import ChoiceEnum
 from fairseq.models import BaseFairseqModel, register_model
-from fairseq.models.wav2vec.wav2vec2 import TransformerSentenceEncoderLayer, Wav2Vec2Config, Wav2Vec2Model
+from fairseq.models.wav2vec.wav2vec2 import (
+    TransformerEncoder,
+    TransformerSentenceEncoderLayer,
+    Wav2Vec2Config,
+    Wav2Vec2Model,
+)
 
 from ..upstream.layers import record_layers
 
 POOLING = ChoiceEnum(["cls", "attention"])
 FEATURE_NORM = ChoiceEnum(["none", "instance", "batch"])
+VGS_ARCH = ChoiceEnum(["fast_vgs_plus", "light"])
 
 
 @dataclass
 class Wav2Vec2VgsConfig(Wav2Vec2Config):
+    vgs_arch: VGS_ARCH = field(
+        default="fast_vgs_plus",
+        metadata={
+            "help": "fast_vgs_plus: the authors' FaST-VGS+ heads and a CLS token inside wav2vec 2.0; "
+            "light: small CPU-scale heads without it (see the module doc)"
+        },
+    )
     vgs_layer: int = field(
         default=8, metadata={"help": "wav2vec 2.0 layer (1-based) whose output feeds the audio head"}
     )
     vgs_dim: int = field(default=768, metadata={"help": "width of both heads and of the joint embedding space"})
-    vgs_heads: int = field(default=8, metadata={"help": "attention heads in the heads' transformer layers"})
+    vgs_heads: int = field(default=12, metadata={"help": "attention heads in the heads' transformer layers"})
+    vgs_ffn_dim: int = field(
+        default=3072,
+        metadata={"help": "fast_vgs_plus: FFN width of the heads' transformer layers (light: 4 x vgs_dim)"},
+    )
+    audio_widths: List[int] = field(
+        default_factory=lambda: [128, 256, 512, 768],
+        metadata={
+            "help": "fast_vgs_plus: channels of the ResDAVEnet branch's 4 stages (each 2 residual blocks, stride 2); "
+            "the first is also the width of its input projection, the last must equal vgs_dim"
+        },
+    )
+    audio_kernel: int = field(default=9, metadata={"help": "fast_vgs_plus: ResDAVEnet convolution width"})
     audio_downsample: int = field(
-        default=2, metadata={"help": "stride-2 convolutions before the audio head's transformer (2**n downsampling)"}
+        default=2,
+        metadata={"help": "light: stride-2 convolutions before the audio head's transformer (2**n downsampling)"},
     )
     audio_layers: int = field(default=1, metadata={"help": "transformer layers of the audio head"})
     image_dim: int = field(
         default=2052, metadata={"help": "region feature size (Faster R-CNN 2048 + 4 box coordinates)"}
     )
     image_layers: int = field(default=6, metadata={"help": "transformer layers of the image head"})
-    pooling: POOLING = field(default="cls", metadata={"help": "cls token or attention pooling"})
+    pooling: POOLING = field(default="cls", metadata={"help": "light: cls token or attention pooling"})
     audio_feature_norm: FEATURE_NORM = field(
         default="batch",
         metadata={
-            "help": "normalise each channel of the wav2vec 2.0 layer features over the valid frames before the audio head: "
+            "help": "light (fast_vgs_plus has its own BatchNorm after its input projection): normalise each channel of the wav2vec 2.0 layer features over the valid frames before the audio head: "
             "instance (per utterance) or batch (per batch, running statistics at eval, as ResDAVEnet's BatchNorm). "
             "Without it the features' large common component makes every pooled speech embedding nearly the same "
             "(cosine 0.9997 on the embedded corpus) and the speech-image loss does not learn at small scale"
@@ -93,15 +132,185 @@ class _Pool(nn.Module):
         return torch.einsum("bt,btc->bc", F.softmax(w, -1), h)
 
 
+class ClsTransformerEncoder(TransformerEncoder):
+    """fairseq's wav2vec 2.0 encoder with a learned token prepended to its input ``(B, T, C)``: the token
+    passes the positional convolution and every layer (FaST-VGS+'s ``Wav2Vec2Model_cls``); the output
+    and ``layer_results`` are those of the ``T`` frames, so the SSL loss and feature readers see no
+    extra frame. Forward hooks on ``layers`` see ``1 + T`` positions, the token first
+    (``prefix_tokens``)."""
+
+    prefix_tokens = 1
+
+    def __init__(self, args: Wav2Vec2Config):
+        super().__init__(args)
+        self.cls_token = nn.Parameter(torch.randn(args.encoder_embed_dim))  # the authors' init: N(0, 1)
+
+    def forward(self, x, padding_mask=None, layer=None, corpus_key=None):
+        x = torch.cat([self.cls_token.to(x.dtype).expand(x.size(0), 1, -1), x], 1)
+        if padding_mask is not None:
+            padding_mask = F.pad(padding_mask, (1, 0), value=False)
+        x, layer_results = super().forward(x, padding_mask, layer, corpus_key)
+        layer_results = [(h[1:], z, lr[1:] if lr is not None else lr) for h, z, lr in layer_results]
+        return x[:, 1:], layer_results
+
+
+class Wav2Vec2ClsModel(Wav2Vec2Model):
+    """fairseq's ``Wav2Vec2Model`` whose encoder is a :class:`ClsTransformerEncoder`."""
+
+    def __init__(self, cfg: Wav2Vec2Config):
+        if cfg.layer_type != "transformer":
+            raise ValueError(f"vgs_arch=fast_vgs_plus needs layer_type=transformer, got {cfg.layer_type}")
+        super().__init__(cfg)
+        self.encoder = ClsTransformerEncoder(cfg)  # replaces the plain encoder fairseq built
+
+
+def _mlp(dim: int) -> nn.Sequential:
+    """FaST-VGS's CLS projection: ``Linear(d, 2d) -> GELU -> Linear(2d, d)``."""
+    return nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+
+def _post_ln_layers(n: int, dim: int, ffn: int, heads: int, dropout: float) -> nn.ModuleList:
+    """BERT layers (post-LN, GELU): fairseq's encoder layer with ``layer_norm_first=False`` has BERT's
+    structure and parameters (q, k, v, output projection, two LayerNorms, FFN); no dropout between
+    the FFN's two Linears, as in BERT."""
+    return nn.ModuleList(
+        TransformerSentenceEncoderLayer(dim, ffn, heads, dropout, dropout, 0.0, "gelu", layer_norm_first=False)
+        for _ in range(n)
+    )
+
+
+def _run_layers(layers: nn.ModuleList, x: torch.Tensor, padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """``(B, T, C) -> (B, T, C)`` through fairseq encoder layers (time-first inside)."""
+    h = x.transpose(0, 1)
+    for layer in layers:
+        h, _ = layer(h, self_attn_padding_mask=padding_mask)
+    return h.transpose(0, 1)
+
+
+def _zero_beyond(x: torch.Tensor, lengths: Optional[torch.Tensor]) -> torch.Tensor:
+    """``x (B, C, T)`` with the frames at or after ``lengths (B,)`` set to 0."""
+    if lengths is None:
+        return x
+    return x * (torch.arange(x.size(-1), device=x.device)[None, :] < lengths[:, None]).to(x.dtype)[:, None]
+
+
+def _strided_lengths(lengths: Optional[torch.Tensor], kernel: int, stride: int) -> Optional[torch.Tensor]:
+    if lengths is None:
+        return None
+    return torch.div(lengths + 2 * (kernel // 2) - kernel, stride, rounding_mode="floor") + 1
+
+
+class _ResBlock(nn.Module):
+    """ResDAVEnet's basic block over time: conv(k, stride) -> BN -> ReLU -> conv(k) -> BN, plus the
+    input (a strided 1x1 conv + BN where the shape changes), ReLU."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int):
+        super().__init__()
+        self.kernel, self.stride = kernel, stride
+        self.conv1 = nn.Conv1d(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=False)
+        self.bn1 = nn.BatchNorm1d(cout)
+        self.conv2 = nn.Conv1d(cout, cout, kernel, padding=kernel // 2, bias=False)
+        self.bn2 = nn.BatchNorm1d(cout)
+        self.downsample = (
+            nn.Sequential(nn.Conv1d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm1d(cout))
+            if stride != 1 or cin != cout
+            else None
+        )
+
+    def forward(self, x: torch.Tensor, lengths: Optional[torch.Tensor] = None):
+        """``(B, C, T)``, valid frames ``(B,)`` -> ``(B, C', T')``, their valid frames."""
+        lengths = _strided_lengths(lengths, self.kernel, self.stride)
+        out = _zero_beyond(F.relu(self.bn1(self.conv1(x))), lengths)
+        out = self.bn2(self.conv2(out))
+        return _zero_beyond(F.relu(out + (x if self.downsample is None else self.downsample(x))), lengths), lengths
+
+
+class ResDavenetBranch(nn.Module):
+    """FaST-VGS's ResDAVEnet on wav2vec 2.0 frames: ``(B, T, C) -> (B, ~T / 2**len(widths), widths[-1])``.
+
+    One departure from the authors' code: frames past a caption's end are zeroed after every block,
+    so a caption embeds as it does alone whatever it is batched with (the authors pad every caption to
+    a fixed 8 s, which makes theirs batch-independent too; fairseq pads to the batch's longest)."""
+
+    def __init__(self, in_dim: int, widths: List[int], kernel: int = 9, blocks: int = 2):
+        super().__init__()
+        self.linear = nn.Linear(in_dim, widths[0])
+        self.bn = nn.BatchNorm1d(widths[0])
+        self.blocks = nn.ModuleList()
+        cin = widths[0]
+        for w in widths:
+            self.blocks.extend(_ResBlock(cin if b == 0 else w, w, kernel, 2 if b == 0 else 1) for b in range(blocks))
+            cin = w
+        self.kernel, self.stages = kernel, len(widths)
+        for m in self.modules():  # the authors' init: He-normal convolutions (fan-out), BN at 1 / 0
+            if isinstance(m, nn.Conv1d):
+                m.weight.data.normal_(0, math.sqrt(2.0 / (m.kernel_size[0] * m.out_channels)))
+
+    def forward(self, x: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        h = _zero_beyond(F.relu(self.bn(self.linear(x).transpose(1, 2))), lengths)
+        for block in self.blocks:
+            h, lengths = block(h, lengths)
+        return h.transpose(1, 2)
+
+    def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
+        """Valid output frames of ``lengths`` valid input frames (each stage's first conv: stride 2, pad k//2)."""
+        for _ in range(self.stages):
+            lengths = _strided_lengths(lengths, self.kernel, 2)
+        return lengths
+
+
+def _bert_init(module: nn.Module) -> None:
+    """FaST-VGS's ``init_weights`` for its heads: Linear N(0, 0.02) with zero bias, LayerNorm 1 / 0."""
+    if isinstance(module, nn.Linear):
+        module.weight.data.normal_(0.0, 0.02)
+        if module.bias is not None:
+            module.bias.data.zero_()
+    elif isinstance(module, nn.LayerNorm):
+        module.weight.data.fill_(1.0)
+        module.bias.data.zero_()
+
+
 @register_model("wav2vec2_vgs", dataclass=Wav2Vec2VgsConfig)
 class Wav2Vec2VgsModel(BaseFairseqModel):
     def __init__(self, cfg: Wav2Vec2VgsConfig):
         super().__init__()
         self.cfg = cfg
-        self.w2v = Wav2Vec2Model(cfg)
+        self.arch = str(cfg.vgs_arch)
+        self.w2v = Wav2Vec2ClsModel(cfg) if self.arch == "fast_vgs_plus" else Wav2Vec2Model(cfg)
         n_layers = len(self.w2v.encoder.layers)
         if not 1 <= cfg.vgs_layer <= n_layers:
             raise ValueError(f"vgs_layer={cfg.vgs_layer} but wav2vec 2.0 has {n_layers} layers")
+        if self.arch == "fast_vgs_plus":
+            self._build_fast_vgs_plus(cfg)
+        else:
+            self._build_light(cfg)
+        self.freeze_shared(cfg.freeze_shared_layers)
+
+    def _build_fast_vgs_plus(self, cfg: Wav2Vec2VgsConfig) -> None:
+        c, d = cfg.encoder_embed_dim, cfg.vgs_dim
+        widths = list(cfg.audio_widths)
+        if widths[-1] != d:
+            raise ValueError(f"audio_widths ends with {widths[-1]}, but the audio head's width vgs_dim is {d}")
+        if cfg.image_dim <= 4:
+            raise ValueError(
+                f"image_dim={cfg.image_dim}: fast_vgs_plus expects region features followed by 4 box values"
+            )
+        self.audio_cls_mlp = _mlp(c) if c == d else nn.Sequential(nn.Linear(c, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+        self.audio_branch = ResDavenetBranch(c, widths, cfg.audio_kernel)
+        self.audio_transformer = _post_ln_layers(cfg.audio_layers, d, cfg.vgs_ffn_dim, cfg.vgs_heads, cfg.vgs_dropout)
+        self.audio_out = nn.Linear(d, d)
+        self.image_feat_in = nn.Sequential(nn.Linear(cfg.image_dim - 4, d), nn.LayerNorm(d, eps=1e-12))
+        self.image_box_in = nn.Sequential(nn.Linear(4, d), nn.LayerNorm(d, eps=1e-12))
+        self.image_dropout = nn.Dropout(cfg.vgs_dropout)
+        self.image_cls = nn.Parameter(torch.randn(d))  # the authors' init: N(0, 1)
+        self.image_transformer = _post_ln_layers(cfg.image_layers, d, cfg.vgs_ffn_dim, cfg.vgs_heads, cfg.vgs_dropout)
+        self.image_out = _mlp(d)
+        for m in (self.audio_cls_mlp, self.audio_transformer, self.audio_out, self.image_feat_in, self.image_box_in,
+                  self.image_transformer, self.image_out):  # fmt: skip
+            m.apply(_bert_init)
+        self.audio_branch.linear.apply(_bert_init)
+
+    def _build_light(self, cfg: Wav2Vec2VgsConfig) -> None:
         c, d = cfg.encoder_embed_dim, cfg.vgs_dim
         convs: List[nn.Module] = []
         for i in range(cfg.audio_downsample):
@@ -113,7 +322,6 @@ class Wav2Vec2VgsModel(BaseFairseqModel):
         self.image_in = nn.Sequential(nn.Linear(cfg.image_dim, d), nn.LayerNorm(d))
         self.image_pool = _Pool(d, cfg.image_layers, cfg.vgs_heads, cfg.vgs_dropout, cfg.pooling)
         self.image_out = nn.Linear(d, d)
-        self.freeze_shared(cfg.freeze_shared_layers)
 
     @classmethod
     def build_model(cls, cfg: Wav2Vec2VgsConfig, task=None):
@@ -138,17 +346,28 @@ class Wav2Vec2VgsModel(BaseFairseqModel):
                 module.requires_grad_(False)
         if not self.w2v.encoder.layer_norm_first:
             self.w2v.encoder.layer_norm.requires_grad_(False)
+        if isinstance(self.w2v.encoder, ClsTransformerEncoder):  # an input of the frozen layers
+            self.w2v.encoder.cls_token.requires_grad_(False)
         self.w2v.feature_grad_mult = 0.0
 
     # ------------------------------------------------------------------ speech side
 
     def _layer_output(self, run):
-        """Run ``run()`` while recording the output of wav2vec 2.0 layer ``vgs_layer`` ``(B, T, C)``.
+        """Run ``run()`` while recording the output of wav2vec 2.0 layer ``vgs_layer``: returns
+        ``(run's result, frames (B, T, C), the CLS token's state (B, C) or None)``.
         Under LayerDrop a skipped layer passes its input on, so the latest output of layers
         ``1..vgs_layer`` (or the first layer's input) is what layer ``vgs_layer`` hands upward."""
-        with record_layers(self.w2v.encoder.layers, upto=self.cfg.vgs_layer) as seen:
-            result = run()
-        return result, seen[-1].transpose(0, 1)
+        encoder = self.w2v.encoder
+        frames: List[int] = []  # the encoder's input length: the frames, before any prefix token
+        hook = encoder.register_forward_pre_hook(lambda m, args: frames.append(args[0].size(1)))
+        try:
+            with record_layers(encoder.layers, upto=self.cfg.vgs_layer) as seen:
+                result = run()
+        finally:
+            hook.remove()
+        h = seen[-1].transpose(0, 1)  # (B, prefix + T + padding to a multiple, C)
+        prefix = getattr(encoder, "prefix_tokens", 0)
+        return result, h[:, prefix : prefix + frames[0]], (h[:, 0] if prefix else None)
 
     def _normalise_features(self, h: torch.Tensor, frame_mask: Optional[torch.Tensor]) -> torch.Tensor:
         """Per-channel standardisation of ``h (B, T, C)`` over valid frames (see ``audio_feature_norm``)."""
@@ -165,9 +384,12 @@ class Wav2Vec2VgsModel(BaseFairseqModel):
         var = ((h - mean) ** 2 * w).sum(1, keepdim=True) / n
         return (h - mean) / torch.sqrt(var + 1e-5) * w
 
-    def _audio_embedding(self, h: torch.Tensor, frame_mask: Optional[torch.Tensor]) -> torch.Tensor:
-        if frame_mask is not None:
-            h = h[:, : frame_mask.size(1)]
+    def _audio_embedding(
+        self, h: torch.Tensor, frame_mask: Optional[torch.Tensor], cls: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """``(B, E)`` from layer ``vgs_layer``'s frames ``h (B, T, C)`` (and, fast_vgs_plus, its CLS state ``(B, C)``)."""
+        if self.arch == "fast_vgs_plus":
+            return self._fast_vgs_plus_audio(h, frame_mask, cls)
         h = self._normalise_features(h, frame_mask)
         if frame_mask is not None:
             h = h.masked_fill(frame_mask[..., None], 0.0)
@@ -180,22 +402,43 @@ class Wav2Vec2VgsModel(BaseFairseqModel):
                 frame_mask = torch.arange(h.size(1), device=h.device)[None, :] >= lengths[:, None]
         else:
             h = self.audio_in(h)
-        return F.normalize(self.audio_out(self.audio_pool(h, frame_mask)), dim=-1)
+        return self.audio_out(self.audio_pool(h, frame_mask))
+
+    def _fast_vgs_plus_audio(
+        self, h: torch.Tensor, frame_mask: Optional[torch.Tensor], cls: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        if cls is None:
+            raise ValueError("fast_vgs_plus needs the CLS state of wav2vec 2.0 layer vgs_layer")
+        lengths = None if frame_mask is None else (~frame_mask).sum(1)
+        if frame_mask is not None:
+            h = h.masked_fill(frame_mask[..., None], 0.0)
+        x = self.audio_branch(h, lengths)
+        mask = None
+        if frame_mask is not None:
+            out_lengths = self.audio_branch.output_lengths(lengths)
+            mask = torch.arange(x.size(1), device=x.device)[None, :] >= out_lengths[:, None]
+            mask = F.pad(mask, (1, 0), value=False)
+        x = torch.cat([self.audio_cls_mlp(cls)[:, None], x], 1)
+        return self.audio_out(_run_layers(self.audio_transformer, x, mask)[:, 0])
 
     def embed_speech(self, source: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``(B, E)`` caption embeddings from an unmasked forward up to ``vgs_layer``."""
-        out = self.w2v.extract_features(source, padding_mask, mask=False, layer=self.cfg.vgs_layer - 1)
-        return self._audio_embedding(out["x"], out["padding_mask"])
+        return self.forward(source, padding_mask, ssl=False)["speech_emb"]
 
     def embed_images(
         self, image_feats: torch.Tensor, image_padding_mask: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
-        """``(B, E)`` image embeddings from region features ``(B, R, image_dim)``."""
+        """``(B, E)`` image embeddings from region features ``(B, R, image_dim)`` (the last 4 columns a box)."""
         if image_feats.size(-1) != self.cfg.image_dim:
             raise ValueError(
                 f"image features have {image_feats.size(-1)} dims, the model expects image_dim={self.cfg.image_dim}"
             )
-        return F.normalize(self.image_out(self.image_pool(self.image_in(image_feats), image_padding_mask)), dim=-1)
+        if self.arch == "light":
+            return self.image_out(self.image_pool(self.image_in(image_feats), image_padding_mask))
+        x = (self.image_feat_in(image_feats[..., :-4]) + self.image_box_in(image_feats[..., -4:])) / 2
+        x = torch.cat([self.image_cls.to(x.dtype).expand(x.size(0), 1, -1), self.image_dropout(x)], 1)
+        mask = None if image_padding_mask is None else F.pad(image_padding_mask, (1, 0), value=False)
+        return self.image_out(_run_layers(self.image_transformer, x, mask)[:, 0])
 
     # ------------------------------------------------------------------ training forward
 
@@ -211,16 +454,26 @@ class Wav2Vec2VgsModel(BaseFairseqModel):
         """With ``ssl``: wav2vec 2.0's masked forward (its output dict) plus ``speech_emb``; without:
         an unmasked forward to ``vgs_layer`` only. ``image_emb`` when ``image_feats`` are given."""
         if ssl:
-            out, h = self._layer_output(lambda: self.w2v(source, padding_mask=padding_mask, mask=True, **kwargs))
+            out, h, cls = self._layer_output(lambda: self.w2v(source, padding_mask=padding_mask, mask=True, **kwargs))
             frame_mask = out.get("padding_mask")
         else:
-            feats = self.w2v.extract_features(source, padding_mask, mask=False, layer=self.cfg.vgs_layer - 1)
-            out, h, frame_mask = {}, feats["x"], feats["padding_mask"]
+            feats, h, cls = self._layer_output(
+                lambda: self.w2v.extract_features(source, padding_mask, mask=False, layer=self.cfg.vgs_layer - 1)
+            )
+            out, frame_mask = {}, feats["padding_mask"]
         out = dict(out)
-        out["speech_emb"] = self._audio_embedding(h, frame_mask)
+        out["speech_emb"] = self._audio_embedding(h, frame_mask, cls)
         if image_feats is not None:
             out["image_emb"] = self.embed_images(image_feats, image_padding_mask)
         return out
+
+    def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
+        if self.arch == "fast_vgs_plus" and any(k.startswith("audio_pool.") for k in state_dict):
+            raise ValueError(
+                "this checkpoint has the light VGS heads (it predates model.vgs_arch, whose default is now "
+                "fast_vgs_plus): load it with the override model.vgs_arch=light"
+            )
+        return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
 
     # wav2vec 2.0's criterion reads these
     def get_logits(self, net_output):

@@ -16,12 +16,29 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 import torch
+import torch.nn.functional as F
 from fairseq.data import BaseWrapperDataset, ConcatDataset, FileAudioDataset
+from fairseq.dataclass import ChoiceEnum
 from fairseq.tasks import register_task
 from fairseq.tasks.audio_pretraining import AudioPretrainingConfig, AudioPretrainingTask
 
 from ..data.image_features import ImageFeatureError, ImageFeatureStore
 from ..data.manifest import check_task_dirs
+
+CROP = ChoiceEnum(["random", "start"])
+
+
+class StartCropAudioDataset(FileAudioDataset):
+    """``FileAudioDataset`` that keeps the first ``target_size`` samples of a longer utterance (FaST-VGS's
+    ``audio_feat_len``); with ``normalize`` the kept part is normalised again, so it has zero mean and
+    unit variance as the authors' cut-then-normalise gives (a normalisation of a normalised, cut
+    waveform equals that of the raw cut one)."""
+
+    def crop_to_max_size(self, t, target_size, dim=0):
+        if t.size(dim) <= target_size:
+            return t
+        t = t.narrow(dim, 0, target_size)
+        return F.layer_norm(t, t.shape) if self.normalize and dim == 0 else t
 
 
 @dataclass
@@ -33,6 +50,16 @@ class VgsSslPretrainingConfig(AudioPretrainingConfig):
         default=None, metadata={"help": "manifest of speech without images, added to the train split"}
     )
     train_subset: str = field(default="train", metadata={"help": "the split audio-only speech is mixed into"})
+    crop: CROP = field(
+        default="random",
+        metadata={
+            "help": "captions longer than max_sample_size: random (fairseq) crop, or the start (FaST-VGS: the first "
+            "8 s in training, re-normalised after the cut when normalize is on)"
+        },
+    )
+    max_sample_size_valid: Optional[int] = field(
+        default=None, metadata={"help": "max_sample_size of the other splits (FaST-VGS: 10 s); default max_sample_size"}
+    )
 
 
 def read_image_ids(data: str, split: str, n_audio: int) -> List[str]:
@@ -120,12 +147,13 @@ class VgsSslPretrainingTask(AudioPretrainingTask):
         self.image_feature_dim = store.dim
         return store
 
-    def _audio(self, manifest: str) -> FileAudioDataset:
+    def _audio(self, manifest: str, train: bool = True) -> FileAudioDataset:
         c = self.cfg
-        return FileAudioDataset(
+        cls = StartCropAudioDataset if c.crop == "start" else FileAudioDataset
+        return cls(
             manifest_path=manifest,
             sample_rate=c.sample_rate,
-            max_sample_size=c.max_sample_size,
+            max_sample_size=c.max_sample_size if train or not c.max_sample_size_valid else c.max_sample_size_valid,
             min_sample_size=c.min_sample_size,
             pad=c.enable_padding,
             normalize=c.normalize,
@@ -135,7 +163,7 @@ class VgsSslPretrainingTask(AudioPretrainingTask):
 
     def load_dataset(self, split: str, task_cfg=None, **kwargs):
         manifest = os.path.join(self.cfg.data, f"{split}.tsv")
-        audio = self._audio(manifest)
+        audio = self._audio(manifest, train=split == self.cfg.train_subset)
         with open(manifest, encoding="utf-8") as f:
             n_lines = sum(1 for _ in f) - 1
         names = read_image_ids(self.cfg.data, split, n_lines)

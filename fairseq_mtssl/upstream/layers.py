@@ -2,7 +2,8 @@
 
 Layer ``0`` is the first layer's input (after positional convolution and, for a post-LN model, the
 encoder's layer norm); layer ``k`` is layer ``k``'s output; a pre-LN model's final norm is not applied
-(s3prl's convention). fairseq's layers take and return ``(T, B, C)``.
+(s3prl's convention). fairseq's layers take and return ``(T, B, C)``. An encoder with
+``prefix_tokens`` (VGS+SSL's FaST-VGS+ CLS token, prepended to the frames) has them dropped.
 """
 
 import contextlib
@@ -50,7 +51,8 @@ def hidden_states(
     with record_layers(layers) as captured:
         x, frame_mask = run_encoder(encoder, source, padding_mask, len(layers))
     t = x.size(1)  # layers may see a copy padded to a multiple of required_seq_len_multiple
-    states = [h.transpose(0, 1)[:, :t] for h in captured]
+    p = getattr(encoder.encoder, "prefix_tokens", 0)  # a learned CLS token first (VGS+SSL's FaST-VGS+): not a frame
+    states = [h.transpose(0, 1)[:, p : p + t] for h in captured]
     if frame_mask is not None and not frame_mask.any():
         frame_mask = None
     return states, frame_mask
