@@ -19,7 +19,7 @@ SITE=$("$WORK/venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()
 .venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > "$SITE/_borrowed_from_repo_venv.pth"
 pip_install() { "$WORK/venv/bin/python" -m pip --disable-pip-version-check install -q --no-deps "$@" \
   2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2); }
-pip_install ve-fairseq==0.12.3
+pip_install --ignore-installed ve-fairseq==0.12.3  # its console scripts (fairseq-hydra-train) in this venv
 pip_install "$WHEEL"
 cd "$WORK"  # no checkout on the path
 where=$("$WORK/venv/bin/python" -c "import fairseq_mtssl, fairseq_mtssl.config as c; print(fairseq_mtssl.__file__, c.config_dir('hubert/pretrain'))")
