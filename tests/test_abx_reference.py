@@ -57,6 +57,19 @@ def test_random_features_score_as_libri_light(tmp_path, frame_rate, dim, seed):
     assert centre["dropped_items"] == 0 and abs(centre["within"] - ref["within"]) > 1e-4
 
 
+@needs_libri_light
+def test_zero_frames_score_as_libri_light(tmp_path):
+    # libri-light puts an all-zero frame at distance 1 from any other frame and 0 from another zero frame
+    items, feats = random_item_set(30, 6, 50.0, n_phones=3, n_speakers=3, seed=3, phone_scale=0.5)
+    for k, f in enumerate(feats.values()):
+        f[k % 3 :: 3] = 0.0
+    write_items(items, tmp_path / "x.item")
+    ours = abx_scores(read_items(tmp_path / "x.item"), feats, 50.0)
+    ref = libri_light_abx(tmp_path / "x.item", feats, 50.0)
+    assert ours["within"] == pytest.approx(ref["within"], abs=2e-7)
+    assert ours["across"] == pytest.approx(ref["across"], abs=2e-7)
+
+
 def _fastabx_missing():
     try:
         import fastabx  # noqa: F401
