@@ -283,3 +283,29 @@ def test_score_criterion_passes_its_backend_through():
     torch.testing.assert_close(losses["numba"], losses["torch"], rtol=1e-4, atol=1e-5)
     with pytest.raises(SoftDTWBackendError):
         ScoreCriterion(task=None, soft_dtw_backend="gpu")(lambda **_: out, sample)
+
+
+def test_without_numba_the_torch_loop_runs():
+    """numba made unimportable in a fresh interpreter: ``auto`` runs the torch loop, same values."""
+    script = (
+        "import sys; sys.modules['numba'] = None\n"
+        "import torch\n"
+        "from fairseq_mtssl.losses.soft_dtw import resolve_backend, soft_dtw_divergence\n"
+        "assert resolve_backend(None, torch.device('cpu')) == 'torch'\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "x, y = torch.randn(2, 5, 3, generator=g, dtype=torch.float64), torch.randn(2, 4, 3, generator=g, dtype=torch.float64)\n"
+        "print(soft_dtw_divergence(x, y, torch.tensor([5, 2]), torch.tensor([3, 4])).tolist())\n"
+    )
+    env = dict(os.environ)
+    env.pop(sdtw_module.BACKEND_ENV, None)
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.tensor(json.loads(proc.stdout.strip().splitlines()[-1]), dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    x, y = (
+        torch.randn(2, 5, 3, generator=g, dtype=torch.float64),
+        torch.randn(2, 4, 3, generator=g, dtype=torch.float64),
+    )
+    ref = soft_dtw_divergence(x, y, torch.tensor([5, 2]), torch.tensor([3, 4]), backend="torch")
+    torch.testing.assert_close(got, ref)
