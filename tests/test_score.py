@@ -112,8 +112,7 @@ def test_score_finetunes_the_authors_set_and_exports_the_upstreams_format(upstre
     """A few SCORE updates of each upstream through fairseq-hydra-train: the authors' set learns and
     nothing else does, the teacher stays the start; the export loads in plain fairseq (no plugin) as
     the upstream's own model class, with the student's hidden states at every layer."""
-    from fairseq_mtssl.kmeans.features import load_speech_model
-    from fairseq_mtssl.models.upstream import speech_encoder_of
+    from fairseq_mtssl.upstream import load_speech_model, speech_encoder_of
 
     config, fixture, exported_class = UPSTREAMS[upstream]
     start_ckpt = request.getfixturevalue(fixture)

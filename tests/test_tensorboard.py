@@ -2,9 +2,10 @@
 
 import argparse
 import struct
-import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 from conftest import PACKAGE_DIR, REPO, run_cli
 
 
@@ -27,6 +28,7 @@ def read_scalars(logdir: Path) -> dict:
     return scalars
 
 
+@pytest.mark.slow
 def test_a_tiny_training_writes_its_curves_and_its_checkpoint_exports(manifest_dir, tmp_path):
     from fairseq_mtssl.convert.export import export_all
 
@@ -55,7 +57,7 @@ def test_a_tiny_training_writes_its_curves_and_its_checkpoint_exports(manifest_d
 
 
 def _main_job(tmp_path):
-    from fairseq_mtssl.main_job import MainJob
+    from fairseq_mtssl.jobs.main_job import MainJob
 
     a = argparse.Namespace(
         out=str(tmp_path / "main"),
@@ -70,7 +72,7 @@ def _main_job(tmp_path):
     )
     job = MainJob(a)
     calls = []
-    job.p.run = lambda stage, cmd, cwd=None: calls.append([str(c) for c in cmd])
+    job.pipeline.run = lambda stage, cmd, cwd=None: calls.append([str(c) for c in cmd])
     return job, calls
 
 
@@ -91,15 +93,19 @@ def test_the_main_job_sends_every_training_to_one_tensorboard_folder(tmp_path):
 
 def test_each_vgs_stage_writes_its_own_curves(tmp_path, monkeypatch):
     """Stage B restarts its update count, so each stage gets a folder of its own under the model's."""
-    import fairseq_mtssl.vgs_scenarios as vs
+    import fairseq_mtssl.jobs.vgs_scenarios as vs
+    from fairseq_mtssl.jobs.commands import CommandRunner
 
     monkeypatch.setattr(vs, "handover_report", lambda *a: {})
+    real_run = CommandRunner.run
 
-    def fake_training(cmd, **kw):
-        Path(next(c for c in cmd if c.startswith("hydra.run.dir=")).split("=", 1)[1]).mkdir(parents=True)
-        return subprocess.CompletedProcess(cmd, 0, "", "")
+    def fake_training(self, name, cmd, cwd=None):
+        """Record the command as the runner does, but train nothing."""
+        run_dir = Path(next(str(c) for c in cmd if str(c).startswith("hydra.run.dir=")).split("=", 1)[1])
+        run_dir.mkdir(parents=True)
+        real_run(self, name, [sys.executable, "-c", "pass", *map(str, cmd)], cwd)
 
-    monkeypatch.setattr(vs.subprocess, "run", fake_training)
+    monkeypatch.setattr(CommandRunner, "run", fake_training)
     tb = tmp_path / "tb"
     vs.main(["--scenario", "W2V2,VGS", "--data", str(tmp_path), "--out", str(tmp_path / "out"), "--updates", "7"])
     vs.main(

@@ -627,7 +627,7 @@ def _small_fast_vgs_plus(**kw):
 def test_cls_token_passes_pos_conv_and_every_layer_and_feeds_the_audio_head():
     from fairseq.models.wav2vec.wav2vec2 import TransformerEncoder
 
-    from fairseq_mtssl.models.upstream import hidden_states
+    from fairseq_mtssl.upstream import hidden_states
 
     torch.manual_seed(0)
     model = _small_fast_vgs_plus().eval()
