@@ -493,6 +493,33 @@ def test_bottom_up_attention_tsv_into_the_store(manifest_dir, tmp_path):
         np.testing.assert_allclose(got[:, 2048:], boxes[top] / np.array([w, h, w, h]), rtol=1e-6)
 
 
+def test_fast_vgs_hdf5_gives_the_same_rows_as_the_tsv(manifest_dir, tmp_path):
+    h5py = pytest.importorskip("h5py")
+    from fairseq_mtssl.data.image_features import ImageFeatureStore
+    from fairseq_mtssl.data.region_features import image_key
+
+    images = manifest_dir / "valid.images"
+    names = images.read_text().splitlines()
+    ids = ["other_image"] + [image_key(n) for n in names]
+    truth = write_bua_tsv(tmp_path / "a.tsv", ids, n_boxes=7, seed=4)
+    # FaST-VGS's layout (generate_hdf5_coco_places_flickr8k_imgfeat.py): one row per image, pixel boxes
+    with h5py.File(tmp_path / "a.hdf5", "w") as f:
+        f.create_dataset("img_id", data=np.array([i.encode() for i in ids], dtype=h5py.string_dtype("utf-8", 27)))
+        f.create_dataset("img_h", data=np.array([truth[i][3] for i in ids], dtype=np.int64))
+        f.create_dataset("img_w", data=np.array([truth[i][4] for i in ids], dtype=np.int64))
+        f.create_dataset("objects_conf", data=np.stack([truth[i][0] for i in ids]))
+        f.create_dataset("boxes", data=np.stack([truth[i][1] for i in ids]))
+        f.create_dataset("features", data=np.stack([truth[i][2] for i in ids]))
+    for fmt in ("tsv", "hdf5"):
+        run_cli("mtssl-image-features", "--images", images, f"--{fmt}", tmp_path / f"a.{fmt}", "--out",
+                tmp_path / fmt, "--regions", "4")  # fmt: skip
+    a, b = ImageFeatureStore(tmp_path / "tsv"), ImageFeatureStore(tmp_path / "hdf5")
+    assert all(a[n].shape == (4, 2052) and np.array_equal(a[n], b[n]) for n in names)
+    with pytest.raises(AssertionError, match=r"a.hdf5: features of shape \(3, 7, 2048\), expected \(n, R, 1024\)"):
+        run_cli("mtssl-image-features", "--images", images, "--hdf5", tmp_path / "a.hdf5", "--out", tmp_path / "x",
+                "--feature-dim", "1024")  # fmt: skip
+
+
 def test_bottom_up_attention_tsv_errors_name_the_file_and_line(manifest_dir, tmp_path):
     from fairseq_mtssl.data.region_features import image_key
 
