@@ -548,7 +548,8 @@ def test_bottom_up_attention_tsv_errors_name_the_file_and_line(manifest_dir, tmp
 
 
 def test_region_features_train_a_model(vgs_data, manifest_dir, tmp_path):
-    """A bottom-up-attention TSV through mtssl-image-features into a few VGS+ updates."""
+    """A bottom-up-attention TSV through mtssl-image-features into a few VGS+ updates of the FaST-VGS+
+    architecture (the tiny trunk, narrower ResDAVEnet widths) with the authors' dot-product loss."""
     import shutil
 
     from fairseq_mtssl.data.region_features import image_key
@@ -563,11 +564,14 @@ def test_region_features_train_a_model(vgs_data, manifest_dir, tmp_path):
     out = tmp_path / "run"
     run_cli("mtssl-vgs-train", "--scenario", "VGS+", "--data", data, "--out", out, "--updates", "3",
             "model.image_dim=2052", "checkpoint.save_interval_updates=3", "dataset.validate_interval_updates=3",
-            timeout=900)  # fmt: skip
+            "model.vgs_arch=fast_vgs_plus", "model.audio_widths=[32,64,96,128]", "model.vgs_ffn_dim=256",
+            "criterion.vgs_loss=margin_infonce", "criterion.similarity=dot", timeout=900)  # fmt: skip
     log = (out / "stage1_vgs_plus.log").read_text()
     assert "num_updates 3" in log or '"num_updates": "3"' in log
     ckpt = torch.load(out / "stage1_vgs_plus/checkpoints/checkpoint_last.pt", weights_only=False)
-    assert ckpt["cfg"]["model"]["image_dim"] == 2052
+    assert ckpt["cfg"]["model"]["image_dim"] == 2052 and ckpt["cfg"]["model"]["vgs_arch"] == "fast_vgs_plus"
+    assert "w2v.encoder.cls_token" in ckpt["model"] and "image_box_in.0.weight" in ckpt["model"]
+    assert "vgs_loss" in log
 
 
 # ---------------------------------------------------------------------------- the FaST-VGS+ architecture
