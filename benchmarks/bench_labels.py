@@ -24,6 +24,7 @@ import torch
 from fairseq_mtssl.corpus.synth import ensure_corpus
 from fairseq_mtssl.data.manifest import read_manifest
 from fairseq_mtssl.kmeans.apply_kmeans import CentroidAssigner, apply_to_audio
+from fairseq_mtssl.kmeans.centroids import save_centroids
 from fairseq_mtssl.kmeans.features import MfccReader
 from fairseq_mtssl.kmeans.learn_kmeans import fairseq_minibatch_kmeans
 from fairseq_mtssl.kmeans.mfcc import batch_mfcc, deltas
@@ -73,10 +74,8 @@ def main():
             [sf.read(manifest.audio_path(i), dtype="float32")[0] for i in range(min(200, len(manifest)))]
         )
         km = fairseq_minibatch_kmeans(a.clusters, n_init=3).fit(np.concatenate(sample))
-        km_path = Path(tmp) / "km.joblib"
-        import joblib
-
-        joblib.dump(km, km_path)
+        km_path = Path(tmp) / "km.npy"
+        save_centroids(km_path, km.cluster_centers_, MfccReader().spec())
         assigner = CentroidAssigner(km.cluster_centers_)
 
         results = {}

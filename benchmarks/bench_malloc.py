@@ -4,7 +4,7 @@
 
 Runs the tiny wav2vec 2.0 pre-training (``fairseq_mtssl/config/wav2vec2/pretraining/wav2vec2_tiny_cpu``)
 for ``--updates`` updates, one intra-op thread, alternately with the default allocator and with
-``GLIBC_TUNABLES=fairseq_mtssl.pipeline.MALLOC_TUNABLES``. It samples the process's PSS every 0.2 s
+``GLIBC_TUNABLES=fairseq_mtssl.jobs.commands.MALLOC_TUNABLES``. It samples the process's PSS every 0.2 s
 and prints, per setting, the median peak PSS and wall time, then the two ratios (tuned / default).
 """
 
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from fairseq_mtssl.corpus.synth import ensure_corpus
-from fairseq_mtssl.pipeline import MALLOC_TUNABLES, pss_mb
+from fairseq_mtssl.jobs.commands import MALLOC_TUNABLES, pss_mb
 from fairseq_mtssl.prep.corpus_manifest import build_corpus_manifests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

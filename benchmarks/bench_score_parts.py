@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/bench_score_parts.py [--frames 150 --batch 8 --dim 256]
 
 Soft-DTW variants on the same costs, measured side by side:
-  analytic     fairseq_mtssl.losses.soft_dtw (anti-diagonal forward, analytic backward)
+  analytic     fairseq_mtssl.losses.soft_dtw, backend "torch" (anti-diagonal forward, analytic backward);
+               the compiled backends and the SCORE authors' path are in bench_soft_dtw.py
   autograd     the same anti-diagonal forward, differentiated by autograd through the loop
   plain        the cell-by-cell recursion differentiated by autograd (one item, timed and scaled)
 """
@@ -76,7 +77,7 @@ def main():
 
     def analytic():
         D = D0.clone().requires_grad_(True)
-        soft_dtw(D, gamma=a.gamma).sum().backward()
+        soft_dtw(D, gamma=a.gamma, backend="torch").sum().backward()
 
     def autograd():
         D = D0.clone().requires_grad_(True)

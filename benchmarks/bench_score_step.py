@@ -4,12 +4,22 @@
 
 Same HuBERT (``--preset base``: HuBERT Base's architecture, 12 x 768, group-normed front end),
 same audio, timed in interleaved rounds; medians and ratios are printed.
-  score      student forward (top 2 layers trainable), frozen teacher forward on the perturbed copy
-             (its length the mean over the paper's speed factors 0.9/1.0/1.1), projection
-             768 -> 256, soft-DTW divergence, backward
+  score      the authors' trainable set (top 2 layers, encoder.layer_norm and the front end's
+             layer_norm, so the graph runs through every layer; conv front end without a graph):
+             student forward, frozen teacher forward on the perturbed copy (its length the mean over
+             the paper's speed factors 0.9/1.0/1.1), projection 768 -> 256, soft-DTW divergence, backward
+  score-top2 the same with only the top 2 layers trainable (the bottom runs without a graph)
   finetune   HuBERT CTC fine-tuning as fairseq's recipes run it: masked forward, every transformer
              layer trainable (front end frozen, feature_grad_mult 0), linear head, CTC, backward
   soft-DTW   the divergence forward+backward alone, on the step's projections
+Wall and process-CPU medians are both printed (CPU time is less swayed by other load).
+
+Measured (2026-12-01, --rounds 3, HuBERT Base, batch 2 x 3 s, 2 threads, on the 2-core machine shared
+with 5 other engineers, load average ~8, so read loosely): score 31.8 s wall / 13.8 s CPU, score-top2
+23.9 / 9.7, finetune 24.3 / 8.3, soft-DTW 1.1 / 0.4. SCORE / fine-tune: 1.31 wall, 1.66 CPU with the
+authors' set (over the target: two forwards, teacher and student, and a backward through all 12 layers
+for the LayerNorms' gradients, against one forward and one backward); 0.98 wall, 1.17 CPU with the top 2
+layers only. soft-DTW share 0.036.
 """
 
 import argparse
@@ -25,7 +35,7 @@ from fairseq.models.hubert import HubertConfig, HubertModel
 from fairseq.tasks.hubert_pretraining import HubertPretrainingConfig
 
 from fairseq_mtssl.losses.soft_dtw import soft_dtw_divergence
-from fairseq_mtssl.models.score import ScoreHubertConfig, ScoreHubertModel
+from fairseq_mtssl.models.score import AUTHORS_TRAINABLE, ScoreConfig, ScoreModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ratios import record  # noqa: E402
@@ -70,10 +80,14 @@ def main():
     a = p.parse_args()
     torch.manual_seed(0)
 
-    score = ScoreHubertModel(
-        ScoreHubertConfig(hubert_path="(built in the benchmark)", trainable_layers=2, proj_dim=256), hubert(a.preset)
-    ).train()
-    score_params = [q for q in score.parameters() if q.requires_grad]
+    def score_model(trainable):
+        cfg = ScoreConfig(upstream_path="(built in the benchmark)", trainable=trainable, proj_dim=256)
+        return ScoreModel(cfg, hubert(a.preset)).train()
+
+    variants = {
+        "score": score_model(AUTHORS_TRAINABLE + ["label_embs_concat"]),
+        "score-top2": score_model(["encoder.layers.-2", "encoder.layers.-1"]),
+    }
     ft = hubert(a.preset, feature_grad_mult=0.0, mask_prob=0.65, mask_length=10).train()
     head = torch.nn.Linear(ft.encoder.embedding_dim, 32)
     ft_params = [q for q in ft.parameters() if q.requires_grad] + list(head.parameters())
@@ -86,14 +100,15 @@ def main():
     targets = torch.randint(1, 32, (a.batch, int(a.seconds * 12)))  # ~12 characters per second
     held = {}
 
-    def step_score():
-        out = score(source, perturbed)
+    def step_score(model):
+        params = [q for q in model.parameters() if q.requires_grad]
+        out = model(source, perturbed)
         held["out"] = {k: v.detach() for k, v in out.items()}
         loss = soft_dtw_divergence(
             out["student"], out["teacher"], out["student_lengths"], out["teacher_lengths"], 0.1
         ).sum()
         loss.backward()
-        for q in score_params:
+        for q in params:
             q.grad = None
 
     def step_finetune():
@@ -110,22 +125,42 @@ def main():
         x = o["student"].clone().requires_grad_(True)
         soft_dtw_divergence(x, o["teacher"], o["student_lengths"], o["teacher_lengths"], 0.1).sum().backward()
 
-    times = {"score": [], "finetune": [], "soft-DTW": []}
-    step_score(), step_finetune(), step_sdtw()  # warm-up
+    steps = {name: (lambda m=m: step_score(m)) for name, m in variants.items()}
+    steps.update({"finetune": step_finetune, "soft-DTW": step_sdtw})  # soft-DTW on the last score-top2 step
+    times = {name: [] for name in steps}
+    cpu = {name: [] for name in steps}  # process CPU time: less swayed than wall time on a shared machine
+    for fn in steps.values():  # warm-up
+        fn()
     for _ in range(a.rounds):
-        for name, fn in (("score", step_score), ("finetune", step_finetune), ("soft-DTW", step_sdtw)):
-            t = time.perf_counter()
+        for name, fn in steps.items():
+            t, c = time.perf_counter(), time.process_time()
             fn()
             times[name].append(time.perf_counter() - t)
+            cpu[name].append(time.process_time() - c)
     med = {k: statistics.median(v) for k, v in times.items()}
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     print(
         f"HuBERT {a.preset}, batch {a.batch} x {a.seconds:.1f} s, {torch.get_num_threads()} threads, median of {a.rounds} rounds"
     )
+    print(f"  {'':<10} {'wall':>8}   {'CPU':>8}")
     for k, v in med.items():
-        print(f"  {k:<9} {v:8.3f} s")
+        print(f"  {k:<10} {v:8.3f} s {med_cpu[k]:8.3f} s")
     print(f"  SCORE step / full fine-tune step   {med['score'] / med['finetune']:.3f}   (target <= 1)")
+    print(f"    top 2 layers only                {med['score-top2'] / med['finetune']:.3f}")
+    print(
+        f"  the same in CPU time               {med_cpu['score'] / med_cpu['finetune']:.3f}, top 2 only "
+        f"{med_cpu['score-top2'] / med_cpu['finetune']:.3f}"
+    )
     print(f"  soft-DTW share of a SCORE step     {med['soft-DTW'] / med['score']:.3f}   (target <= 0.15)")
-    record("score_step", "SCORE step / full HuBERT fine-tune step", med["score"] / med["finetune"], "<= 1")
+    record(
+        "score_step",
+        "SCORE step (authors' trainable set) / full HuBERT fine-tune step",
+        med["score"] / med["finetune"],
+        "<= 1",
+    )
+    record(
+        "score_step", "SCORE step (top 2 layers only) / full HuBERT fine-tune step", med["score-top2"] / med["finetune"]
+    )
     record("score_step", "soft-DTW share of a SCORE step", med["soft-DTW"] / med["score"], "<= 0.15")
 
 

@@ -21,10 +21,16 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = {  # name: (script, full arguments, quick arguments)
+    "abx": ("bench_abx.py", [], ["--utts", "120", "--rounds", "2", "--no-default"]),
     "labels": ("bench_labels.py", [], ["--clusters", "50"]),
     "malloc": ("bench_malloc.py", ["--rounds", "3"], ["--rounds", "1", "--updates", "30"]),
     "mt4ssl_step": ("bench_mt4ssl_step.py", [], ["--rounds", "3"]),
     "score_parts": ("bench_score_parts.py", [], ["--frames", "60", "--batch", "2"]),
+    "soft_dtw": (
+        "bench_soft_dtw.py",
+        [],
+        ["--batch", "2", "--min-frames", "60", "--max-frames", "100", "--load-rounds", "1"],
+    ),
     "score_step": ("bench_score_step.py", ["--rounds", "9"], ["--rounds", "2", "--preset", "small"]),
     "superb_step": ("bench_superb_step.py", [], ["--rounds", "2", "--seconds", "2"]),
     "vgs": ("bench_vgs.py", [], ["--rounds", "2", "--preset", "small"]),

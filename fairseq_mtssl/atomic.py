@@ -1,4 +1,8 @@
-"""Write outputs under a temporary name and move them into place, so no output is ever half-written."""
+"""Write outputs under a temporary name and move them into place, so no output is ever half-written.
+
+The finished file or folder gets the mode a plain ``open`` / ``mkdir`` would give it under the
+process's umask (``mkstemp`` / ``mkdtemp`` create them private), so shared data stays readable.
+"""
 
 import contextlib
 import os
@@ -8,6 +12,20 @@ from pathlib import Path
 from typing import IO, Iterator, Optional, Union
 
 PathLike = Union[str, os.PathLike]
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux allows."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # pragma: no cover - not Linux: set and restore
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -26,6 +44,7 @@ def atomic_write(path: PathLike, mode: str = "w", **open_kwargs) -> Iterator[IO]
             yield f
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -41,6 +60,7 @@ def atomic_directory(path: PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~current_umask())
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
             os.replace(path, old / path.name)

@@ -15,6 +15,8 @@ from typing import List
 import numpy as np
 import torch
 
+from .errors import CheckpointLoadError
+
 logger = logging.getLogger(__name__)
 
 
@@ -61,7 +63,3 @@ def load_checkpoint_safely(path) -> dict:
             pass
         extra = f"; it references globals that are not plain data: {unsafe}" if unsafe else ""
         raise CheckpointLoadError(f"{path}: not a loadable checkpoint ({detail}){extra}") from err
-
-
-class CheckpointLoadError(RuntimeError):
-    """A checkpoint is corrupt, truncated, or pickles something other than data."""

@@ -12,7 +12,7 @@ ARGS=(--feature "$FEAT"); [ "$FEAT" = model ] && ARGS+=(--checkpoint "$CKPT" --l
 for ((r = 0; r < NSHARD; r++)); do
   "$BIN/mtssl-dump-features" "$M/train.tsv" "$OUT/features" --rank $r --nshard "$NSHARD" "${ARGS[@]}"
 done
-"$BIN/mtssl-learn-kmeans" "$OUT/features" train "$NSHARD" "$OUT/kmeans.joblib" --n-clusters "$K" --percent "$PERCENT"
+"$BIN/mtssl-learn-kmeans" "$OUT/features" train "$NSHARD" "$OUT/kmeans.npy" --n-clusters "$K" --percent "$PERCENT"
 for tsv in "$M"/*.tsv; do
-  "$BIN/mtssl-apply-kmeans" "$OUT/kmeans.joblib" "$OUT" --manifest "$tsv" "${ARGS[@]}"
+  "$BIN/mtssl-apply-kmeans" "$OUT/kmeans.npy" "$OUT" --manifest "$tsv" "${ARGS[@]}"
 done

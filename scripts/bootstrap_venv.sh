@@ -20,6 +20,11 @@ pip_install torch==2.13.0
 pip_install --no-deps ve-fairseq==0.12.3
 pip_install -r requirements.txt torch==2.13.0
 pip_install --no-deps s3prl==0.4.18  # only for the hubert_local interoperability test; it declares torchaudio
+# libri-light's ABX, the reference of tests/test_abx_reference.py and benchmarks/bench_abx.py; it declares
+# torchaudio (never imported: fairseq_mtssl/evaluation/libri_light_abx.py), and its wheel's Cython DTW was
+# built for numpy 1, so it is rebuilt from the wheel's own dtw.pyx (the tests skip if that fails)
+pip_install --no-deps zerospeech-libriabx==1.0.5
+"$VENV/bin/python" scripts/build_libriabx_dtw.py >/dev/null || echo "libri-light's DTW not built: its ABX comparisons will skip" >&2
 pip_install --no-deps --no-build-isolation -e .
 "$VENV/bin/python" - <<'PY'
 import sys

@@ -11,6 +11,16 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE_DIR = REPO / "fairseq_mtssl"
 BIN = Path(sys.executable).parent
 
+# A test that needs a trained model is marked ``slow`` (``pytest -m "not slow"`` leaves it out): those
+# that request a fixture which trains one, and those marked ``@pytest.mark.slow`` because they train.
+TRAINING_FIXTURES = {"tiny_hubert_checkpoint"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def corpus_dir(tmp_path_factory):
@@ -35,9 +45,9 @@ def mfcc_labels(manifest_dir, tmp_path_factory):
     """MFCC k-means (k=20) labels at 100 Hz for train and valid."""
     work = tmp_path_factory.mktemp("labels")
     run_cli("mtssl-dump-features", manifest_dir / "train.tsv", work / "feats", "--feature", "mfcc")
-    run_cli("mtssl-learn-kmeans", work / "feats", "train", "1", work / "km.joblib", "--n-clusters", "20")
+    run_cli("mtssl-learn-kmeans", work / "feats", "train", "1", work / "km.npy", "--n-clusters", "20")
     for split in ("train", "valid"):
-        run_cli("mtssl-apply-kmeans", work / "km.joblib", work / "km", "--manifest", manifest_dir / f"{split}.tsv")
+        run_cli("mtssl-apply-kmeans", work / "km.npy", work / "km", "--manifest", manifest_dir / f"{split}.tsv")
     return work / "km"
 
 
@@ -60,6 +70,21 @@ def tiny_hubert_checkpoint(manifest_dir, mfcc_labels, tmp_path_factory):
         f"hydra.run.dir={run}",
     )
     return run / "checkpoints" / "checkpoint_last.pt"
+
+
+@pytest.fixture(scope="session")
+def vgs_data(manifest_dir, corpus_dir, tmp_path_factory):
+    """The session manifests with scene image features for every split."""
+    import shutil
+
+    data = tmp_path_factory.mktemp("vgs_data")
+    for f in manifest_dir.iterdir():
+        shutil.copy(f, data / f.name)
+    for split in ("train", "valid", "test"):
+        run_cli(
+            "mtssl-image-features", "--images", data / f"{split}.images", "--root", corpus_dir, "--out", data / split
+        )
+    return data
 
 
 def run_cli(*args, check=True, cwd=None, timeout=600):

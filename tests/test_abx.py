@@ -1,7 +1,9 @@
-"""ABX: DTW and the error rate against brute-force references; item files; per-layer features."""
+"""ABX: DTW and the error rate against brute-force references and a hand-computed example under
+libri-light's definition; item frames; item files; per-layer features."""
 
 import itertools
 import json
+import math
 from collections import defaultdict
 
 import numpy as np
@@ -12,8 +14,12 @@ from conftest import run_cli
 from fairseq_mtssl.evaluation.abx import (
     AbxItem,
     abx_error,
+    abx_scores,
     angular_distances,
+    centre_span,
     dtw_path_mean,
+    fastabx_span,
+    libri_light_span,
     make_items,
     read_items,
     write_items,
@@ -21,7 +27,8 @@ from fairseq_mtssl.evaluation.abx import (
 
 
 def brute_dtw(dist: np.ndarray) -> float:
-    """Enumerate every monotone path by recursion; the cheapest one's mean cell cost (shortest on ties)."""
+    """Cheapest monotone path by recursion, its mean cell cost. Between predecessors of equal cost the
+    path takes the first of (diagonal, (i, j - 1), (i - 1, j)): libri-light's backtracking rule."""
     n, m = dist.shape
     best = {}
 
@@ -31,7 +38,7 @@ def brute_dtw(dist: np.ndarray) -> float:
         if i == 0 and j == 0:
             r = (dist[0, 0], 1)
         else:
-            options = [walk(a, b) for a, b in ((i - 1, j - 1), (i - 1, j), (i, j - 1)) if a >= 0 and b >= 0]
+            options = [walk(a, b) for a, b in ((i - 1, j - 1), (i, j - 1), (i - 1, j)) if a >= 0 and b >= 0]
             c, k = min(options, key=lambda t: t[0])
             r = (c + dist[i, j], k + 1)
         best[(i, j)] = r
@@ -42,8 +49,12 @@ def brute_dtw(dist: np.ndarray) -> float:
 
 
 def brute_abx(items, feats, mode, context="triphone"):
+    """Every (A, B, X) triplet enumerated; libri-light's averaging written from its definition: a cell is
+    (context, A/B speaker, X speaker, phone A, phone B); cells are pooled per (A/B speaker, A, B) (within:
+    over contexts; across: over contexts and X speakers), then averaged over speakers, then phone pairs."""
+
     def d(i, j):
-        a, b = feats[i].numpy(), feats[j].numpy()
+        a, b = feats[i].double().numpy(), feats[j].double().numpy()
         cos = (a / np.linalg.norm(a, axis=1, keepdims=True)) @ (b / np.linalg.norm(b, axis=1, keepdims=True)).T
         return brute_dtw(np.arccos(np.clip(cos, -1, 1)) / np.pi)
 
@@ -62,9 +73,9 @@ def brute_abx(items, feats, mode, context="triphone"):
         )
     by_speaker = defaultdict(list)
     for (ctx, sa, sx, pa, pb), errs in cells.items():
-        by_speaker[(sa, sx, pa, pb)].append(np.mean(errs))
+        by_speaker[(sa, pa, pb)].append(np.mean(errs))
     by_pair = defaultdict(list)
-    for (sa, sx, pa, pb), errs in by_speaker.items():
+    for (sa, pa, pb), errs in by_speaker.items():
         by_pair[(pa, pb)].append(np.mean(errs))
     return float(np.mean([np.mean(v) for v in by_pair.values()]))
 
@@ -72,6 +83,7 @@ def brute_abx(items, feats, mode, context="triphone"):
 def test_dtw_matches_path_enumeration():
     rng = np.random.default_rng(0)
     mats = [rng.random((rng.integers(1, 7), rng.integers(1, 7))) for _ in range(40)]
+    mats += [rng.integers(0, 3, (rng.integers(1, 7), rng.integers(1, 7))).astype(float) for _ in range(40)]  # ties
     n, m = max(x.shape[0] for x in mats), max(x.shape[1] for x in mats)
     padded = torch.full((len(mats), n, m), 9.0, dtype=torch.float64)
     for k, x in enumerate(mats):
@@ -80,24 +92,152 @@ def test_dtw_matches_path_enumeration():
     np.testing.assert_allclose(got.numpy(), [brute_dtw(x) for x in mats], rtol=1e-12)
 
 
-def _toy(seed, separable, speaker_weight=0.7, noise=0.3):
-    """Items over 3 phones, 2 contexts, 3 speakers; features a phone direction (plus a speaker one)."""
+def test_dtw_tie_rule_sets_the_path_length():
+    # [[0, 0], [0, 1]]: the predecessors of (1, 1) all cost 0; the diagonal wins: 2 cells, 1 / 2 (else 1 / 3).
+    # [[1, 5], [0, 0]]: diagonal (0, 0) = 1 and left (1, 0) = 1 + 0 tie below up (0, 1) = 6; the diagonal
+    #   wins: (1 + 0) / 2 (the left step would give 1 / 3).
+    # [[0, 0, 0, 9], [9, 1, 9, 1], [9, 9, 0, 0]]: cumulative costs row 0: 0 0 0 9; row 1: 9 1 9 1; row 2:
+    #   18 10 1 1. At (2, 3): left (2, 2) = 1 and up (1, 3) = 1 tie below the diagonal (1, 2) = 9. The left
+    #   step wins: (2,2) <- (1,1) <- (0,0), 4 cells, 1 / 4; the up step would give (1,3) <- (0,2) (0,1) (0,0),
+    #   5 cells, 1 / 5.
+    mats = [[[0, 0], [0, 1]], [[1, 5], [0, 0]], [[0, 0, 0, 9], [9, 1, 9, 1], [9, 9, 0, 0]]]
+    expected = [1 / 2, 1 / 2, 1 / 4]
+    for mat, want in zip(mats, expected):
+        d = torch.tensor([mat], dtype=torch.float32)
+        got = dtw_path_mean(d, torch.tensor([d.shape[1]]), torch.tensor([d.shape[2]]))
+        assert float(got[0]) == pytest.approx(want)
+        assert brute_dtw(np.array(mat, dtype=float)) == pytest.approx(want)
+
+
+def test_libri_light_item_frames():
+    # r = 10 frames/s: frame t is taken when its centre (t + 0.5) / 10 lies in [onset, offset - 0.1]
+    assert libri_light_span(0.12, 0.38, 10, 100) == (1, 3)  # ceil(1.2 - 0.5) = 1, floor(3.8 - 0.5) = 3: frames 1, 2
+    assert libri_light_span(0.12, 0.14, 10, 100) is None  # ceil(0.7) = 1 >= floor(0.9) = 0: dropped
+    assert libri_light_span(0.0, 0.2, 10, 100) == (0, 1)  # ceil(-0.5) = 0, floor(1.5) = 1
+    assert libri_light_span(0.0, 0.26, 50, 100) == (0, 12)  # floor(13 - 0.5) = 12
+    assert libri_light_span(1.0, 3.0, 10, 15) == (10, 15)  # cut at the utterance's end (floor(29.5) = 29 > 15)
+    assert libri_light_span(2.0, 3.0, 10, 15) is None  # starts past the end
+    # float arithmetic, as libri-light: 100 * 0.145 = 14.499999999999998, floor(13.999...) = 13
+    assert libri_light_span(0.0, 0.145, 100, 1000) == (0, 13)
+    # fastabx's default: the same range with its end included, in decimal arithmetic (14.5 - 0.5 = 14, + 1)
+    assert fastabx_span(0.0, 0.145, 100, 1000) == (0, 15)
+    assert fastabx_span(0.12, 0.38, 10, 100) == (1, 4) and fastabx_span(0.12, 0.14, 10, 100) is None
+    assert centre_span(0.12, 0.14, 10, 100) == (1, 2)  # the former rule: nearest frame (centre 0.1125)
+
+
+def _unit(deg):
+    """A 2-d frame at ``deg`` degrees; 0, 45 and 90 exact, so that equal angles give bitwise-equal distances."""
+    exact = {0: [1.0, 0.0], 45: [1.0, 1.0], 90: [0.0, 1.0]}
+    return exact.get(deg, [math.cos(math.radians(deg)), math.sin(math.radians(deg))])
+
+
+def hand_example():
+    """Items whose distances can be computed on paper: every frame is a 2-d direction, d = |angle difference| / 180.
+    Each utterance is [junk, item frames..., junk, junk] at 10 frames/s, junk at 135 degrees; an item
+    0.12-0.28 s takes frame 1 only, 0.12-0.38 s frames 1-2 (libri-light's rule), 0.12-0.14 s none (dropped).
+
+    context c1 = p_t:  S1: a@0, a@20, b@[25, 35] (two frames)   S2: a@10, a@30, b@90   S3: a@5
+    context c2 = k_s:  S1: a@0, a@100, b@90                      S2: a@45               S3: a (no frame: dropped)
+    """
+    utts, items = {}, []
+
+    def add(spk, ctx, phone, angles, offset=None):
+        name = f"u{len(utts)}"
+        utts[name] = np.array([_unit(135)] + [_unit(a) for a in angles] + [_unit(135)] * 2, dtype=np.float32)
+        offset = offset or (0.28 if len(angles) == 1 else 0.38)
+        items.append(AbxItem(name, 0.12, offset, phone, ctx[0], ctx[1], spk))
+
+    c1, c2 = ("p", "t"), ("k", "s")
+    add("S1", c1, "a", [0]), add("S1", c1, "a", [20]), add("S1", c1, "b", [25, 35])
+    add("S2", c1, "a", [10]), add("S2", c1, "a", [30]), add("S2", c1, "b", [90])
+    add("S3", c1, "a", [5])
+    add("S1", c2, "a", [0]), add("S1", c2, "a", [100]), add("S1", c2, "b", [90])
+    add("S2", c2, "a", [45])
+    add("S3", c2, "a", [10], offset=0.14)
+    return items, utts
+
+
+# The hand example under libri-light's definition. d(b@[25,35], x) for one frame x outside [25, 35] is the
+# mean over the two cells of the 2 x 1 path: (|25 - x| + |35 - x|) / 2 / 180 = |30 - x| / 180; for x = 30
+# it is (5 + 5) / 2 = 5 (in degrees below). An error is d(A,X) >= d(B,X), a tie counts 1/2.
+#
+# WITHIN (X from A's group, X != A); only phone a has two items in a (context, speaker):
+#   (c1,S1,a,b): A=0,X=20: d(A,X)=20 vs d(b,X)=10 -> error; A=20,X=0: 20 vs 30 -> correct     -> 1/2
+#   (c1,S2,a,b): A=10,X=30: 20 vs 60 -> correct; A=30,X=10: 20 vs 80 -> correct                 -> 0
+#   (c2,S1,a,b): A=0,X=100: 100 vs 10 -> error; A=100,X=0: 100 vs 90 -> error                   -> 1
+#   per (speaker, a, b) over contexts: S1 (1/2 + 1) / 2 = 3/4, S2 0; over speakers (3/4 + 0) / 2 = 3/8
+#   (pooling the three cells at once would give 1/2.)                                   within = 3/8 = 0.375
+# ACROSS (A, B from one speaker, X of phone A from another), cells (context, A/B spk, X spk, A, B):
+#   (c1,S1,S2,a,b) A={0,20} B=b X={10,30}: X=10: 10 vs 20, 10 vs 20 -> 0, 0; X=30: 30 vs 5, 10 vs 5 -> 1, 1 = 1/2
+#   (c1,S1,S3,a,b) X={5}: 5 vs 25, 15 vs 25 -> 0, 0                                                         = 0
+#   (c1,S1,S2,b,a) A=b B={0,20} X={90}: d(A,X)=60 vs 90, 60 vs 70 -> 0, 0                                   = 0
+#   (c1,S2,S1,a,b) A={10,30} B=90 X={0,20}: 10 vs 90, 30 vs 90, 10 vs 70, 10 vs 70 -> 0                     = 0
+#   (c1,S2,S3,a,b) X={5}: 5 vs 85, 25 vs 85 -> 0, 0                                                         = 0
+#   (c1,S2,S1,b,a) A=90 B={10,30} X=b: d(A,X)=60 vs 20, 60 vs 5 -> 1, 1                                     = 1
+#   (c2,S1,S2,a,b) A={0,100} B=90 X={45}: 45 vs 45 (tie, exactly: (1,0) and (0,1) against (1,1)) -> 1/2;
+#                  55 vs 45 -> 1                                                                            = 3/4
+#   (S3's c2 item has no frame, so no (c2,S1,S3) cell; S2 and S3 have one phone in c2, no A/B cell there)
+#   pooled over (context, X speaker) per (A/B speaker, A, B):
+#     (S1,a,b): (1/2 + 0 + 3/4) / 3 = 5/12   (S2,a,b): (0 + 0) / 2 = 0   (S1,b,a): 0   (S2,b,a): 1
+#   per phone pair over A/B speakers: (a,b) = (5/12 + 0) / 2 = 5/24, (b,a) = (0 + 1) / 2 = 1/2
+#   over phone pairs: (5/24 + 12/24) / 2                                                 across = 17/48 = 0.3541666
+#   (averaging over contexts per (A/B, X speaker) first, the former rule, gives (b,a) 1/2 and
+#   (a,b) = ((1/2 + 3/4) / 2 + 0 + 0 + 0) / 4 = 5/32: (5/32 + 1/2) / 2 = 21/64.)
+HAND_WITHIN, HAND_ACROSS = 3 / 8, 17 / 48
+
+
+def test_hand_computed_example_under_libri_light_rules(tmp_path):
+    items, utts = hand_example()
+    write_items(items, tmp_path / "hand.item")
+    got = abx_scores(read_items(tmp_path / "hand.item"), utts, 10.0)
+    assert got["within"] == pytest.approx(HAND_WITHIN, abs=1e-12)
+    assert got["across"] == pytest.approx(HAND_ACROSS, abs=1e-12)
+    assert (got["items"], got["dropped_items"]) == (11, 1)
+    for name, u in utts.items():
+        np.save(tmp_path / f"{name}.npy", u)
+    out = run_cli("mtssl-abx", "--features", tmp_path, "--frame-rate", "10", "--items", tmp_path / "hand.item")
+    assert out.stdout.splitlines()[1].split() == ["0", "37.50", "35.42", "11", "1"]
+
+
+def test_features_dir_errors_name_the_file(tmp_path):
+    from fairseq_mtssl.evaluation.abx import main
+
+    items, utts = hand_example()
+    write_items(items, tmp_path / "hand.item")
+    for name, u in utts.items():
+        np.save(tmp_path / f"{name}.npy", u)
+    np.save(tmp_path / "u3.npy", utts["u3"][:, 0])  # 1-d
+    (tmp_path / "u4.npy").unlink()
+    args = ["--features", str(tmp_path), "--frame-rate", "10", "--items", str(tmp_path / "hand.item")]
+    with pytest.raises(SystemExit, match=r"u3\.npy: expected a float \(frames, dims\) array"):  # exit code 1
+        main(args)
+    np.save(tmp_path / "u3.npy", utts["u3"])
+    with pytest.raises(SystemExit, match=r"u4\.npy: no features for utterance u4"):
+        main(args)
+
+
+def _toy(seed, separable, speaker_weight=0.7, noise=0.3, keep=1.0):
+    """Items over 3 phones, 2 contexts, 3 speakers; features a phone direction (plus a speaker one).
+    ``keep`` < 1 drops items at random, so that cells have unequal counts."""
     rng = np.random.default_rng(seed)
     phones, contexts, speakers = ["a", "e", "o"], [("p", "t"), ("k", "s")], ["s1", "s2", "s3"]
     direction = {p: rng.standard_normal(8) for p in phones + speakers}
     items, feats = [], []
     for spk, (prev, nxt), ph in itertools.product(speakers, contexts, phones):
-        for rep in range(2):
-            items.append(AbxItem(f"u{len(items)}", 0.0, 0.1, ph, prev, nxt, spk))
-            base = (direction[ph] if separable else 0) + speaker_weight * direction[spk]
-            feats.append(torch.from_numpy(base + noise * rng.standard_normal((rng.integers(2, 6), 8))).float())
+        for rep in range(2 if keep == 1.0 else 3):
+            f = (direction[ph] if separable else 0) + speaker_weight * direction[spk]
+            f = f + noise * rng.standard_normal((rng.integers(2, 6), 8))
+            if rng.random() < keep:
+                items.append(AbxItem(f"u{len(items)}", 0.0, 0.1, ph, prev, nxt, spk))
+                feats.append(torch.from_numpy(f).float())
     return items, feats
 
 
+@pytest.mark.parametrize("keep", [1.0, 0.6])
 @pytest.mark.parametrize("context", ["triphone", "none"])
 @pytest.mark.parametrize("mode", ["within", "across"])
-def test_abx_error_matches_triplet_enumeration(mode, context):
-    items, feats = _toy(1, separable=True)
+def test_abx_error_matches_triplet_enumeration(mode, context, keep):
+    items, feats = _toy(1, separable=True, keep=keep)
     g = torch.Generator().manual_seed(0)  # seeded: the global generator's state depends on the tests run before
     noisy = [f + torch.randn(f.shape, generator=g) * 1.5 for f in feats]  # errors neither 0 nor 50 %
     expected = brute_abx(items, noisy, mode, context)

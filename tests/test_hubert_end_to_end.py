@@ -3,7 +3,10 @@
 import re
 import shutil
 
+import pytest
 from conftest import PACKAGE_DIR, REPO, assert_batched_layer_features_match, run_cli
+
+pytestmark = pytest.mark.slow  # every test here trains with fairseq-hydra-train
 
 CONFIG_DIR = REPO / "fairseq_mtssl/config/hubert/pretrain"
 
@@ -54,13 +57,9 @@ def test_hubert_trains_resumes_and_gives_iteration_2_labels(manifest_dir, mfcc_l
     work = tmp_path / "iter2"
     model_args = ["--feature", "model", "--checkpoint", ckpt, "--layer", "2"]
     run_cli("mtssl-dump-features", manifest_dir / "train.tsv", work / "feats", *model_args)
-    run_cli("mtssl-learn-kmeans", work / "feats", "train", "1", work / "km.joblib", "--n-clusters", "10")
-    run_cli(
-        "mtssl-apply-kmeans", work / "km.joblib", work / "km", "--manifest", manifest_dir / "train.tsv", *model_args
-    )
-    run_cli(
-        "mtssl-apply-kmeans", work / "km.joblib", work / "km_dumped", "--split", "train", "--feat-dir", work / "feats"
-    )
+    run_cli("mtssl-learn-kmeans", work / "feats", "train", "1", work / "km.npy", "--n-clusters", "10")
+    run_cli("mtssl-apply-kmeans", work / "km.npy", work / "km", "--manifest", manifest_dir / "train.tsv", *model_args)
+    run_cli("mtssl-apply-kmeans", work / "km.npy", work / "km_dumped", "--split", "train", "--feat-dir", work / "feats")
     assert (work / "km" / "train.km").read_text() == (work / "km_dumped" / "train.km").read_text()
     out = run_cli("mtssl-check-labels", manifest_dir / "train.tsv", work / "km" / "train.km", "--label-rate", "50")
     assert "OK" in out.stdout

@@ -1,4 +1,5 @@
-"""Exported HuBERT checkpoints load in other toolkits and give the plugin's hidden states.
+"""Exported HuBERT checkpoints load in other toolkits and give the plugin's hidden states (the other
+architectures, and mtssl-export, are in test_export.py).
 
 Each toolkit runs in a fresh interpreter without the plugin imported, so what it loads is what a
 user of that toolkit would load.
@@ -155,9 +156,9 @@ def test_transformers_export_matches_fairseq_hidden_states(extractor_mode, layer
     inputs, last_layer, final = fairseq_hidden_states(load_hubert(ckpt)[0], wav)
     got = np.load(tmp_path / "y.npy")  # hidden_states (L + 1), then last_hidden_state
     assert got.shape == (5, final.shape[0], 96)
-    assert np.abs(got[:3] - inputs).max() < 1e-4
-    assert np.abs(got[3] - last_layer).max() < 1e-4
-    assert np.abs(got[4] - final).max() < 1e-4
+    assert np.abs(got[:3] - inputs).max() < 1e-5
+    assert np.abs(got[3] - last_layer).max() < 1e-5
+    assert np.abs(got[4] - final).max() < 1e-5
     assert layer_norm_first == (np.abs(final - last_layer).max() > 1e-2)  # the pre-LN case is really exercised
 
 
@@ -178,22 +179,26 @@ def test_score_export_loads_in_transformers_and_s3prl(tiny_hubert_checkpoint, ma
     _run(_S3PRL, vanilla, tmp_path / "x.npy", tmp_path / "s3prl.npy")
     s3prl_states = np.load(tmp_path / "s3prl.npy")
     assert s3prl_states.shape == (len(inputs) + 1, *final.shape)
-    assert np.abs(s3prl_states[:-1] - inputs).max() < 1e-4 and np.abs(s3prl_states[-1] - final).max() < 1e-4
+    assert np.abs(s3prl_states[:-1] - inputs).max() < 1e-5 and np.abs(s3prl_states[-1] - final).max() < 1e-5
 
     run_cli("mtssl-export-transformers", vanilla, tmp_path / "hf")
     np.save(tmp_path / "xn.npy", torch.nn.functional.layer_norm(wav, wav.shape).numpy())
     _run(_TRANSFORMERS, tmp_path / "hf", tmp_path / "xn.npy", tmp_path / "hf.npy")
     hf = np.load(tmp_path / "hf.npy")
-    assert np.abs(hf[:-2] - inputs).max() < 1e-4 and np.abs(hf[-2] - last_layer).max() < 1e-4
-    assert np.abs(hf[-1] - final).max() < 1e-4
+    assert np.abs(hf[:-2] - inputs).max() < 1e-5 and np.abs(hf[-2] - last_layer).max() < 1e-5
+    assert np.abs(hf[-1] - final).max() < 1e-5
 
 
-def test_transformers_export_refuses_other_architectures(tmp_path):
-    from fairseq_mtssl.convert.hubert_checkpoint import NotAHubertCheckpoint
-    from fairseq_mtssl.convert.hubert_to_transformers import export_hubert_to_transformers
+def test_transformers_export_refuses_what_it_cannot_represent(tmp_path):
+    from fairseq_mtssl.convert.export import UnknownArchitecture, transformers_main
+    from fairseq_mtssl.convert.wav2vec2_trunk import TrunkNotRepresentable
 
-    bad = tmp_path / "w2v.pt"
-    torch.save({"cfg": {"model": {"_name": "wav2vec2"}}, "model": {}, "args": None}, bad)
-    with pytest.raises(NotAHubertCheckpoint, match="w2v.pt"):
-        export_hubert_to_transformers(bad, tmp_path / "hf")
+    bad = tmp_path / "lm.pt"
+    torch.save({"cfg": {"model": {"_name": "transformer_lm"}}, "model": {}, "args": None}, bad)
+    with pytest.raises(UnknownArchitecture, match="lm.pt"):
+        transformers_main([str(bad), str(tmp_path / "hf")])
+    empty = tmp_path / "w2v.pt"  # a wav2vec2 config without its weights
+    torch.save({"cfg": {"model": {"_name": "wav2vec2"}, "task": {}}, "model": {}, "args": None}, empty)
+    with pytest.raises(TrunkNotRepresentable, match="w2v.pt.*missing"):
+        transformers_main([str(empty), str(tmp_path / "hf")])
     assert not (tmp_path / "hf").exists()

@@ -11,7 +11,7 @@ import soundfile as sf
 from fairseq_mtssl.data.audio import AudioFormatError
 from fairseq_mtssl.data.manifest import ManifestError, read_manifest
 from fairseq_mtssl.prep.common import letters
-from fairseq_mtssl.prep.librispeech_manifest import build_librispeech_manifest
+from fairseq_mtssl.prep.librispeech_manifest import LibriSpeechError, build_librispeech_manifest
 from fairseq_mtssl.prep.spokencoco_manifest import build_spokencoco_manifest
 from fairseq_mtssl.prep.wav_manifest import build_wav_manifests
 
@@ -114,8 +114,10 @@ def _librispeech_from_corpus(corpus_dir, manifest_dir, root):
 
 def test_librispeech_layout_with_lexicon_and_alignments(corpus_dir, manifest_dir, tmp_path):
     utts = _librispeech_from_corpus(corpus_dir, manifest_dir, tmp_path / "ls")
-    n = build_librispeech_manifest(tmp_path / "ls", tmp_path / "out", "train", lexicon=corpus_dir / "lexicon.txt")
-    assert n == len(utts)
+    n, left_out = build_librispeech_manifest(
+        tmp_path / "ls", tmp_path / "out", "train", lexicon=corpus_dir / "lexicon.txt"
+    )
+    assert n == len(utts) and left_out == 0
     m = read_manifest(tmp_path / "out/train.tsv")
     wrd = (tmp_path / "out/train.wrd").read_text().splitlines()
     ltr = (tmp_path / "out/train.ltr").read_text().splitlines()
@@ -155,7 +157,7 @@ def test_librispeech_layout_with_lexicon_and_alignments(corpus_dir, manifest_dir
 def test_librispeech_word_missing_from_lexicon_names_transcript_line(corpus_dir, manifest_dir, tmp_path):
     _librispeech_from_corpus(corpus_dir, manifest_dir, tmp_path / "ls")
     (tmp_path / "lex.txt").write_text("A a#\n")
-    with pytest.raises(KeyError, match=r"trans.txt:1: word not in lexicon"):
+    with pytest.raises(LibriSpeechError, match=r"trans.txt:1: word not in lexicon"):
         build_librispeech_manifest(tmp_path / "ls", tmp_path / "out", "train", lexicon=tmp_path / "lex.txt")
 
 

@@ -6,8 +6,11 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from conftest import PACKAGE_DIR, REPO, run_cli
+
+pytestmark = pytest.mark.slow  # every test here trains with fairseq-hydra-train
 
 
 def _pretrain(run, manifest_dir, label_dir, updates, *extra):

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from fairseq_mtssl.pipeline import MALLOC_TUNABLES, Pipeline, StageFailed, latest_updates
+from fairseq_mtssl.jobs.commands import MALLOC_TUNABLES, CommandFailed
+from fairseq_mtssl.jobs.stages import Pipeline
+from fairseq_mtssl.jobs.training_log import latest_update
 
 
 def _pipeline(out: Path, calls: list, fail: str = "", jobs: int = 2) -> Pipeline:
@@ -38,23 +40,27 @@ def test_stages_run_after_their_dependencies_and_are_skipped_when_finished(tmp_p
     results = _pipeline(tmp_path, calls).execute()
     assert calls[0] == "a" and calls[-1] == "d" and sorted(calls) == ["a", "b", "c", "d"]
     assert set(results) == {"a", "b", "c", "d"} and results["d"]["name"] == "d"
-    assert json.loads((tmp_path / "stages" / "b.json").read_text())["name"] == "b"
+    assert json.loads((tmp_path / "done" / "b.json").read_text())["name"] == "b"
     commands = (tmp_path / "commands.sh").read_text()
-    assert commands.count("# stage ") == 4 and "# stage c\n" in commands and "ran c" in commands
+    assert (
+        sum(line.startswith("# ") for line in commands.splitlines()) == 4
+        and "# c\n" in commands
+        and "ran c" in commands
+    )
     assert "ran b" in (tmp_path / "logs" / "b.log").read_text()
 
     again = []
-    (tmp_path / "stages" / "c.json").unlink()  # as if c had been interrupted
+    (tmp_path / "done" / "c.json").unlink()  # as if c had been interrupted
     _pipeline(tmp_path, again).execute()
     assert again == ["c"]
 
 
 def test_a_failing_stage_stops_the_job_names_its_log_and_leaves_no_marker(tmp_path):
     calls = []
-    with pytest.raises(StageFailed, match=r"\[b\] .* exited with 3; full log: .*logs/b.log"):
+    with pytest.raises(CommandFailed, match=r"\[b\] .* exited with 3; full log: .*logs/b.log"):
         _pipeline(tmp_path, calls, fail="b", jobs=1).execute()
     assert "d" not in calls
-    assert not (tmp_path / "stages" / "b.json").exists() and (tmp_path / "stages" / "a.json").exists()
+    assert not (tmp_path / "done" / "b.json").exists() and (tmp_path / "done" / "a.json").exists()
 
 
 def test_undeclared_dependency_is_refused(tmp_path):
@@ -62,13 +68,13 @@ def test_undeclared_dependency_is_refused(tmp_path):
         Pipeline(tmp_path).add("x", lambda: None, after=["nope"])
 
 
-def test_latest_updates_reads_the_tail_of_a_fairseq_log(tmp_path):
+def test_latest_update_reads_the_tail_of_a_fairseq_log(tmp_path):
     log = tmp_path / "hydra_train.log"
-    assert latest_updates(log) is None
+    assert latest_update(log) is None
     log.write_text(
         "x\n" * 5000 + "[train_inner] loss=1.0, num_updates=10\n[train_inner] loss=0.9, num_updates=20, lr=1\n"
     )
-    assert latest_updates(log) == 20
+    assert latest_update(log) == 20
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
@@ -78,7 +84,7 @@ def test_kill_9_of_the_runner_leaves_no_orphan_command(tmp_path):
     script.write_text(
         textwrap.dedent(f"""
         import sys
-        from fairseq_mtssl.pipeline import Pipeline
+        from fairseq_mtssl.jobs.stages import Pipeline
         p = Pipeline({str(tmp_path / "run")!r}, heartbeat=3600)
         code = "import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
         p.add("sleep", lambda: p.run("sleep", [sys.executable, "-c", code]))

@@ -3,8 +3,8 @@
 import json
 from pathlib import Path
 
-from fairseq_mtssl.report import write_report
-from fairseq_mtssl.training_log import read_curve, read_curves, trained_updates
+from fairseq_mtssl.jobs.report import write_report
+from fairseq_mtssl.jobs.training_log import read_curve, read_curves, trained_updates
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -1,9 +1,27 @@
-"""Soft-DTW against a brute-force recursion (value and autograd gradient) and finite differences."""
+"""Soft-DTW against a brute-force recursion (value and autograd gradient) and finite differences; the compiled
+backends (numba CPU kernels, numba CUDA kernels under numba's CUDA simulator) against the torch loop."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from fairseq_mtssl.losses.soft_dtw import soft_dtw, soft_dtw_divergence, squared_euclidean
+import fairseq_mtssl.losses.soft_dtw as sdtw_module
+from fairseq_mtssl.losses.soft_dtw import (
+    SoftDTWBackendError,
+    resolve_backend,
+    soft_dtw,
+    soft_dtw_divergence,
+    squared_euclidean,
+)
+
+needs_numba = pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="the compiled backends need numba")
+BACKENDS = [pytest.param("torch"), pytest.param("numba", marks=needs_numba)]
 
 
 def brute_soft_dtw(D: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -19,13 +37,14 @@ def brute_soft_dtw(D: torch.Tensor, gamma: float) -> torch.Tensor:
     return R[n][m]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("gamma", [0.1, 1.0])
-def test_value_and_gradient_match_brute_force_with_ragged_lengths(gamma):
+def test_value_and_gradient_match_brute_force_with_ragged_lengths(gamma, backend):
     torch.manual_seed(0)
     D = torch.rand(3, 7, 9, dtype=torch.float64) * 3
     len_x, len_y = torch.tensor([7, 4, 6]), torch.tensor([9, 9, 3])
     D1 = D.clone().requires_grad_(True)
-    ours = soft_dtw(D1, len_x, len_y, gamma)
+    ours = soft_dtw(D1, len_x, len_y, gamma, backend=backend)
     ours.sum().backward()
     for b in range(3):
         Db = D[b, : len_x[b], : len_y[b]].clone().requires_grad_(True)
@@ -36,26 +55,30 @@ def test_value_and_gradient_match_brute_force_with_ragged_lengths(gamma):
         assert D1.grad[b, len_x[b] :].abs().sum() == 0 and D1.grad[b, :, len_y[b] :].abs().sum() == 0
 
 
-def test_gradcheck_finite_differences():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck_finite_differences(backend):
     torch.manual_seed(1)
     D = (torch.rand(2, 5, 6, dtype=torch.float64) * 2).requires_grad_(True)
     len_x, len_y = torch.tensor([5, 3]), torch.tensor([6, 4])
-    assert torch.autograd.gradcheck(lambda d: soft_dtw(d, len_x, len_y, 0.5), (D,), eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradcheck(
+        lambda d: soft_dtw(d, len_x, len_y, 0.5, backend=backend), (D,), eps=1e-6, atol=1e-6
+    )
 
 
-def test_divergence_is_zero_on_itself_and_gradient_flows_to_features():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_divergence_is_zero_on_itself_and_gradient_flows_to_features(backend):
     torch.manual_seed(2)
     x = torch.randn(2, 12, 4, dtype=torch.float64, requires_grad=True)
     y = torch.randn(2, 10, 4, dtype=torch.float64, requires_grad=True)
-    same = soft_dtw_divergence(x, x.detach().clone(), gamma=0.1)
+    same = soft_dtw_divergence(x, x.detach().clone(), gamma=0.1, backend=backend)
     torch.testing.assert_close(same, torch.zeros(2, dtype=torch.float64), atol=1e-10, rtol=0)
     lx, ly = torch.tensor([12, 7]), torch.tensor([10, 10])
     assert torch.autograd.gradcheck(
-        lambda a, b: soft_dtw_divergence(a, b, lx, ly, gamma=0.3), (x, y), eps=1e-6, atol=1e-5
+        lambda a, b: soft_dtw_divergence(a, b, lx, ly, gamma=0.3, backend=backend), (x, y), eps=1e-6, atol=1e-5
     )
     # normalisation by the summed lengths
-    raw = soft_dtw_divergence(x, y, lx, ly, gamma=0.3, normalize=False)
-    torch.testing.assert_close(soft_dtw_divergence(x, y, lx, ly, gamma=0.3), raw / (lx + ly))
+    raw = soft_dtw_divergence(x, y, lx, ly, gamma=0.3, normalize=False, backend=backend)
+    torch.testing.assert_close(soft_dtw_divergence(x, y, lx, ly, gamma=0.3, backend=backend), raw / (lx + ly))
 
 
 def test_squared_euclidean_matches_cdist():
@@ -63,13 +86,200 @@ def test_squared_euclidean_matches_cdist():
     torch.testing.assert_close(squared_euclidean(x, y), torch.cdist(x, y) ** 2)
 
 
-def test_divergence_equals_three_separate_soft_dtws_per_item():
-    """The one-batch divergence (both sides padded to a common length) against the definition, item by item."""
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_divergence_equals_three_separate_soft_dtws_per_item(backend):
+    """The one-batch divergence against the definition, item by item (soft-DTW of the torch loop)."""
     torch.manual_seed(3)
     x, y = torch.randn(3, 9, 5, dtype=torch.float64), torch.randn(3, 13, 5, dtype=torch.float64)
     lx, ly = torch.tensor([9, 4, 7]), torch.tensor([13, 13, 6])
-    got = soft_dtw_divergence(x, y, lx, ly, gamma=0.2, normalize=False)
+    got = soft_dtw_divergence(x, y, lx, ly, gamma=0.2, normalize=False, backend=backend)
     for b in range(3):
         xb, yb = x[b : b + 1, : lx[b]], y[b : b + 1, : ly[b]]
-        sd = lambda p, q: soft_dtw(squared_euclidean(p, q), gamma=0.2)[0]  # noqa: E731
+        sd = lambda p, q: soft_dtw(squared_euclidean(p, q), gamma=0.2, backend="torch")[0]  # noqa: E731
         torch.testing.assert_close(got[b], sd(xb, yb) - 0.5 * (sd(xb, xb) + sd(yb, yb)))
+
+
+# ------------------------------------------------------------------ compiled backends (numba CPU and CUDA kernels)
+# The torch loop (backend "torch") is the reference: every compiled path is checked against it, in float64.
+
+# lengths with N != M, items shorter than the padding, x longer than y in some items, a row count that is
+# not a multiple of the kernel's 4-row strips, and one-frame sequences
+RAGGED_X = [9, 4, 1, 13, 6]
+RAGGED_Y = [13, 13, 7, 1, 5]
+
+
+def _pairs(dtype=torch.float64, seed=4, dim=5):
+    g = torch.Generator().manual_seed(seed)
+    lx, ly = torch.tensor(RAGGED_X), torch.tensor(RAGGED_Y)
+    x = torch.randn(len(lx), int(lx.max()), dim, generator=g, dtype=dtype)
+    y = torch.randn(len(ly), int(ly.max()), dim, generator=g, dtype=dtype)
+    return x, y, lx, ly
+
+
+def _divergence_and_grads(x, y, lx, ly, gamma, backend, weights):
+    xg, yg = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
+    div = soft_dtw_divergence(xg, yg, lx, ly, gamma=gamma, backend=backend)
+    (div * weights).sum().backward()  # unequal weights: each item's gradient seed is checked
+    return div.detach(), xg.grad, yg.grad
+
+
+@needs_numba
+@pytest.mark.parametrize("gamma", [0.1, 1.0])
+def test_numba_divergence_matches_the_torch_loop_in_float64(gamma):
+    x, y, lx, ly = _pairs()
+    w = torch.linspace(0.5, 2.0, len(lx), dtype=torch.float64)
+    ref = _divergence_and_grads(x, y, lx, ly, gamma, "torch", w)
+    got = _divergence_and_grads(x, y, lx, ly, gamma, "numba", w)
+    for name, a, b in zip(["value", "grad x", "grad y"], got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=name)
+    # nothing flows into the padding
+    for b in range(len(lx)):
+        assert got[1][b, lx[b] :].abs().sum() == 0 and got[2][b, ly[b] :].abs().sum() == 0
+
+
+@needs_numba
+@pytest.mark.parametrize("gamma", [0.1, 1.0])
+def test_numba_soft_dtw_matches_brute_force_with_ragged_lengths(gamma):
+    torch.manual_seed(5)
+    lx, ly = torch.tensor(RAGGED_X), torch.tensor(RAGGED_Y)
+    D = torch.rand(len(lx), int(lx.max()), int(ly.max()), dtype=torch.float64) * 3
+    D1 = D.clone().requires_grad_(True)
+    ours = soft_dtw(D1, lx, ly, gamma, backend="numba")
+    (ours * torch.arange(1.0, len(lx) + 1, dtype=torch.float64)).sum().backward()
+    for b in range(len(lx)):
+        Db = D[b, : lx[b], : ly[b]].clone().requires_grad_(True)
+        ref = brute_soft_dtw(Db, gamma)
+        ((b + 1) * ref).backward()
+        torch.testing.assert_close(ours[b], ref)
+        torch.testing.assert_close(D1.grad[b, : lx[b], : ly[b]], Db.grad)
+        assert D1.grad[b, lx[b] :].abs().sum() == 0 and D1.grad[b, :, ly[b] :].abs().sum() == 0
+
+
+@needs_numba
+def test_numba_gradcheck_finite_differences():
+    torch.manual_seed(6)
+    D = (torch.rand(3, 6, 5, dtype=torch.float64) * 2).requires_grad_(True)
+    lx, ly = torch.tensor([6, 3, 1]), torch.tensor([5, 4, 2])
+    assert torch.autograd.gradcheck(lambda d: soft_dtw(d, lx, ly, 0.1, backend="numba"), (D,), eps=1e-6, atol=1e-6)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 6, 3, dtype=torch.float64, generator=g).requires_grad_(True)
+    y = torch.randn(3, 5, 3, dtype=torch.float64, generator=g).requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda a, b: soft_dtw_divergence(a, b, lx, ly, gamma=0.1, backend="numba"), (x, y), eps=1e-6, atol=1e-6
+    )
+
+
+@needs_numba
+def test_numba_float32_is_close_to_float64():
+    x, y, lx, ly = _pairs(torch.float32, dim=16)
+    w = torch.ones(len(lx))
+    got = _divergence_and_grads(x, y, lx, ly, 0.1, "numba", w)
+    ref = _divergence_and_grads(x.double(), y.double(), lx, ly, 0.1, "torch", w.double())
+    assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
+
+
+_CUDASIM = r"""
+import json, sys
+import numpy as np, torch
+from fairseq_mtssl.losses import soft_dtw as S
+from fairseq_mtssl.losses import soft_dtw_kernels as K
+assert K.simulator_enabled()
+lx, ly = torch.tensor(json.loads(sys.argv[1])), torch.tensor(json.loads(sys.argv[2]))
+g = torch.Generator().manual_seed(8)
+B, N, M = len(lx), int(lx.max()), int(ly.max())
+D = torch.rand(B, N, M, generator=g, dtype=torch.float64) * 3
+out = {}
+# the kernels themselves, with 2 threads a block, so that threads stride over each diagonal's cells
+R_ref = S._forward_table(D, 0.1)
+E_ref = S._backward_table(D, R_ref, lx, ly, 0.1)
+R = np.empty((B, N + 2, M + 2))
+K.forward_cuda[B, 2](D.numpy(), lx.numpy(), ly.numpy(), 0.1, R)
+E = np.zeros((B, N, M))
+K.backward_cuda[B, 2](D.numpy(), R, lx.numpy(), ly.numpy(), 0.1, E)
+b = np.arange(B)
+out["values"] = float(np.abs(R[b, lx.numpy(), ly.numpy()] - R_ref[b, lx, ly].numpy()).max())
+out["E"] = float(np.abs(E - E_ref.numpy()).max())
+# the whole divergence through backend="cuda" (CPU tensors are allowed under the simulator)
+x = torch.randn(B, N, 3, generator=g, dtype=torch.float64)
+y = torch.randn(B, M, 3, generator=g, dtype=torch.float64)
+w = torch.linspace(0.5, 2.0, B, dtype=torch.float64)
+res = {}
+for backend in ["torch", "cuda"]:
+    xg, yg = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
+    div = S.soft_dtw_divergence(xg, yg, lx, ly, gamma=0.1, backend=backend)
+    (div * w).sum().backward()
+    res[backend] = (div.detach(), xg.grad, yg.grad)
+for name, a, c in zip(["div", "grad_x", "grad_y"], res["cuda"], res["torch"]):
+    out[name] = float((a - c).abs().max())
+print(json.dumps(out))
+"""
+
+
+@needs_numba
+def test_cuda_kernels_under_numbas_simulator_match_the_torch_loop():
+    """The CUDA path without a GPU: numba's CUDA simulator runs the kernels' Python bodies, thread by thread."""
+    lx, ly = [7, 3, 1, 6], [5, 6, 4, 1]  # small: the simulator runs a Python thread per CUDA thread
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", NUMBA_DISABLE_JIT="0")
+    repo = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(
+        [sys.executable, "-c", _CUDASIM, json.dumps(lx), json.dumps(ly)], env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    errors = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(errors) == {"values", "E", "div", "grad_x", "grad_y"}
+    assert max(errors.values()) < 1e-9, errors
+
+
+@needs_numba
+def test_backend_resolution_and_errors(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.delenv(sdtw_module.BACKEND_ENV, raising=False)
+    assert resolve_backend(None, cpu) == "numba"
+    assert resolve_backend("torch", cpu) == "torch"
+    monkeypatch.setenv(sdtw_module.BACKEND_ENV, "torch")
+    assert resolve_backend(None, cpu) == "torch"
+    assert resolve_backend("numba", cpu) == "numba"  # an explicit choice wins over the environment
+    monkeypatch.setenv(sdtw_module.BACKEND_ENV, "fast")
+    with pytest.raises(SoftDTWBackendError, match="MTSSL_SOFT_DTW_BACKEND"):
+        soft_dtw(torch.rand(1, 2, 2))
+    monkeypatch.delenv(sdtw_module.BACKEND_ENV)
+    with pytest.raises(SoftDTWBackendError, match="CUDA tensors"):
+        resolve_backend("cuda", cpu)
+    # a GPU that numba cannot run its kernels on (here: torch has no CUDA at all): auto keeps the torch loop
+    k = sdtw_module._kernels()
+    monkeypatch.setattr(k.cuda, "is_available", lambda: True)
+    sdtw_module._cuda_usable.cache_clear()
+    try:
+        assert resolve_backend("auto", torch.device("cuda", 0)) == ("cuda" if torch.cuda.is_available() else "torch")
+    finally:
+        sdtw_module._cuda_usable.cache_clear()
+    # without numba: auto falls back to the torch loop, an explicit numba says what is missing
+    monkeypatch.setattr(sdtw_module, "_kernels", lambda: None)
+    assert resolve_backend("auto", cpu) == "torch"
+    with pytest.raises(SoftDTWBackendError, match="needs numba"):
+        resolve_backend("numba", cpu)
+
+
+def test_lengths_past_the_padding_are_an_error():
+    with pytest.raises(ValueError, match="lengths up to 5"):
+        soft_dtw_divergence(torch.rand(1, 4, 3), torch.rand(1, 4, 3), torch.tensor([5]), torch.tensor([4]))
+
+
+@needs_numba
+def test_score_criterion_passes_its_backend_through():
+    from fairseq_mtssl.criterions.score_criterion import ScoreCriterion, ScoreCriterionConfig
+
+    assert ScoreCriterionConfig().soft_dtw_backend is None
+    x, y, lx, ly = _pairs(torch.float32, dim=8)
+    out = {"student": x, "teacher": y, "student_lengths": lx, "teacher_lengths": ly}
+    sample = {"net_input": {"source": [None] * len(lx)}}
+    losses = {}
+    for backend in ["torch", "numba"]:
+        crit = ScoreCriterion(task=None, gamma=0.1, soft_dtw_backend=backend)
+        losses[backend] = crit(lambda **_: out, sample)[0]
+    torch.testing.assert_close(losses["numba"], losses["torch"], rtol=1e-4, atol=1e-5)
+    with pytest.raises(SoftDTWBackendError):
+        ScoreCriterion(task=None, soft_dtw_backend="gpu")(lambda **_: out, sample)

@@ -105,6 +105,7 @@ def test_normalisation_mismatch_and_bad_transcripts_are_named(manifest_dir, tiny
 
 
 @pytest.mark.parametrize("config,metric", [("pr_tiny_cpu", "per"), ("asr_tiny_cpu", "wer")])
+@pytest.mark.slow
 def test_downstream_trains_with_fairseq_hydra_train_and_evaluates(
     config, metric, manifest_dir, tiny_hubert_checkpoint, tmp_path
 ):

@@ -124,21 +124,6 @@ def test_negatives_across_two_gloo_workers_equal_one_process_on_the_joined_batch
 # ---------------------------------------------------------------------------- model, task, criterion
 
 
-@pytest.fixture(scope="module")
-def vgs_data(manifest_dir, corpus_dir, tmp_path_factory):
-    """The session manifests with scene image features for every split."""
-    import shutil
-
-    data = tmp_path_factory.mktemp("vgs_data")
-    for f in manifest_dir.iterdir():
-        shutil.copy(f, data / f.name)
-    for split in ("train", "valid", "test"):
-        run_cli(
-            "mtssl-image-features", "--images", data / f"{split}.images", "--root", corpus_dir, "--out", data / split
-        )
-    return data
-
-
 def _compose(name, *overrides):
     from fairseq.dataclass.initialize import hydra_init
     from hydra import compose, initialize_config_dir
@@ -310,6 +295,7 @@ def _logged_lr(log: str) -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_sequential_scenario_hands_over_weights_and_freezes(vgs_data, tmp_path):
     out = tmp_path / "w2v2_vgs"
     run_cli(
@@ -331,7 +317,7 @@ def test_sequential_scenario_hands_over_weights_and_freezes(vgs_data, tmp_path):
     )
     # each stage its own schedule: stage A 4 updates (warm-up 2), stage B 10 updates (warm-up 5), both peaking at lr
     for stage, n, warm in (("stage1_w2v2", 4, 2), ("stage2_vgs", 10, 5)):
-        logged = _logged_lr((out / f"{stage}.log").read_text())
+        logged = _logged_lr((out / "logs" / f"{stage}.log").read_text())
         assert sorted(logged) == list(range(1, n + 1)), (stage, logged)
         for k, lr in logged.items():  # the lr the scheduler sets after update k: warm-up, then linear to 0
             want = 1e-3 * (k / warm if k <= warm else (n - k) / (n - warm))
@@ -547,6 +533,7 @@ def test_bottom_up_attention_tsv_errors_name_the_file_and_line(manifest_dir, tmp
     fails(tmp_path / "n.tsv", r"n.tsv:3: corrupt row: 8 confidences and 8 boxes for num_boxes=9")
 
 
+@pytest.mark.slow
 def test_region_features_train_a_model(vgs_data, manifest_dir, tmp_path):
     """A bottom-up-attention TSV through mtssl-image-features into a few VGS+ updates of the FaST-VGS+
     architecture (the tiny trunk, narrower ResDAVEnet widths) with the authors' dot-product loss."""
@@ -564,9 +551,9 @@ def test_region_features_train_a_model(vgs_data, manifest_dir, tmp_path):
     out = tmp_path / "run"
     run_cli("mtssl-vgs-train", "--scenario", "VGS+", "--data", data, "--out", out, "--updates", "3",
             "model.image_dim=2052", "checkpoint.save_interval_updates=3", "dataset.validate_interval_updates=3",
-            "model.vgs_arch=fast_vgs_plus", "model.audio_widths=[32,64,96,128]", "model.vgs_ffn_dim=256",
+            "model.vgs_arch=fast_vgs_plus",
             "criterion.vgs_loss=margin_infonce", "criterion.similarity=dot", timeout=900)  # fmt: skip
-    log = (out / "stage1_vgs_plus.log").read_text()
+    log = (out / "logs" / "stage1_vgs_plus.log").read_text()
     assert "num_updates 3" in log or '"num_updates": "3"' in log
     ckpt = torch.load(out / "stage1_vgs_plus/checkpoints/checkpoint_last.pt", weights_only=False)
     assert ckpt["cfg"]["model"]["image_dim"] == 2052 and ckpt["cfg"]["model"]["vgs_arch"] == "fast_vgs_plus"
@@ -671,7 +658,7 @@ def _small_fast_vgs_plus(**kw):
 def test_cls_token_passes_pos_conv_and_every_layer_and_feeds_the_audio_head():
     from fairseq.models.wav2vec.wav2vec2 import TransformerEncoder
 
-    from fairseq_mtssl.models.upstream import hidden_states
+    from fairseq_mtssl.upstream.layers import hidden_states
 
     torch.manual_seed(0)
     model = _small_fast_vgs_plus().eval()

@@ -2,7 +2,10 @@
 
 import re
 
+import pytest
 from conftest import PACKAGE_DIR, REPO, assert_batched_layer_features_match, run_cli
+
+pytestmark = pytest.mark.slow  # every test here trains with fairseq-hydra-train
 
 
 def test_wav2vec2_tiny_trains_and_its_layers_give_labels(manifest_dir, tmp_path):
@@ -35,10 +38,10 @@ def test_wav2vec2_tiny_trains_and_its_layers_give_labels(manifest_dir, tmp_path)
         "--layer",
         "1",
     )
-    run_cli("mtssl-learn-kmeans", tmp_path / "feats", "train", "1", tmp_path / "km.joblib", "--n-clusters", "8")
+    run_cli("mtssl-learn-kmeans", tmp_path / "feats", "train", "1", tmp_path / "km.npy", "--n-clusters", "8")
     run_cli(
         "mtssl-apply-kmeans",
-        tmp_path / "km.joblib",
+        tmp_path / "km.npy",
         tmp_path / "km",
         "--split",
         "train",

@@ -16,9 +16,11 @@ import torch
 
 from ..atomic import save_torch_atomic
 from ..checkpoint_safety import load_checkpoint_safely
+from ..errors import MtsslError
+from ..upstream.checkpoint import read_checkpoint
 
 
-class NotAHubertCheckpoint(ValueError):
+class NotAHubertCheckpoint(MtsslError, ValueError):
     pass
 
 
@@ -45,7 +47,7 @@ def load_hubert(path) -> Tuple[torch.nn.Module, dict]:
     if not name.startswith("hubert"):
         raise NotAHubertCheckpoint(f"{path}: model is {name or 'unknown'!r}, not a fairseq HuBERT checkpoint")
     del raw
-    state = checkpoint_utils.load_checkpoint_to_cpu(path)  # weights-only again, plus fairseq's args -> cfg upgrade
+    state = read_checkpoint(path)  # weights-only again, plus fairseq's args -> cfg upgrade
     models, _, _ = checkpoint_utils.load_model_ensemble_and_task([path], state=state)
     model = models[0]
     if not isinstance(model, HubertModel):

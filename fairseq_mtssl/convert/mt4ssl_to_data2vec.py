@@ -1,4 +1,4 @@
-"""Export an MT4SSL student as a plain fairseq ``data2vec_audio`` checkpoint.
+"""Export an MT4SSL student (or a data2vec_audio trained with the plugin) as a plain fairseq ``data2vec_audio`` checkpoint.
 
     mtssl-export-data2vec runs/mt4ssl/checkpoints/checkpoint_best.pt exported/data2vec_student.pt
 
@@ -11,23 +11,22 @@ data2vec insists on when loading, as in data2vec's own checkpoints); the offline
 import argparse
 from dataclasses import fields
 from pathlib import Path
+from typing import Optional
 
 from ..atomic import save_torch_atomic
 from ..checkpoint_safety import load_checkpoint_safely
+from ..errors import ExportError, cli
 
 
-class ExportError(ValueError):
-    pass
-
-
-def export_mt4ssl_student(src, dst) -> dict:
+def data2vec_checkpoint(state: dict, src, weights: Optional[dict] = None) -> dict:
+    """An MT4SSL checkpoint's ``state`` as a plain ``data2vec_audio`` checkpoint (a dict to save), with
+    ``weights`` (a student state dict; default: the checkpoint's own) instead of its weights."""
     from fairseq.examples.data2vec.models.data2vec_audio import Data2VecAudioConfig
 
-    state = load_checkpoint_safely(src)
     cfg = state.get("cfg")
     model_cfg = (cfg or {}).get("model") or {}
-    if model_cfg.get("_name") != "mt4ssl":
-        raise ExportError(f"{src}: model is {model_cfg.get('_name')!r}, not an MT4SSL checkpoint")
+    if model_cfg.get("_name") not in ("mt4ssl", "data2vec_audio"):  # data2vec_audio: rewritten without user_dir
+        raise ExportError(f"{src}: model is {model_cfg.get('_name')!r}, not an MT4SSL or data2vec_audio checkpoint")
     keep = {f.name for f in fields(Data2VecAudioConfig)}
     new_model_cfg = {k: v for k, v in model_cfg.items() if k in keep}
     new_model_cfg["_name"] = "data2vec_audio"
@@ -40,14 +39,16 @@ def export_mt4ssl_student(src, dst) -> dict:
         "max_sample_size": task.get("max_sample_size"),
         "min_sample_size": task.get("min_sample_size"),
     }
-    weights = {k: v for k, v in state["model"].items() if not k.startswith("offline_heads.")}
+    weights = state["model"] if weights is None else weights
+    weights = {k: v for k, v in weights.items() if not k.startswith("offline_heads.")}
     if "_ema" not in weights:
         raise ExportError(
             f"{src}: no EMA teacher state (an offline-only run?); fairseq's data2vec requires one to load"
         )
-    out = {
+    return {
         "cfg": {
             **{k: v for k, v in cfg.items() if k not in ("model", "task", "criterion")},
+            "common": {**(cfg.get("common") or {}), "user_dir": None},
             "model": new_model_cfg,
             "task": new_task_cfg,
             "criterion": {"_name": "model"},
@@ -58,11 +59,16 @@ def export_mt4ssl_student(src, dst) -> dict:
         "extra_state": {},
         "last_optimizer_state": None,
     }
+
+
+def export_mt4ssl_student(src, dst) -> dict:
+    out = data2vec_checkpoint(load_checkpoint_safely(src), src)
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
     save_torch_atomic(out, dst)
     return out
 
 
+@cli
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint")

@@ -11,6 +11,8 @@ from typing import List, Tuple
 
 import numpy as np
 
+from ..errors import MtsslError
+
 # espeak_AUDIO_OUTPUT and initialisation flags (speak_lib.h)
 _AUDIO_OUTPUT_SYNCHRONOUS = 2
 _INITIALIZE_PHONEME_EVENTS = 0x0001
@@ -69,7 +71,7 @@ class Voice:
 _libc = ctypes.CDLL(None)
 
 
-class EspeakError(RuntimeError):
+class EspeakError(MtsslError, RuntimeError):
     pass
 
 

@@ -33,6 +33,7 @@ from scipy.signal import resample_poly
 from tqdm import tqdm
 
 from ..atomic import atomic_directory
+from ..errors import cli
 from .alignment import SILENCE, align_events, format_ctm
 from .espeak import EspeakSynthesizer, Voice
 from .scenes import caption_templates, render_scene, sample_scene
@@ -217,6 +218,7 @@ def ensure_corpus(
     return info
 
 
+@cli
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="corpus directory")

@@ -160,4 +160,6 @@ class VgsSslCriterion(Wav2vecCriterion):
 
     @staticmethod
     def logging_outputs_can_be_summed() -> bool:
-        return False
+        """Every logged value is a sum that :meth:`reduce_metrics` divides by summed counts, so workers'
+        outputs can be summed before it (one all-reduce; fairseq's gather path needs CUDA)."""
+        return True

@@ -1,15 +1,19 @@
 """Reading audio for fairseq: 16 kHz mono only, errors name the file (and manifest line)."""
 
+import os
+import struct
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 import soundfile as sf
 
+from ..errors import MtsslError
+
 SAMPLE_RATE = 16000
 
 
-class AudioFormatError(ValueError):
+class AudioFormatError(MtsslError, ValueError):
     """Audio that is unreadable, truncated, multi-channel or at the wrong sample rate."""
 
 
@@ -42,7 +46,33 @@ def read_audio_info(path, where: Optional[str] = None, sample_rate: int = SAMPLE
         raise AudioFormatError(f"{_where(path, where)}: {info.channels} channels, expected mono")
     if info.frames <= 0:
         raise AudioFormatError(f"{_where(path, where)}: empty audio (0 samples)")
+    if info.format == "WAV":
+        check_wav_data_chunk(path, where)
     return AudioInfo(info.frames, info.samplerate, info.channels)
+
+
+def check_wav_data_chunk(path, where: Optional[str] = None) -> None:
+    """Raise :class:`AudioFormatError` when a RIFF/WAVE file holds fewer data bytes than its ``data``
+    chunk header declares (a truncated copy), which libsndfile would silently read short."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return
+        while True:
+            chunk = f.read(8)
+            if len(chunk) < 8:
+                return
+            cid, n = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+            if cid == b"data":
+                have = size - f.tell()
+                if n not in (0, 0xFFFFFFFF) and have < n:  # 0 / -1: a header written before the length was known
+                    raise AudioFormatError(
+                        f"{_where(path, where)}: truncated WAV: its header declares {n} data bytes but the file "
+                        f"holds {have}"
+                    )
+                return
+            f.seek(n + (n & 1), os.SEEK_CUR)
 
 
 def read_audio(

@@ -4,38 +4,68 @@
 
 fairseq's ``HubertDataset`` only warns when an utterance's labels and audio differ by more than
 0.1 s; here the same mismatch is an error naming the label file and line, and so is a label file
-whose line count differs from the manifest's.
+whose line count differs from the manifest's, and a label that is not in the label dictionary
+(``dict.km.txt``; fairseq would map it to ``<unk>`` and train on nothing).
 """
 
 import argparse
-from typing import List
+import os
+from typing import List, Optional, Set
 
+from ..errors import MtsslError, cli
 from .manifest import read_manifest
 
 
-class LabelMismatchError(ValueError):
+class LabelMismatchError(MtsslError, ValueError):
     pass
 
 
-def count_label_lines(label_path) -> List[int]:
-    """Number of labels on each line of ``label_path``."""
+def read_dictionary_symbols(dict_path) -> Set[str]:
+    """The symbols of a fairseq ``dict.*.txt`` (``symbol count`` a line)."""
+    try:
+        with open(dict_path, encoding="utf-8") as f:
+            return {line.split(" ", 1)[0] for line in f if line.strip()}
+    except FileNotFoundError as err:
+        raise LabelMismatchError(f"{dict_path}: label dictionary not found") from err
+
+
+def count_label_lines(label_path, symbols: Optional[Set[str]] = None, dict_path=None) -> List[int]:
+    """Number of labels on each line of ``label_path``; with ``symbols``, every label must be one of
+    them (fairseq would silently map any other token to ``<unk>``)."""
+    counts = []
     try:
         with open(label_path, encoding="utf-8") as f:
-            return [len(line.split()) for line in f]
+            for lineno, line in enumerate(f, start=1):
+                tokens = line.split()
+                if symbols is not None:
+                    unknown = [t for t in tokens if t not in symbols]
+                    if unknown:
+                        raise LabelMismatchError(
+                            f"{label_path}:{lineno}: label {unknown[0]!r} is not in {dict_path} "
+                            f"({len(unknown)} unknown on this line; labels from another k-means?)"
+                        )
+                counts.append(len(tokens))
     except FileNotFoundError as err:
         raise LabelMismatchError(f"{label_path}: label file not found") from err
+    return counts
 
 
 def check_frame_labels(
-    manifest_path, label_path, label_rate: float, sample_rate: int = 16000, tolerance_s: float = 0.1
+    manifest_path,
+    label_path,
+    label_rate: float,
+    sample_rate: int = 16000,
+    tolerance_s: float = 0.1,
+    dict_path=None,
 ) -> int:
     """Raise :class:`LabelMismatchError` unless every utterance's label duration matches its audio.
 
     Returns the number of utterances checked. ``label_rate`` < 0 means sequence labels (only the line
-    count is checked).
+    count is checked). ``dict_path`` (a ``dict.<label>.txt``): every label must be one of its symbols.
     """
     manifest = read_manifest(manifest_path)
-    counts = count_label_lines(label_path)
+    symbols = read_dictionary_symbols(dict_path) if dict_path is not None else None
+    counts = count_label_lines(label_path, symbols, dict_path)
     if len(counts) != len(manifest):
         raise LabelMismatchError(
             f"{label_path}: {len(counts)} lines but {manifest_path} lists {len(manifest)} utterances "
@@ -54,6 +84,7 @@ def check_frame_labels(
     return len(counts)
 
 
+@cli
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("manifest")
@@ -61,9 +92,15 @@ def main(argv=None) -> None:
     p.add_argument("--label-rate", type=float, required=True, help="labels per second (-1: sequence labels)")
     p.add_argument("--sample-rate", type=int, default=16000)
     p.add_argument("--tolerance", type=float, default=0.1, help="seconds")
+    p.add_argument(
+        "--dict",
+        help="the label dictionary every label must be in (default: dict.<ext>.txt beside each label file)",
+    )
     a = p.parse_args(argv)
     for path in a.labels:
-        n = check_frame_labels(a.manifest, path, a.label_rate, a.sample_rate, a.tolerance)
+        ext = os.path.splitext(path)[1].lstrip(".")
+        dict_path = a.dict or os.path.join(os.path.dirname(path) or ".", f"dict.{ext}.txt")
+        n = check_frame_labels(a.manifest, path, a.label_rate, a.sample_rate, a.tolerance, dict_path)
         print(f"{path}: {n} utterances OK")
 
 

@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Iterable, List, Tuple
 
 from ..atomic import atomic_write
+from ..errors import MtsslError
 
 
-class ManifestError(ValueError):
+class ManifestError(MtsslError, ValueError):
     """A manifest that is empty or malformed; the message names file and line."""
 
 
@@ -46,6 +47,8 @@ def read_manifest(path, allow_empty: bool = False) -> Manifest:
     if not lines or not lines[0].strip():
         raise ManifestError(f"{path}:1: empty manifest (expected the audio root directory on line 1)")
     root = lines[0].strip()
+    if not os.path.isdir(root):
+        raise ManifestError(f"{path}:1: the audio root {root} is not a directory (moved data? rebuild the manifest)")
     entries = []
     for lineno, line in enumerate(lines[1:], start=2):
         if not line.strip():
@@ -63,6 +66,23 @@ def read_manifest(path, allow_empty: bool = False) -> Manifest:
     if not entries and not allow_empty:
         raise ManifestError(f"{path}: empty manifest (a root line but no audio files)")
     return Manifest(path, root, entries)
+
+
+def check_task_dirs(cfg, *fields: str) -> None:
+    """Each ``task.<field>`` that is set must be a directory. fairseq-hydra-train changes into
+    ``hydra.run.dir`` before the task starts, so a relative path is resolved against the run folder:
+    the error says so."""
+    for name in fields:
+        value = getattr(cfg, name, None)
+        if value in (None, "") or os.path.isdir(value):
+            continue
+        hint = ""
+        if not os.path.isabs(value):
+            hint = (
+                f"; a relative path is resolved against the run directory {os.getcwd()} (fairseq-hydra-train "
+                f"changes into hydra.run.dir): give an absolute one, e.g. task.{name}=$PWD/{value}"
+            )
+        raise ManifestError(f"task.{name}={value}: not a directory{hint}")
 
 
 def write_manifest(path, root, rows: Iterable[Tuple[str, int]]) -> int:

@@ -1,22 +1,30 @@
-"""Waveform perturbations for SCORE-style pairs, in numpy/scipy (no torchaudio).
+"""Waveform perturbations for SCORE-style pairs, in numpy/scipy and torch's STFT (no torchaudio).
 
 All functions take and return float32 mono ``(T,)`` at ``sample_rate`` (16 kHz by default).
 
 - :func:`speed` -- sox ``speed``: play ``factor`` times faster; tempo and pitch both change,
   the length becomes ``T / factor`` (SCORE draws 0.9, 1.0 or 1.1).
-- :func:`pitch_shift` -- shift the pitch by ``semitones`` keeping the duration: a WSOLA time-stretch by
-  ``2^(s/12)`` followed by resampling back to the original length (SCORE draws +2 or -2).
+- :func:`pitch_shift` -- shift the pitch by ``semitones`` keeping the duration: a time-stretch by
+  ``2^(s/12)`` followed by resampling back to the original length (SCORE draws +2 or -2). The stretch
+  is a phase vocoder (``method="phase_vocoder"``, the default: what the authors' torchaudio
+  ``PitchShift`` does, STFT n_fft 512, hop 128, Hann window) or WSOLA (``method="wsola"``).
+- :func:`phase_vocoder_stretch`, :func:`time_stretch` -- the two time-stretches.
 - :func:`add_noise` -- additive noise at a given SNR (white, or a given noise signal); off in SCORE.
 - :func:`reverberate` -- convolution with a synthetic exponentially decaying room response; off in SCORE.
 """
 
+import functools
+import math
 from fractions import Fraction
 from typing import Optional
 
 import numpy as np
-from scipy.signal import correlate, fftconvolve, resample_poly
+import torch
+from scipy.signal import correlate, fftconvolve, firwin, resample_poly
 
 SAMPLE_RATE = 16000
+N_FFT, HOP = 512, 128  # torchaudio PitchShift's defaults (hop = n_fft // 4), as the authors ran it
+PITCH_METHODS = ("phase_vocoder", "wsola")
 
 
 def speed(wav: np.ndarray, factor: float) -> np.ndarray:
@@ -68,13 +76,77 @@ def time_stretch(
     return out[:out_len]
 
 
-def pitch_shift(wav: np.ndarray, semitones: float, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """Shift the pitch by ``semitones`` (e.g. +2 / -2), keeping the length ``T``."""
+def phase_vocoder(spec: torch.Tensor, rate: float, hop: int) -> torch.Tensor:
+    """Phase-vocoder time scaling of a complex STFT ``(F, N)`` -> ``(F, ceil(N / rate))``, ``rate`` > 1 faster.
+
+    Output frame ``j`` reads input position ``t = j * rate``: its magnitude is interpolated between
+    frames ``floor(t)`` and ``floor(t) + 1``; its phase is the previous output phase plus the measured
+    phase advance between those two frames (the bin's expected advance ``pi * hop * f / (F - 1)`` plus the
+    deviation wrapped to ``[-pi, pi]``), starting from frame 0's phase. Run in float64 (phases accumulate
+    to ~1e5 rad at the top bins; torchaudio runs in the STFT's float32)."""
+    n_freq, n_frames = spec.shape
+    steps = torch.arange(0, n_frames, rate, dtype=torch.float64)
+    alpha = (steps % 1.0)[None, :]
+    i = steps.long()
+    magnitude, angle = (torch.nn.functional.pad(v, [0, 2]) for v in (spec.abs(), spec.angle()))
+    expected = torch.linspace(0, math.pi * hop, n_freq, dtype=torch.float64)[:, None]
+    advance = angle[:, i + 1] - angle[:, i] - expected
+    advance = advance - 2 * math.pi * torch.round(advance / (2 * math.pi)) + expected
+    phase = torch.cumsum(torch.cat([angle[:, :1], advance[:, :-1]], dim=1), dim=1)
+    magnitude = alpha * magnitude[:, i + 1] + (1 - alpha) * magnitude[:, i]
+    return torch.polar(magnitude, phase)
+
+
+def phase_vocoder_stretch(wav: np.ndarray, stretch: float, n_fft: int = N_FFT, hop: int = HOP) -> np.ndarray:
+    """``(T,)`` -> ``(round(T * stretch),)`` with the pitch unchanged: STFT (periodic Hann, centred,
+    reflect padding; float64), :func:`phase_vocoder` at rate ``1 / stretch``, inverse STFT to the new length."""
+    if stretch <= 0:
+        raise ValueError(f"stretch must be > 0, got {stretch}")
+    if len(wav) <= n_fft // 2:
+        raise ValueError(f"phase vocoder: {len(wav)} samples is too short for n_fft {n_fft}")
+    x = torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float64))
+    window = torch.hann_window(n_fft, dtype=torch.float64)
+    spec = torch.stft(x, n_fft, hop, window=window, center=True, pad_mode="reflect", return_complex=True)
+    out = torch.istft(
+        phase_vocoder(spec, 1.0 / stretch, hop).to(spec.dtype),
+        n_fft,
+        hop,
+        window=window,
+        length=round(len(wav) * stretch),
+    )
+    return out.numpy().astype(np.float32)
+
+
+@functools.lru_cache(maxsize=16)
+def _resampling_filter(up: int, down: int) -> np.ndarray:
+    """scipy ``resample_poly``'s own default filter (Kaiser beta 5, 10 zero crossings), designed once."""
+    return firwin(2 * 10 * max(up, down) + 1, 1.0 / max(up, down), window=("kaiser", 5.0))  # resample_poly scales by up
+
+
+def resample(wav: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
+    """Polyphase resampling ``(T,)`` -> ``(ceil(T * new / orig),)`` (the filter cached per ratio)."""
+    g = math.gcd(orig_rate, new_rate)
+    up, down = new_rate // g, orig_rate // g
+    return resample_poly(wav, up, down, window=_resampling_filter(up, down)).astype(np.float32)
+
+
+def pitch_shift(
+    wav: np.ndarray, semitones: float, sample_rate: int = SAMPLE_RATE, method: str = "phase_vocoder"
+) -> np.ndarray:
+    """Shift the pitch by ``semitones`` (e.g. +2 / -2), keeping the length ``T``.
+
+    As torchaudio's ``pitch_shift``: stretch by ``1 / rate`` with ``rate = 2^(-s/12)``, then resample
+    from ``int(sample_rate / rate)`` Hz to ``sample_rate`` and crop or zero-pad to ``T``."""
+    if method not in PITCH_METHODS:
+        raise ValueError(f"pitch-shift method must be one of {PITCH_METHODS}, got {method!r}")
     if semitones == 0:
         return wav.astype(np.float32, copy=True)
-    r = 2.0 ** (semitones / 12.0)
-    stretched = time_stretch(wav, r, sample_rate)
-    shifted = speed(stretched, r)
+    rate = 2.0 ** (-semitones / 12.0)
+    if method == "phase_vocoder":
+        stretched = phase_vocoder_stretch(wav, 1.0 / rate)
+    else:
+        stretched = time_stretch(wav, 1.0 / rate, sample_rate)
+    shifted = resample(stretched, int(sample_rate / rate), sample_rate)
     if len(shifted) >= len(wav):
         return shifted[: len(wav)]
     return np.pad(shifted, (0, len(wav) - len(shifted)))

@@ -122,7 +122,10 @@ def _tsv_rows(tsv_files: Sequence, wanted, feature_dim: int, regions: int) -> It
 def _hdf5_rows(files: Sequence, wanted, feature_dim: int, regions: int) -> Iterator[Tuple[str, np.ndarray]]:
     """FaST-VGS's HDF5 (``generate_hdf5_coco_places_flickr8k_imgfeat.py``): datasets ``img_id (n,)``,
     ``img_h``, ``img_w``, ``objects_conf (n, R)``, ``boxes (n, R, 4)`` in pixels, ``features (n, R, D)``."""
-    import h5py
+    try:
+        import h5py
+    except ImportError:
+        raise RegionFeatureError("--hdf5 needs h5py (pip install h5py; it depends on numpy only)") from None
 
     for path in files:
         try:

@@ -21,6 +21,7 @@ from ..atomic import report_result
 from ..corpus.alignment import Segment, read_ctm
 from ..data.batches import iter_audio_batches
 from ..data.manifest import read_manifest
+from ..errors import cli
 from ..kmeans.features import make_reader
 
 logger = logging.getLogger(__name__)
@@ -103,6 +104,7 @@ def run_probe(
     return result
 
 
+@cli
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="fairseq / plugin checkpoint, or 'mfcc' for the MFCC baseline")

@@ -23,6 +23,7 @@ import torch
 
 from ..atomic import report_result
 from ..corpus.alignment import SILENCE, read_ctm
+from ..errors import cli
 from .abx import angular_distances
 
 logger = logging.getLogger(__name__)
@@ -188,6 +189,7 @@ def run_qbe(
     }
 
 
+@cli
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="fairseq / plugin checkpoint, or 'mfcc'")

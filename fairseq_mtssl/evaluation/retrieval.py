@@ -14,10 +14,11 @@ import argparse
 import os
 from typing import Dict, Sequence
 
-import numpy as np
 import torch
 
+from .. import upstream
 from ..atomic import report_result
+from ..errors import cli
 
 KS = (1, 5, 10)
 
@@ -48,38 +49,28 @@ def recall_at_k(
 @torch.no_grad()
 def embed_split(checkpoint: str, split: str, max_batch_samples: int = 800_000):
     """``(caption embeddings (N, E), image embeddings (M, E), caption -> image index (N,))``."""
-    from fairseq import checkpoint_utils
-
-    import fairseq_mtssl  # noqa: F401
-
     from ..data.batches import iter_audio_batches
     from ..data.image_features import ImageFeatureStore
     from ..data.manifest import read_manifest
     from ..tasks.vgs_pretraining import read_image_ids
 
-    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([checkpoint])
-    model = models[0].eval()
-    data = cfg.task.data
+    model, cfg, task = upstream.load_model_and_task(checkpoint)
+    task_cfg = task.cfg
+    data = task_cfg.data
     manifest = read_manifest(os.path.join(data, f"{split}.tsv"))
     names = read_image_ids(data, split, len(manifest))
-    store = ImageFeatureStore(os.path.join(cfg.task.image_features or data, split))
+    store = ImageFeatureStore(os.path.join(task_cfg.image_features or data, split))
     unique = sorted(set(names))
     index = {name: i for i, name in enumerate(unique)}
     image_emb = torch.cat(
         [model.embed_images(torch.tensor(store[u])[None]) for u in unique]
     )  # a copy: the store is read-only
     speech = [None] * len(manifest)
-    batchable = not any(isinstance(m, torch.nn.GroupNorm) for m in model.w2v.feature_extractor.modules())
+    batchable = upstream.front_end_batchable(model.w2v)
     for indices, wavs in iter_audio_batches(
         manifest, list(range(len(manifest))), max_batch_samples if batchable else 1
     ):
-        lengths = [len(w) for w in wavs]
-        source = torch.zeros(len(wavs), max(lengths))
-        padding = torch.ones(len(wavs), max(lengths), dtype=torch.bool)
-        for i, w in enumerate(wavs):
-            x = torch.from_numpy(np.asarray(w, dtype=np.float32))
-            source[i, : len(w)] = torch.nn.functional.layer_norm(x, x.shape) if cfg.task.normalize else x
-            padding[i, : len(w)] = False
+        source, padding, _ = upstream.batch_waveforms(wavs, task_cfg.normalize)
         emb = model.embed_speech(source, padding if len(wavs) > 1 else None)
         for i, e in zip(indices, emb):
             speech[i] = e
@@ -93,6 +84,7 @@ def embed_split(checkpoint: str, split: str, max_batch_samples: int = 800_000):
     return speech, image_emb, torch.tensor([index[n] for n in names])
 
 
+@cli
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint")

@@ -13,6 +13,7 @@ import editdistance
 import torch
 
 from ..atomic import report_result
+from ..errors import cli
 
 
 def ctc_greedy(lprobs: torch.Tensor, blank: int) -> List[int]:
@@ -32,12 +33,9 @@ def letters_to_words(symbols: Sequence[str]) -> List[str]:
 
 
 def evaluate(checkpoint: str, split: str, max_tokens: int = 1_600_000) -> Dict:
-    from fairseq import checkpoint_utils
+    from ..upstream import load_model_and_task
 
-    import fairseq_mtssl  # noqa: F401
-
-    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([checkpoint])
-    model = models[0].eval()
+    model, cfg, task = load_model_and_task(checkpoint)
     task.load_dataset(split)
     dataset = task.dataset(split)
     dictionary = task.target_dictionary
@@ -73,6 +71,7 @@ def evaluate(checkpoint: str, split: str, max_tokens: int = 1_600_000) -> Dict:
     return result
 
 
+@cli
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint")

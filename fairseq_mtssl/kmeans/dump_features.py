@@ -8,9 +8,18 @@
 one frame count a line, in manifest order. Work in progress lives in ``*.partial`` files; a run
 killed at any point (even ``kill -9``) resumes where it stopped when started again, and the final
 names appear only once the shard is complete.
+
+What a dump is (manifest and its digest, shard, feature, checkpoint, layer) is recorded in
+``{split}_{rank}_{nshard}.spec.json`` before the first frame is written; a run whose request differs
+(another feature into the same folder, a reordered manifest) is refused, and so is a second run on
+the same shard while one is writing it (a lock on ``.lock``).
 """
 
 import argparse
+import contextlib
+import fcntl
+import hashlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -20,20 +29,65 @@ import numpy as np
 from npy_append_array import NpyAppendArray
 from tqdm import tqdm
 
+from ..atomic import atomic_write
 from ..data.batches import iter_audio_batches, shard_range
 from ..data.manifest import read_manifest
+from ..errors import MtsslError, cli
 from .features import make_reader
 
 logger = logging.getLogger(__name__)
 
 
-class FeatureDumpError(RuntimeError):
+class FeatureDumpError(MtsslError, RuntimeError):
     pass
 
 
 def shard_paths(feat_dir, split: str, rank: int, nshard: int) -> Tuple[Path, Path]:
     base = Path(feat_dir) / f"{split}_{rank}_{nshard}"
     return base.with_suffix(".npy"), base.with_suffix(".len")
+
+
+def dump_spec_path(feat_dir, split: str, rank: int, nshard: int) -> Path:
+    return Path(feat_dir) / f"{split}_{rank}_{nshard}.spec.json"
+
+
+def dump_spec(manifest_path, reader, rank: int, nshard: int) -> dict:
+    """What a dump of ``manifest_path`` through ``reader`` is: the identity a resumed or repeated run must share."""
+    digest = hashlib.sha1(Path(manifest_path).read_bytes()).hexdigest()
+    return {
+        "manifest": str(Path(manifest_path).resolve()),
+        "manifest_sha1": digest,
+        "rank": rank,
+        "nshard": nshard,
+        **reader.spec(),
+    }
+
+
+def check_dump_spec(path: Path, want: dict) -> None:
+    """Refuse a folder whose dump (partial or final) was made from another request."""
+    if not path.exists():
+        return
+    have = json.loads(path.read_text())
+    keys = ["manifest_sha1", "rank", "nshard", "feature", "layer", "dim", "checkpoint", "checkpoint_bytes"]
+    diff = [k for k in keys if have.get(k) != want.get(k)]
+    if diff:
+        said = "; ".join(f"{k}: {have.get(k)!r} there, {want.get(k)!r} asked" for k in diff)
+        raise FeatureDumpError(f"{path}: this folder holds another dump ({said}); use another folder or delete it")
+
+
+@contextlib.contextmanager
+def shard_lock(feat_dir, split: str, rank: int, nshard: int):
+    """Hold an exclusive lock on a shard's dump; a second writer is refused at once."""
+    path = Path(feat_dir) / f"{split}_{rank}_{nshard}.lock"
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FeatureDumpError(f"{path}: another mtssl-dump-features is writing this shard; wait for it") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _npy_rows(path: Path) -> Tuple[int, int, int, np.dtype]:
@@ -97,10 +151,22 @@ def dump_features(
     manifest = read_manifest(manifest_path)
     split = split or Path(manifest_path).stem
     npy, lens = shard_paths(feat_dir, split, rank, nshard)
-    if npy.exists() and lens.exists():
-        logger.info("%s already complete", npy)
-        return npy, lens
     Path(feat_dir).mkdir(parents=True, exist_ok=True)
+    with shard_lock(feat_dir, split, rank, nshard):
+        spec_file, spec = dump_spec_path(feat_dir, split, rank, nshard), dump_spec(manifest_path, reader, rank, nshard)
+        check_dump_spec(spec_file, spec)
+        if npy.exists() and lens.exists():
+            if not spec_file.exists():
+                raise FeatureDumpError(f"{npy}: a dump with no record of what it is ({spec_file}); delete it and rerun")
+            logger.info("%s already complete", npy)
+            return npy, lens
+        if not spec_file.exists():
+            with atomic_write(spec_file) as f:
+                json.dump(spec, f, indent=1)
+        return _dump_shard(manifest, npy, lens, reader, split, rank, nshard, max_batch_samples, workers, manifest_path)
+
+
+def _dump_shard(manifest, npy, lens, reader, split, rank, nshard, max_batch_samples, workers, manifest_path):
     part_npy, part_lens = npy.with_name(npy.name + ".partial"), lens.with_name(lens.name + ".partial")
     if npy.exists() and not lens.exists() and part_lens.exists():  # killed between the two final renames
         os.replace(npy, part_npy)
@@ -152,6 +218,22 @@ def load_features(feat_dir, split: str, nshard: int = 1):
     return shards
 
 
+def read_dump_feature(feat_dir, split: str, nshard: int = 1) -> dict:
+    """The feature a split's dump holds (``feature``, ``layer``, ``dim``, ``checkpoint``), from its records."""
+    specs = []
+    for rank in range(nshard):
+        path = dump_spec_path(feat_dir, split, rank, nshard)
+        specs.append(json.loads(path.read_text()) if path.exists() else {})
+    keys = ("feature", "layer", "dim", "checkpoint")
+    feature = {k: specs[0][k] for k in keys if k in specs[0]}
+    for rank, s in enumerate(specs[1:], 1):
+        if {k: s[k] for k in keys if k in s} != feature:
+            raise FeatureDumpError(
+                f"{dump_spec_path(feat_dir, split, rank, nshard)}: shard {rank} holds another feature than shard 0"
+            )
+    return feature
+
+
 def add_reader_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--feature", choices=["mfcc", "model"], default="mfcc")
     p.add_argument("--checkpoint", help="fairseq HuBERT / wav2vec 2.0 / plugin checkpoint (--feature model)")
@@ -161,6 +243,7 @@ def add_reader_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=4, help="audio reading threads")
 
 
+@cli
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("manifest")

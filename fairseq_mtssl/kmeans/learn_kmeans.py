@@ -1,6 +1,9 @@
-"""Learn k-means on dumped features with fairseq's simple_kmeans settings; save it with joblib.
+"""Learn k-means on dumped features with fairseq's simple_kmeans settings; save the centroids as .npy.
 
-    mtssl-learn-kmeans feats/mfcc train 1 km/mfcc_k100.joblib --n-clusters 100 --percent 0.1
+    mtssl-learn-kmeans feats/mfcc train 1 km/mfcc_k100.npy --n-clusters 100 --percent 0.1
+
+The model is written as plain data (:mod:`.centroids`: ``.npy`` centroids and a ``.json`` naming the
+feature they were learnt on), never as a pickle.
 
 MiniBatchKMeans(k-means++, batch 10000, n_init 20, max_iter 100, max_no_improvement 100,
 reassignment_ratio 0, tol 0) on a random ``--percent`` of the frames (``-1``: all).
@@ -9,12 +12,12 @@ reassignment_ratio 0, tol 0) on a random ``--percent`` of the frames (``-1``: al
 import argparse
 import logging
 
-import joblib
 import numpy as np
 from sklearn.cluster import MiniBatchKMeans
 
-from ..atomic import atomic_write
-from .dump_features import load_features
+from ..errors import cli
+from .centroids import KmeansFileError, save_centroids
+from .dump_features import load_features, read_dump_feature
 
 logger = logging.getLogger(__name__)
 
@@ -63,24 +66,24 @@ def learn_kmeans(
 ) -> MiniBatchKMeans:
     feats = sample_frames([arr for arr, _ in load_features(feat_dir, split, nshard)], percent, seed)
     if len(feats) < n_clusters:
-        raise ValueError(
+        raise KmeansFileError(
             f"{feat_dir}: {len(feats)} sampled frames for {n_clusters} clusters; raise --percent or lower --n-clusters"
         )
     logger.info("k-means: %d frames x %d dims -> %d clusters", feats.shape[0], feats.shape[1], n_clusters)
     km = fairseq_minibatch_kmeans(n_clusters, seed=seed, **kmeans_kwargs).fit(feats)
     inertia = -km.score(feats) / len(feats)
     logger.info("k-means inertia per frame: %.5f", inertia)
-    with atomic_write(km_path, "wb") as f:
-        joblib.dump(km, f)
+    save_centroids(km_path, km.cluster_centers_, read_dump_feature(feat_dir, split, nshard), inertia)
     return km
 
 
+@cli
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("feat_dir")
     p.add_argument("split")
     p.add_argument("nshard", type=int)
-    p.add_argument("km_path")
+    p.add_argument("km_path", help="output centroids, <name>.npy (+ <name>.json)")
     p.add_argument("--n-clusters", type=int, required=True)
     p.add_argument("--percent", type=float, default=-1, help="fraction of frames to fit on (-1: all)")
     p.add_argument("--seed", type=int, default=0)

@@ -13,12 +13,39 @@ ignored and receive zero gradient.
 
 ``soft_dtw_divergence(x, y, ...)`` is SCORE's loss: ``sdtw(x, y) - (sdtw(x, x) + sdtw(y, y)) / 2`` on
 squared Euclidean frame costs, divided by ``len_x + len_y``.
+
+Backends (``backend=`` of either function, else the environment variable ``MTSSL_SOFT_DTW_BACKEND``,
+else ``auto``):
+
+- ``torch``: the anti-diagonal loop below, the reference; any device.
+- ``numba``: compiled CPU kernels (:mod:`.soft_dtw_kernels`), parallel over the items of the batch.
+- ``cuda``: numba CUDA kernels, one launch per pass for the whole batch (CUDA tensors; CPU tensors only under
+  numba's CUDA simulator, for testing).
+- ``auto``: ``cuda`` for CUDA tensors and ``numba`` for CPU tensors when numba imports (and, for CUDA, sees
+  a GPU), else ``torch``.
+
+With a compiled backend the divergence also builds its three cost matrices per item at the item's own lengths
+(no padding to the longest sequence) and differentiates them in closed form:
+``d/dx_i sum_j E_ij |x_i - y_j|^2 = 2 (sum_j E_ij) x_i - 2 (E y)_i``.
 """
 
+import logging
+import os
+from functools import lru_cache
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "torch", "numba", "cuda")
+BACKEND_ENV = "MTSSL_SOFT_DTW_BACKEND"
+
+
+class SoftDTWBackendError(ValueError):
+    """A soft-DTW backend that does not exist or cannot run here."""
 
 
 def _diagonal_cells(d: int, n: int, m: int, device):
@@ -85,28 +112,276 @@ class SoftDTW(torch.autograd.Function):
         return grad_out[:, None, None] * E, None, None, None
 
 
+@lru_cache(maxsize=None)
+def _kernels():
+    """The compiled kernels module, or None when numba does not import."""
+    try:
+        from . import soft_dtw_kernels
+    except ImportError:
+        return None
+    return soft_dtw_kernels
+
+
+@lru_cache(maxsize=None)
+def _cuda_usable(device: torch.device) -> bool:
+    """Whether numba sees a GPU and can compile and run the kernels there (it needs CUDA's NVVM); checked once
+    per device with a one-cell problem, so that ``auto`` falls back to the torch loop instead of failing."""
+    k = _kernels()
+    if k is None:
+        return False
+    try:
+        if not k.cuda.is_available():
+            return False
+        D = torch.ones(1, 1, 1, device=device, dtype=torch.float64)
+        one = torch.ones(1, dtype=torch.int64)
+        values, _ = _compiled_forward(D, one, one, 1.0, "cuda")
+        return bool(torch.isclose(values, torch.ones_like(values)).all())
+    except Exception as e:  # numba's CUDA driver or compiler missing or broken: the torch loop runs instead
+        logger.warning(
+            f"soft-DTW: numba's CUDA kernels cannot run on {device} ({type(e).__name__}: {e}); using the torch loop"
+        )
+        return False
+
+
+def resolve_backend(backend: Optional[str], device: torch.device) -> str:
+    """The backend that runs for tensors on ``device``: ``torch``, ``numba`` or ``cuda``."""
+    name = backend or os.environ.get(BACKEND_ENV) or "auto"
+    if name not in BACKENDS:
+        raise SoftDTWBackendError(
+            f"soft-DTW backend {name!r} (from {BACKEND_ENV} or the config): choose one of {BACKENDS}"
+        )
+    if name == "auto":
+        if device.type == "cpu":
+            return "numba" if _kernels() is not None else "torch"
+        if device.type == "cuda":
+            return "cuda" if _cuda_usable(device) else "torch"
+        return "torch"
+    if name in ("numba", "cuda") and _kernels() is None:
+        raise SoftDTWBackendError(f"soft-DTW backend {name!r} needs numba (pip install numba), which does not import")
+    if name == "numba" and device.type != "cpu":
+        raise SoftDTWBackendError(f"soft-DTW backend 'numba' runs on CPU tensors, got {device}")
+    if name == "cuda" and not (device.type == "cuda" or (device.type == "cpu" and _kernels().simulator_enabled())):
+        raise SoftDTWBackendError(f"soft-DTW backend 'cuda' needs CUDA tensors, got {device}")
+    return name
+
+
+def _as_kernel_array(t: torch.Tensor):
+    """A tensor as the kernels take it: numpy on CPU, a CUDA array interface view on a GPU."""
+    return _kernels().cuda.as_cuda_array(t) if t.is_cuda else t.numpy()
+
+
+def _compiled_forward(D: torch.Tensor, len_x: torch.Tensor, len_y: torch.Tensor, gamma: float, backend: str):
+    """``(values (B,), state)`` from the compiled kernels; ``D`` float32/64, contiguous; lengths int64 on CPU.
+
+    ``state`` is what :func:`_compiled_backward` needs: the softmin weights ``(B, 3, N, M)`` (``numba``) or the
+    table ``R (B, N+2, M+2)`` float64 (``cuda``)."""
+    k = _kernels()
+    B, N, M = D.shape
+    if backend == "numba":
+        lx, ly = len_x.numpy(), len_y.numpy()
+        W = D.new_empty(B, 3, N, M)
+        values = torch.empty(B, dtype=torch.float64)
+        with _numba_threads(k):
+            k.forward_cpu(D.numpy(), lx, ly, _largest_first(lx, ly), gamma, W.numpy(), values.numpy())
+        return values.to(D.dtype), W
+    R = torch.empty(B, N + 2, M + 2, dtype=torch.float64, device=D.device)
+    lx, ly = len_x.to(D.device), len_y.to(D.device)
+    threads = k.cuda_block_size(len_x.numpy(), len_y.numpy())
+    k.forward_cuda[B, threads, _cuda_stream(k, D)](
+        _as_kernel_array(D), _as_kernel_array(lx), _as_kernel_array(ly), gamma, _as_kernel_array(R)
+    )
+    return R[torch.arange(B, device=D.device), lx, ly].to(D.dtype), R
+
+
+def _compiled_backward(D, state, len_x, len_y, gamma: float, backend: str, seeds: torch.Tensor) -> torch.Tensor:
+    """``E = seeds[b] * d R[len_x, len_y] / d D`` ``(B, N, M)`` in the dtype of ``D``, zero past the lengths."""
+    k = _kernels()
+    E = torch.zeros_like(D)
+    if backend == "numba":
+        lx, ly = len_x.numpy(), len_y.numpy()
+        seeds = seeds.detach().to(torch.float64).contiguous()
+        with _numba_threads(k):
+            k.backward_cpu(state.numpy(), lx, ly, _largest_first(lx, ly), seeds.numpy(), E.numpy())
+        return E
+    lx, ly = len_x.to(D.device), len_y.to(D.device)
+    threads = k.cuda_block_size(len_x.numpy(), len_y.numpy())
+    k.backward_cuda[D.size(0), threads, _cuda_stream(k, D)](
+        _as_kernel_array(D), _as_kernel_array(state), _as_kernel_array(lx), _as_kernel_array(ly), gamma,
+        _as_kernel_array(E),
+    )  # fmt: skip
+    return E.mul_(seeds.to(E.dtype)[:, None, None])
+
+
+class _numba_threads:
+    """As many numba threads as torch uses (``torch.set_num_threads``), one item handed out at a time."""
+
+    def __init__(self, k):
+        self.numba = k.numba
+
+    def __enter__(self):
+        self.numba.set_num_threads(max(1, min(torch.get_num_threads(), self.numba.config.NUMBA_NUM_THREADS)))
+        self.chunks = self.numba.parallel_chunksize(1)
+        self.chunks.__enter__()
+
+    def __exit__(self, *exc):
+        self.chunks.__exit__(*exc)
+
+
+def _cuda_stream(k, t: torch.Tensor):
+    """torch's current stream for a CUDA tensor (so the kernels order with torch's work); 0 otherwise."""
+    if t.is_cuda:
+        return k.cuda.external_stream(torch.cuda.current_stream(t.device).cuda_stream)
+    return 0
+
+
+def _kernel_inputs(D: torch.Tensor, len_x: torch.Tensor, len_y: torch.Tensor):
+    D = D.detach()
+    if D.dtype not in (torch.float32, torch.float64):
+        D = D.float()
+    return D.contiguous(), len_x.detach().cpu().to(torch.int64).contiguous(), len_y.detach().cpu().to(torch.int64)
+
+
+class CompiledSoftDTW(torch.autograd.Function):
+    """:class:`SoftDTW` with the recursion and its backward in the compiled kernels (``numba`` or ``cuda``)."""
+
+    @staticmethod
+    def forward(ctx, D, len_x, len_y, gamma, backend):
+        Dk, lx, ly = _kernel_inputs(D, len_x, len_y)
+        values, state = _compiled_forward(Dk, lx, ly, gamma, backend)
+        ctx.save_for_backward(Dk, state, lx, ly)
+        ctx.gamma, ctx.backend, ctx.dtype = gamma, backend, D.dtype
+        return values.to(D.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        Dk, state, lx, ly = ctx.saved_tensors
+        E = _compiled_backward(Dk, state, lx, ly, ctx.gamma, ctx.backend, grad_out)
+        return E.to(ctx.dtype), None, None, None, None
+
+
 def _lengths(x: torch.Tensor, lengths: Optional[torch.Tensor]) -> torch.Tensor:
     if lengths is None:
         return torch.full((x.size(0),), x.size(1), dtype=torch.long, device=x.device)
     return lengths.to(device=x.device, dtype=torch.long)
 
 
+def _check_lengths(len_x: torch.Tensor, len_y: torch.Tensor, N: int, M: int) -> None:
+    if int(len_x.min()) < 1 or int(len_y.min()) < 1:
+        raise ValueError("every sequence needs at least one frame")
+    if int(len_x.max()) > N or int(len_y.max()) > M:
+        raise ValueError(f"lengths up to {int(len_x.max())} x {int(len_y.max())} for sequences of {N} x {M} frames")
+
+
 def soft_dtw(
-    D: torch.Tensor, len_x: Optional[torch.Tensor] = None, len_y: Optional[torch.Tensor] = None, gamma: float = 0.1
+    D: torch.Tensor,
+    len_x: Optional[torch.Tensor] = None,
+    len_y: Optional[torch.Tensor] = None,
+    gamma: float = 0.1,
+    *,
+    backend: Optional[str] = None,
 ) -> torch.Tensor:
-    """Soft-DTW values ``(B,)`` of costs ``D (B, N, M)``; items use ``D[b, :len_x[b], :len_y[b]]``."""
+    """Soft-DTW values ``(B,)`` of costs ``D (B, N, M)``; items use ``D[b, :len_x[b], :len_y[b]]``.
+
+    ``backend``: see the module docstring (None: ``$MTSSL_SOFT_DTW_BACKEND``, else ``auto``).
+    """
     if gamma <= 0:
         raise ValueError(f"gamma must be > 0, got {gamma}")
     len_x = _lengths(D, len_x)
     len_y = _lengths(D.transpose(1, 2), len_y)
-    if int(len_x.min()) < 1 or int(len_y.min()) < 1:
-        raise ValueError("every sequence needs at least one frame")
-    return SoftDTW.apply(D, len_x, len_y, float(gamma))
+    _check_lengths(len_x, len_y, D.size(1), D.size(2))
+    name = resolve_backend(backend, D.device)
+    if name == "torch":
+        return SoftDTW.apply(D, len_x, len_y, float(gamma))
+    return CompiledSoftDTW.apply(D, len_x, len_y, float(gamma), name)
 
 
 def squared_euclidean(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Pairwise squared distances ``(B, N, M)`` of frames ``x (B, N, C)`` and ``y (B, M, C)``."""
     return (x.pow(2).sum(-1)[:, :, None] + y.pow(2).sum(-1)[:, None, :] - 2 * x @ y.transpose(1, 2)).clamp(min=0)
+
+
+def _pair_costs(x: torch.Tensor, y: torch.Tensor, len_x: torch.Tensor, len_y: torch.Tensor) -> torch.Tensor:
+    """Costs ``(3B, F, F)``, ``F = max(N, M)``: items ``x_b y_b``, then ``x_b x_b``, then ``y_b y_b``, each at
+    its own lengths (entries past them are left unset: the kernels never read them)."""
+    B = x.size(0)
+    D = x.new_empty(3 * B, max(x.size(1), y.size(1)), max(x.size(1), y.size(1)))
+    for b, (n, m) in enumerate(zip(len_x.tolist(), len_y.tolist())):
+        xb, yb = x[b, :n], y[b, :m]
+        nx, ny = xb.pow(2).sum(-1), yb.pow(2).sum(-1)
+        for k, (p, q, np_, nq) in enumerate([(xb, yb, nx, ny), (xb, xb, nx, nx), (yb, yb, ny, ny)]):
+            D[k * B + b, : p.size(0), : q.size(0)] = torch.addmm(np_[:, None] + nq[None, :], p, q.t(), alpha=-2).clamp_(
+                min=0
+            )
+    return D
+
+
+def _largest_first(*sizes: np.ndarray) -> np.ndarray:
+    return np.argsort(-np.prod(np.stack(sizes), axis=0), kind="stable")
+
+
+class CompiledSoftDTWDivergence(torch.autograd.Function):
+    """``(3B,)`` soft-DTWs ``[sdtw(x_b, y_b)]_b ++ [sdtw(x_b, x_b)]_b ++ [sdtw(y_b, y_b)]_b`` of ``x (B, N, C)``
+    and ``y (B, M, C)`` on squared Euclidean costs, with the compiled kernels; the backward pass goes from
+    ``E`` to the frames in closed form (no graph through the cost matrices).
+
+    ``numba``: one kernel builds each problem's costs and runs its recursion (items in parallel, largest
+    first), one more runs the backward recursions and the frame gradients. ``cuda``: the costs by torch
+    matmuls per item, the recursions by the CUDA kernels."""
+
+    @staticmethod
+    def forward(ctx, x, y, len_x, len_y, gamma, backend):
+        x, y = x.detach().contiguous(), y.detach().contiguous()
+        lx, ly = len_x.detach().cpu().to(torch.int64), len_y.detach().cpu().to(torch.int64)
+        lens_l, lens_r = torch.cat([lx, lx, ly]), torch.cat([ly, lx, ly])
+        if backend == "numba":
+            k, frames = _kernels(), max(x.size(1), y.size(1))
+            D = x.new_empty(3 * x.size(0), frames, frames)
+            state = x.new_empty(3 * x.size(0), 3, frames, frames)
+            values = torch.empty(3 * x.size(0), dtype=torch.float64)
+            zero = x.numpy().dtype.type(0)
+            with _numba_threads(k):
+                k.divergence_forward_cpu(
+                    x.numpy(), y.numpy(), lx.numpy(), ly.numpy(), _largest_first(lens_l.numpy(), lens_r.numpy()),
+                    gamma, zero, D.numpy(), state.numpy(), values.numpy(),
+                )  # fmt: skip
+            values, D = values.to(x.dtype), None  # the backward pass needs the weights only
+        else:
+            D = _pair_costs(x, y, lx, ly)
+            values, state = _compiled_forward(D, lens_l, lens_r, gamma, backend)
+        ctx.save_for_backward(x, y, lx, ly, D, state)
+        ctx.gamma, ctx.backend = gamma, backend
+        return values
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, y, lx, ly, D, state = ctx.saved_tensors
+        B = x.size(0)
+        lens_l, lens_r = torch.cat([lx, lx, ly]), torch.cat([ly, lx, ly])
+        gx, gy = torch.zeros_like(x), torch.zeros_like(y)
+        if ctx.backend == "numba":
+            k = _kernels()
+            E = x.new_zeros(state.shape[0], state.shape[2], state.shape[3])
+            seeds = grad_out.detach().to(torch.float64).contiguous()
+            zero = x.numpy().dtype.type(0)
+            with _numba_threads(k):
+                k.divergence_backward_cpu(
+                    x.numpy(), y.numpy(), lx.numpy(), ly.numpy(), _largest_first(lens_l.numpy(), lens_r.numpy()),
+                    _largest_first(lx.numpy(), ly.numpy()), seeds.numpy(), zero, state.numpy(), E.numpy(),
+                    gx.numpy(), gy.numpy(),
+                )  # fmt: skip
+            return gx, gy, None, None, None, None
+        E = _compiled_backward(D, state, lens_l, lens_r, ctx.gamma, ctx.backend, grad_out)
+        for b, (n, m) in enumerate(zip(lx.tolist(), ly.tolist())):
+            xb, yb = x[b, :n], y[b, :m]
+            Gxy = E[b, :n, :m]
+            Sxx = E[B + b, :n, :n]
+            Sxx = Sxx + Sxx.t()
+            Syy = E[2 * B + b, :m, :m]
+            Syy = Syy + Syy.t()
+            # d/dx_i sum_j G_ij |x_i - y_j|^2 = 2 (sum_j G_ij) x_i - 2 (G y)_i; a self-cost counts both sides
+            gx[b, :n] = 2 * ((Gxy.sum(1) + Sxx.sum(1))[:, None] * xb - Gxy @ yb - Sxx @ xb)
+            gy[b, :m] = 2 * ((Gxy.sum(0) + Syy.sum(1))[:, None] * yb - Gxy.t() @ xb - Syy @ yb)
+        return gx, gy, None, None, None, None
 
 
 def soft_dtw_divergence(
@@ -116,20 +391,38 @@ def soft_dtw_divergence(
     len_y: Optional[torch.Tensor] = None,
     gamma: float = 0.1,
     normalize: bool = True,
+    *,
+    backend: Optional[str] = None,
 ) -> torch.Tensor:
     """SCORE's loss per item ``(B,)``: ``sdtw(x,y) - (sdtw(x,x) + sdtw(y,y)) / 2``, / ``(len_x + len_y)``.
 
-    ``x (B, N, C)``, ``y (B, M, C)``. The three soft-DTWs run as one ``3B`` batch (both sides padded
-    to ``max(N, M)`` frames; per-item lengths keep the padding out), so the anti-diagonal loop runs
-    once rather than three times.
+    ``x (B, N, C)``, ``y (B, M, C)``. With the ``torch`` backend the three soft-DTWs run as one ``3B``
+    batch (both sides padded to ``max(N, M)`` frames; per-item lengths keep the padding out), so the
+    anti-diagonal loop runs once rather than three times. With a compiled backend see
+    :class:`CompiledSoftDTWDivergence`. ``backend``: see the module docstring.
     """
+    if gamma <= 0:
+        raise ValueError(f"gamma must be > 0, got {gamma}")
     len_x, len_y = _lengths(x, len_x), _lengths(y, len_y)
+    _check_lengths(len_x, len_y, x.size(1), y.size(1))
+    name = resolve_backend(backend, x.device)
+    if name != "torch":
+        if x.dtype not in (torch.float32, torch.float64):
+            x, y = x.float(), y.float()
+        sdtw = CompiledSoftDTWDivergence.apply(x, y.to(x.dtype), len_x, len_y, float(gamma), name)
+        b = x.size(0)
+        div = sdtw[:b] - 0.5 * (sdtw[b : 2 * b] + sdtw[2 * b :])
+        return div / (len_x + len_y).to(div.dtype) if normalize else div
     b, frames = x.size(0), max(x.size(1), y.size(1))
     x = F.pad(x, (0, 0, 0, frames - x.size(1)))
     y = F.pad(y, (0, 0, 0, frames - y.size(1)))
     left, right = torch.cat([x, x, y]), torch.cat([y, x, y])
     sdtw = soft_dtw(
-        squared_euclidean(left, right), torch.cat([len_x, len_x, len_y]), torch.cat([len_y, len_x, len_y]), gamma
+        squared_euclidean(left, right),
+        torch.cat([len_x, len_x, len_y]),
+        torch.cat([len_y, len_x, len_y]),
+        gamma,
+        backend="torch",
     )
     xy, xx, yy = sdtw[:b], sdtw[b : 2 * b], sdtw[2 * b :]
     div = xy - 0.5 * (xx + yy)

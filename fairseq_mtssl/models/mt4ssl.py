@@ -18,17 +18,17 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from fairseq.dataclass import ChoiceEnum
 from fairseq.examples.data2vec.models.data2vec_audio import Data2VecAudioConfig, Data2VecAudioModel
 from fairseq.models import register_model
 
+from .. import upstream
 from .weight_norm import detach_weight_norm_weights
 
 logger = logging.getLogger(__name__)
-
-FEATURE_RATE = 50.0  # frames per second of the wav2vec 2.0 conv front end (stride 320 at 16 kHz)
 
 
 @dataclass
@@ -84,13 +84,14 @@ class _InputRecordingLinear(nn.Linear):
         return super().forward(x)
 
 
-def frame_targets(targets: torch.Tensor, num_frames: int, label_rate: float, pad: int):
+def frame_targets(targets: torch.Tensor, num_frames: int, label_rate: float, pad: int, feature_rate: float = 50.0):
     """Labels ``(B, L)`` at ``label_rate`` -> ``(one label per feature frame (B, num_frames), label frames (B,))``.
 
-    Frame t takes label ``round(t * label_rate / 50)``; frames past an utterance's labels get ``pad``.
+    Frame t takes label ``round(t * label_rate / feature_rate)`` (the front end's frame rate,
+    :func:`fairseq_mtssl.upstream.frame_rate_of`); frames past an utterance's labels get ``pad``.
     The second output is how many feature frames each utterance's labels cover.
     """
-    ratio = label_rate / FEATURE_RATE
+    ratio = label_rate / feature_rate
     lengths = (targets != pad).sum(1)
     idx = (torch.arange(num_frames, device=targets.device) * ratio).round().long()
     gathered = targets.gather(1, idx.clamp(max=targets.size(1) - 1)[None].expand(targets.size(0), -1))
@@ -100,6 +101,21 @@ def frame_targets(targets: torch.Tensor, num_frames: int, label_rate: float, pad
 
 @register_model("mt4ssl", dataclass=MT4SSLConfig)
 class MT4SSLModel(Data2VecAudioModel):
+    @staticmethod
+    def compute_var(y: torch.Tensor) -> torch.Tensor:
+        """Mean over channels of the standard deviation of ``y (..., C)`` across all frames of all
+        workers, as data2vec logs it (``target_var``, ``pred_var``). data2vec moves the frame count to
+        CUDA before its all-reduce, which fails under gloo on CPU; here every reduced tensor stays on
+        ``y``'s device, so the same DDP path runs on CPU and on GPUs."""
+        y = y.reshape(-1, y.size(-1)).float()
+        count = torch.tensor(float(y.size(0)), device=y.device)
+        total, squares = y.sum(0), (y**2).sum(0)
+        if dist.is_available() and dist.is_initialized():
+            for t in (count, total, squares):
+                dist.all_reduce(t)
+        var = squares / (count - 1) - total**2 / (count * (count - 1))  # unbiased, from the pooled sums
+        return torch.sqrt(var + 1e-6).mean()
+
     def __init__(self, cfg: MT4SSLConfig, num_classes: List[int], label_rates: List[float], pads: List[int]):
         super().__init__(cfg)
         self.final_proj = _InputRecordingLinear(self.embed, self.embed)
@@ -109,6 +125,7 @@ class MT4SSLModel(Data2VecAudioModel):
             )
         self.offline_weights = list(cfg.offline_weights)
         self.label_rates, self.pads = list(label_rates), list(pads)
+        self.feature_rate = upstream.frame_rate_of(upstream.conv_layers_of(self))  # 50 Hz for stride 320
         self._num_classes = list(num_classes)
         if cfg.offline_head == "linear":
             heads = [nn.Linear(self.embed, n) for n in num_classes]
@@ -196,7 +213,7 @@ class MT4SSLModel(Data2VecAudioModel):
             if target_list is None:
                 raise ValueError("offline targets requested (offline_weights) but the batch has no target_list")
             labels, label_frames = frame_targets(
-                target_list[i], mask_indices.size(1), self.label_rates[i], self.pads[i]
+                target_list[i], mask_indices.size(1), self.label_rates[i], self.pads[i], self.feature_rate
             )
             self._check_label_lengths(label_frames, padding_mask, source, i)
             masked_labels = labels[mask_indices].long()

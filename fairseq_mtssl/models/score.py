@@ -1,21 +1,38 @@
-"""SCORE (Meghanani & Hain, ICASSP 2024): self-supervised correspondence fine-tuning of HuBERT.
+"""SCORE (Meghanani & Hain, ICASSP 2024): self-supervised correspondence fine-tuning of any fairseq upstream.
 
-Registered as ``score_hubert``. A trainable HuBERT (the student, started from ``hubert_path``, only its
-top ``trainable_layers`` transformer layers updated) encodes one utterance of a pair; a frozen copy of
-the starting HuBERT (the teacher, no gradient, eval mode unless ``teacher_dropout``) encodes the
-other. Both last-layer outputs go through one projection ``Linear(dim -> proj_dim)`` and L2
-normalisation; the criterion compares them with the soft-DTW divergence. The projection and the
-teacher are dropped after training (``mtssl-export-hubert``).
+Registered as ``score``: a trainable copy of the upstream (the student, started from ``upstream_path``:
+a fairseq HuBERT, wav2vec 2.0, data2vec-audio or the plugin's MT4SSL checkpoint) encodes one utterance
+of a pair; a frozen copy of the start (the teacher, no gradient, eval mode unless ``teacher_dropout``)
+encodes the other. Both last-layer outputs go through one projection ``Linear(dim -> proj_dim)`` and
+L2 normalisation; the criterion compares them with the soft-DTW divergence. The projection and the
+teacher are dropped at export (``mtssl-export-score``), which writes the upstream's own fairseq format.
 
-Batching: with HuBERT's ``layer_norm`` front end the pair sides are padded and run as batches; with
-the group-normalised ``default`` front end (HuBERT Base), where padding would change every frame,
-each utterance runs on its own.
+What trains is ``trainable``, a list of parameter names or name prefixes of the upstream (negative
+layer indices count from the top: ``encoder.layers.-1`` is the last layer). The default is the
+authors' set, read off their freeze-by-position code (``runner_part_freeze_layers.py`` on s3prl's
+``hubert_base``): the top 2 transformer layers, ``encoder.layer_norm`` (which a post-LN model such as
+HuBERT Base applies *before* its first layer) and the front end's ``layer_norm`` (after the conv
+features) -- both reached by gradients through the frozen layers -- plus ``final_proj`` and
+``mask_emb`` (and HuBERT's ``label_embs_concat``), which feature extraction never uses, so they get no
+gradient. The conv feature extractor runs without a graph unless one of its parameters trains (s3prl
+sets ``feature_grad_mult = 0``); the frozen bottom runs without a graph up to the lowest trainable
+layer when nothing below that layer trains. LayerDrop is ``layerdrop`` (default 0, as s3prl sets it)
+in both student and teacher.
+
+``score_hubert`` (the earlier name: ``hubert_path``, top ``trainable_layers`` layers only) is kept so
+older checkpoints still load.
+
+Batching: with a ``layer_norm`` front end the pair sides are padded and run as batches; with the
+group-normalised ``default`` front end (HuBERT Base, wav2vec 2.0 Base), where padding would change
+every frame, each utterance runs on its own.
 """
 
 import copy
+import re
 from dataclasses import dataclass, field
-from typing import List, Tuple
+from typing import List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -23,59 +40,170 @@ from fairseq.dataclass import FairseqDataclass
 from fairseq.models import BaseFairseqModel, register_model
 from omegaconf import MISSING
 
-from ..convert.hubert_checkpoint import load_hubert
-from ..kmeans.features import conv_layers_of, conv_output_frames, hubert_sample_padding_mask
+from .. import upstream
+from ..upstream.layers import run_encoder
 from .weight_norm import detach_weight_norm_weights
+
+# The authors' trainable set in names that every supported upstream has (HuBERT adds label_embs_concat).
+AUTHORS_TRAINABLE = [
+    "encoder.layers.-2",
+    "encoder.layers.-1",
+    "encoder.layer_norm",
+    "layer_norm",
+    "final_proj",
+    "mask_emb",
+]
+# Parameters that feature extraction does not use (pre-training heads, quantiser, mask embedding).
+NOT_IN_FEATURE_PATH = ("mask_emb", "final_proj", "label_embs_concat", "quantizer", "project_q", "project_inp",
+                       "target_glu", "offline_heads")  # fmt: skip
+
+
+class TrainableSetError(ValueError):
+    """A ``model.trainable`` entry that names nothing, or an empty set."""
 
 
 @dataclass
-class ScoreHubertConfig(FairseqDataclass):
-    hubert_path: str = field(default=MISSING, metadata={"help": "fairseq HuBERT checkpoint to start from"})
-    trainable_layers: int = field(default=2, metadata={"help": "top transformer layers of the student that train"})
+class ScoreConfig(FairseqDataclass):
+    upstream_path: str = field(
+        default=MISSING,
+        metadata={
+            "help": "fairseq checkpoint to start from: HuBERT, wav2vec 2.0, data2vec-audio or the plugin's MT4SSL"
+        },
+    )
+    trainable: List[str] = field(
+        default_factory=lambda: list(AUTHORS_TRAINABLE),
+        metadata={
+            "help": "parameter names / prefixes of the upstream that train (encoder.layers.-1 = the top layer); "
+            "default: the authors' set (top 2 layers, encoder.layer_norm, layer_norm, final_proj, mask_emb)"
+        },
+    )
     proj_dim: int = field(default=256, metadata={"help": "projection size before L2 normalisation"})
+    layerdrop: float = field(default=0.0, metadata={"help": "LayerDrop of student and teacher (s3prl sets 0)"})
     teacher_dropout: bool = field(
         default=False, metadata={"help": "keep dropout on in the frozen teacher (as the authors' code)"}
     )
 
 
-@register_model("score_hubert", dataclass=ScoreHubertConfig)
-class ScoreHubertModel(BaseFairseqModel):
-    def __init__(self, cfg: ScoreHubertConfig, student: nn.Module):
+def resolve_trainable(model: nn.Module, entries: Sequence[str]) -> List[str]:
+    """Names of ``model``'s parameters that ``entries`` select (exact name or ``prefix.``), in model order.
+
+    ``encoder.layers.-k`` is the k-th layer from the top. An entry that selects nothing is an error."""
+    n_layers = len(model.encoder.layers)
+    names = [n for n, _ in model.named_parameters()]
+    chosen = set()
+    for entry in entries:
+        m = re.fullmatch(r"encoder\.layers\.(-?\d+)((?:\..+)?)", entry)
+        resolved = entry
+        if m:
+            i = int(m.group(1))
+            if not -n_layers <= i < n_layers:
+                raise TrainableSetError(f"model.trainable: {entry!r} but the upstream has {n_layers} layers")
+            resolved = f"encoder.layers.{i % n_layers}{m.group(2)}"
+        hits = [n for n in names if n == resolved or n.startswith(resolved + ".")]
+        if not hits:
+            raise TrainableSetError(
+                f"model.trainable: {entry!r} names no parameter of the {type(model).__name__} "
+                f"(top-level names: {sorted({n.split('.')[0] for n in names})})"
+            )
+        chosen.update(hits)
+    if not chosen:
+        raise TrainableSetError("model.trainable is empty: nothing would train")
+    return [n for n in names if n in chosen]
+
+
+def graph_start(model: nn.Module, trainable: Sequence[str]) -> Tuple[bool, Optional[int]]:
+    """Where the student's autograd graph has to start, for the parameters ``trainable``.
+
+    Returns ``(conv front end trains, first layer with a graph)``: the layer index ``k`` when only
+    layers ``>= k`` (and parameters outside feature extraction, or a pre-LN model's final norm) train,
+    so layers ``< k`` can run without a graph; ``None`` when something before the first layer trains
+    (the front end's ``layer_norm``, ``post_extract_proj``, ``encoder.pos_conv``, a post-LN model's
+    ``encoder.layer_norm``), so the whole encoder needs one."""
+    conv = any(n.startswith("feature_extractor.") for n in trainable)
+    lowest = len(model.encoder.layers)
+    front = conv
+    for n in trainable:
+        m = re.match(r"encoder\.layers\.(\d+)\.", n)
+        if m:
+            lowest = min(lowest, int(m.group(1)))
+        elif n.startswith("encoder.layer_norm.") and model.encoder.layer_norm_first:
+            pass  # applied after the last layer
+        elif not n.startswith(NOT_IN_FEATURE_PATH):
+            front = True
+    return conv, None if front else lowest
+
+
+class UpstreamMismatch(ValueError):
+    """The SCORE task would feed the upstream differently from how it was trained."""
+
+
+def check_normalize(path: str, upstream_task_cfg, task) -> None:
+    """Refuse a ``task.normalize`` that differs from the upstream's own (every frame would shift)."""
+    want = bool(getattr(upstream_task_cfg, "normalize", False))
+    have = getattr(getattr(task, "cfg", None), "normalize", None)
+    if have is not None and bool(have) != want:
+        raise UpstreamMismatch(f"{path}: the upstream was trained with normalize={want} but task.normalize={have}")
+
+
+# (B, T, C) after the first n layers (all, and a pre-LN model's final norm, when None)
+features_after = run_encoder
+
+
+@register_model("score", dataclass=ScoreConfig)
+class ScoreModel(BaseFairseqModel):
+    def __init__(self, cfg: ScoreConfig, student: nn.Module):
         super().__init__()
         self.cfg = cfg
         self.student = student
         detach_weight_norm_weights(student)
+        student.encoder.layerdrop = cfg.layerdrop
         self.teacher = copy.deepcopy(student).requires_grad_(False).eval()
-        n_layers = len(student.encoder.layers)
-        if not 0 < cfg.trainable_layers <= n_layers:
-            raise ValueError(f"trainable_layers={cfg.trainable_layers} but the HuBERT has {n_layers} layers")
-        self.student.requires_grad_(False)
-        for layer in student.encoder.layers[n_layers - cfg.trainable_layers :]:
-            layer.requires_grad_(True)
+        self.trainable = resolve_trainable(student, self.trainable_entries())
+        chosen = set(self.trainable)
+        for name, p in student.named_parameters():
+            p.requires_grad_(name in chosen)
+        conv, self.first_graph_layer = graph_start(student, self.trainable)
+        if not conv:
+            student.feature_grad_mult = 0.0  # the conv front end runs under no_grad (as s3prl sets it)
+        elif student.feature_grad_mult <= 0:
+            student.feature_grad_mult = 1.0
         self.proj = nn.Linear(student.encoder.embedding_dim, cfg.proj_dim)
-        self.batchable = not any(isinstance(m, nn.GroupNorm) for m in student.feature_extractor.modules())
+        self.batchable = upstream.front_end_batchable(student)
+
+    def trainable_entries(self) -> List[str]:
+        return list(self.cfg.trainable)
 
     @classmethod
-    def build_model(cls, cfg: ScoreHubertConfig, task=None):
-        student, _ = load_hubert(cfg.hubert_path)
-        return cls(cfg, student)
+    def build_model(cls, cfg: ScoreConfig, task=None):
+        model, upstream_task = upstream.load_speech_model(cfg.upstream_path)
+        check_normalize(cfg.upstream_path, upstream_task, task)
+        try:
+            return cls(cfg, upstream.speech_encoder_of(model))
+        except TypeError as err:
+            raise TypeError(f"{cfg.upstream_path}: {err}") from None
 
     def train(self, mode: bool = True):
         super().train(mode)
         self.teacher.train(mode and self.cfg.teacher_dropout)
         return self
 
+    def set_num_updates(self, num_updates):
+        """Kept here: passed on, data2vec's ``set_num_updates`` would build and step an EMA teacher."""
+        self.num_updates = num_updates
+
     def _extract(self, model, x: torch.Tensor, padding_mask) -> torch.Tensor:
-        """Last-layer output ``(B, T, C)``. For the student, the frozen bottom (front end and all but
-        the top ``trainable_layers``) runs without an autograd graph; only the top layers record one."""
-        n_frozen = len(model.encoder.layers) - self.cfg.trainable_layers
-        if model is self.teacher or n_frozen == 0 or not torch.is_grad_enabled():
-            return model.extract_features(x, padding_mask=padding_mask, mask=False)[0]
+        """Last-layer output ``(B, T, C)``. For the student, layers below ``first_graph_layer`` (and the
+        conv front end unless it trains) run without an autograd graph."""
+        k = self.first_graph_layer
+        if model is self.teacher or not k or not torch.is_grad_enabled():
+            return features_after(model, x, padding_mask)[0]
         with torch.no_grad():
-            feats, frame_mask = model.extract_features(x, padding_mask=padding_mask, mask=False, output_layer=n_frozen)
+            feats, frame_mask = features_after(model, x, padding_mask, k)
         h = feats.transpose(0, 1)  # (T, B, C), as fairseq's layers take it
-        for layer in model.encoder.layers[n_frozen:]:
-            h, _ = layer(h, self_attn_padding_mask=frame_mask, need_weights=False)
+        drop = model.encoder.layerdrop if model.training else 0.0
+        for layer in model.encoder.layers[k:]:
+            if drop == 0 or np.random.random() > drop:  # fairseq's LayerDrop rule
+                h, _ = layer(h, self_attn_padding_mask=frame_mask, need_weights=False)
         if model.encoder.layer_norm_first:
             h = model.encoder.layer_norm(h)
         return h.transpose(0, 1)
@@ -83,13 +211,9 @@ class ScoreHubertModel(BaseFairseqModel):
     def _encode(self, model, sources: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """Last-layer outputs ``(B, T, C)`` of padded or one-at-a-time inputs and frame lengths ``(B,)``."""
         if self.batchable and len(sources) > 1:
-            total = max(len(s) for s in sources)
-            x = sources[0].new_zeros(len(sources), total)
-            for i, s in enumerate(sources):
-                x[i, : len(s)] = s
-            layers = conv_layers_of(model)
-            mask = hubert_sample_padding_mask(layers, [len(s) for s in sources], total, x.device)
-            frames = [conv_output_frames(len(s), layers) for s in sources]
+            x, _, lengths = upstream.batch_waveforms(sources, device=sources[0].device)
+            mask = upstream.sample_padding_mask(model, lengths, x.device)
+            frames = [upstream.frontend.frames_of(model, n) for n in lengths]
             feats = self._extract(model, x, mask)
         else:
             outs = [self._extract(model, s[None], None)[0] for s in sources]
@@ -113,5 +237,37 @@ class ScoreHubertModel(BaseFairseqModel):
         }
 
     def speech_encoder(self) -> nn.Module:
-        """The student HuBERT: what downstream evaluation and export use."""
+        """The student upstream: what downstream evaluation and export use."""
         return self.student
+
+
+@dataclass
+class ScoreHubertConfig(FairseqDataclass):
+    hubert_path: str = field(default=MISSING, metadata={"help": "fairseq HuBERT checkpoint to start from"})
+    trainable_layers: int = field(default=2, metadata={"help": "top transformer layers of the student that train"})
+    proj_dim: int = field(default=256, metadata={"help": "projection size before L2 normalisation"})
+    layerdrop: float = field(default=0.0, metadata={"help": "LayerDrop of student and teacher"})
+    teacher_dropout: bool = field(
+        default=False, metadata={"help": "keep dropout on in the frozen teacher (as the authors' code)"}
+    )
+
+
+@register_model("score_hubert", dataclass=ScoreHubertConfig)
+class ScoreHubertModel(ScoreModel):
+    """The earlier ``score_hubert``: a HuBERT upstream, only its top ``trainable_layers`` layers train."""
+
+    def __init__(self, cfg: ScoreHubertConfig, student: nn.Module):
+        n_layers = len(student.encoder.layers)
+        if not 0 < cfg.trainable_layers <= n_layers:
+            raise TrainableSetError(f"trainable_layers={cfg.trainable_layers} but the HuBERT has {n_layers} layers")
+        super().__init__(cfg, student)
+
+    def trainable_entries(self) -> List[str]:
+        return [f"encoder.layers.{-i}" for i in range(self.cfg.trainable_layers, 0, -1)]
+
+    @classmethod
+    def build_model(cls, cfg: ScoreHubertConfig, task=None):
+        from ..convert.hubert_checkpoint import load_hubert
+
+        student, _ = load_hubert(cfg.hubert_path)
+        return cls(cfg, student)

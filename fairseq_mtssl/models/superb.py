@@ -21,7 +21,7 @@ from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models import BaseFairseqModel, register_model
 from omegaconf import MISSING
 
-from .upstream import hidden_states, load_upstream
+from ..upstream import hidden_states, load_upstream
 
 DOWNSTREAMS = ChoiceEnum(["linear", "bilstm"])
 

@@ -42,6 +42,8 @@ from fairseq.models.wav2vec.wav2vec2 import (
     Wav2Vec2Model,
 )
 
+from ..upstream.layers import record_layers
+
 POOLING = ChoiceEnum(["cls", "attention"])
 FEATURE_NORM = ChoiceEnum(["none", "instance", "batch"])
 VGS_ARCH = ChoiceEnum(["fast_vgs_plus", "light"])
@@ -355,23 +357,14 @@ class Wav2Vec2VgsModel(BaseFairseqModel):
         ``(run's result, frames (B, T, C), the CLS token's state (B, C) or None)``.
         Under LayerDrop a skipped layer passes its input on, so the latest output of layers
         ``1..vgs_layer`` (or the first layer's input) is what layer ``vgs_layer`` hands upward."""
-        seen: List[torch.Tensor] = []
-        frames: List[int] = []
         encoder = self.w2v.encoder
-        layers = encoder.layers
-        hooks = [
-            encoder.register_forward_pre_hook(lambda m, args: frames.append(args[0].size(1))),
-            layers[0].register_forward_pre_hook(lambda m, args: seen.append(args[0])),
-        ]
-        hooks += [
-            layer.register_forward_hook(lambda m, args, out: seen.append(out[0]))
-            for layer in layers[: self.cfg.vgs_layer]
-        ]
+        frames: List[int] = []  # the encoder's input length: the frames, before any prefix token
+        hook = encoder.register_forward_pre_hook(lambda m, args: frames.append(args[0].size(1)))
         try:
-            result = run()
+            with record_layers(encoder.layers, upto=self.cfg.vgs_layer) as seen:
+                result = run()
         finally:
-            for h in hooks:
-                h.remove()
+            hook.remove()
         h = seen[-1].transpose(0, 1)  # (B, prefix + T + padding to a multiple, C)
         prefix = getattr(encoder, "prefix_tokens", 0)
         return result, h[:, prefix : prefix + frames[0]], (h[:, 0] if prefix else None)

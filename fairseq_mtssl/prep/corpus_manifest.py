@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..corpus.alignment import read_ctm
 from ..data.manifest import read_manifest
+from ..errors import cli
 from .common import aligned_phones, write_dictionary, write_phone_transcripts
 from .spokencoco_manifest import build_spokencoco_manifest
 
@@ -44,6 +45,7 @@ def build_corpus_manifests(corpus, dest, workers: int = 0) -> dict:
     return counts
 
 
+@cli
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("corpus")

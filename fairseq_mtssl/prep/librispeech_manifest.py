@@ -6,6 +6,10 @@
 The layout is ``speaker/chapter/speaker-chapter.trans.txt`` with ``UTT_ID WORD WORD ...`` lines
 and ``UTT_ID.flac`` beside it. Phones come from a lexicon (``WORD PH PH ...``, first pronunciation
 wins; an entry ``OF+A`` covers words spoken as one unit) or from a phone alignment (``utt start end phone`` lines, ``sil`` dropped).
+
+Everything is checked before anything is written (audio headers, lexicon coverage, alignments), so a
+failed run leaves an old output folder as it was. Audio with no transcript line is an error; with
+``--allow-untranscribed`` it is left out and counted.
 """
 
 import argparse
@@ -14,7 +18,20 @@ from typing import Dict, List, Optional, Tuple
 
 from ..corpus.alignment import read_ctm
 from ..data.manifest import write_lines, write_manifest
+from ..errors import MtsslError, cli
 from .common import aligned_phones, count_samples, letters, write_dictionary, write_phone_transcripts
+
+
+class LibriSpeechError(MtsslError, ValueError):
+    """A LibriSpeech-layout directory that does not hold what its transcripts say."""
+
+
+def untranscribed_audio(root: Path, rows, audio_ext: str) -> List[str]:
+    """Audio files under ``root`` that no transcript line names (relative paths, sorted)."""
+    named = {r[0] for r in rows}
+    return sorted(
+        str(p.relative_to(root)) for p in root.rglob(f"*.{audio_ext}") if str(p.relative_to(root)) not in named
+    )
 
 
 def read_lexicon(path) -> Dict[str, List[str]]:
@@ -25,7 +42,7 @@ def read_lexicon(path) -> Dict[str, List[str]]:
             if not parts:
                 continue
             if len(parts) < 2:
-                raise ValueError(f"{path}:{lineno}: word without phones: {line.rstrip()!r}")
+                raise LibriSpeechError(f"{path}:{lineno}: word without phones: {line.rstrip()!r}")
             lexicon.setdefault(parts[0].upper(), parts[1:])
     return lexicon
 
@@ -52,7 +69,7 @@ def read_transcripts(root: Path, audio_ext: str) -> List[Tuple[str, str, str, st
     rows = []
     trans_files = sorted(root.rglob("*.trans.txt"))
     if not trans_files:
-        raise ValueError(f"{root}: no *.trans.txt files (not a LibriSpeech-layout directory)")
+        raise LibriSpeechError(f"{root}: no *.trans.txt files (not a LibriSpeech-layout directory)")
     for trans in trans_files:
         with open(trans, encoding="utf-8") as f:
             for lineno, line in enumerate(f, start=1):
@@ -74,15 +91,18 @@ def build_librispeech_manifest(
     alignments: Optional[str] = None,
     audio_ext: str = "flac",
     workers: int = 0,
-) -> int:
+    allow_untranscribed: bool = False,
+) -> Tuple[int, int]:
+    """Write the split's files; ``(utterances written, untranscribed audio files left out)``."""
     root, dest = Path(root).resolve(), Path(dest)
     rows = read_transcripts(root, audio_ext)
+    missing = untranscribed_audio(root, rows, audio_ext)
+    if missing and not allow_untranscribed:
+        raise LibriSpeechError(
+            f"{root / missing[0]}: no transcript line names this audio ({len(missing)} such files); "
+            "pass --allow-untranscribed to leave them out"
+        )
     sizes = count_samples([str(root / r[0]) for r in rows], [r[3] for r in rows], workers=workers)
-    n = write_manifest(dest / f"{split}.tsv", root, zip([r[0] for r in rows], sizes))
-    write_lines(dest / f"{split}.wrd", (r[2] for r in rows))
-    write_lines(dest / f"{split}.ltr", (letters(r[2]) for r in rows))
-    if split == "train":  # dictionaries come from the training split only
-        write_dictionary(dest / "dict.ltr.txt", (c for r in rows for c in letters(r[2]).split()))
     phones = None
     if lexicon:
         lex = read_lexicon(lexicon)
@@ -91,15 +111,25 @@ def build_librispeech_manifest(
             try:
                 phones.append(" ".join(pronounce(text.upper().split(), lex)))
             except KeyError as err:
-                raise KeyError(f"{where}: word not in lexicon {lexicon}: {err.args[0]}") from None
+                raise LibriSpeechError(f"{where}: word not in lexicon {lexicon}: {err.args[0]}") from None
     elif alignments:
         segs = read_ctm(alignments)
-        phones = [aligned_phones(segs, utt, where, alignments) for _, utt, _, where in rows]
+        try:
+            phones = [aligned_phones(segs, utt, where, alignments) for _, utt, _, where in rows]
+        except KeyError as err:
+            raise LibriSpeechError(err.args[0]) from None
+    # everything checked: now write
+    n = write_manifest(dest / f"{split}.tsv", root, zip([r[0] for r in rows], sizes))
+    write_lines(dest / f"{split}.wrd", (r[2] for r in rows))
+    write_lines(dest / f"{split}.ltr", (letters(r[2]) for r in rows))
+    if split == "train":  # dictionaries come from the training split only
+        write_dictionary(dest / "dict.ltr.txt", (c for r in rows for c in letters(r[2]).split()))
     if phones is not None:
         write_phone_transcripts(dest, split, phones)
-    return n
+    return n, len(missing)
 
 
+@cli
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("root", help="e.g. LibriSpeech/train-clean-100")
@@ -110,9 +140,14 @@ def main(argv=None) -> None:
     g.add_argument("--alignments", help="phone alignment (utt start end phone) for .phn")
     p.add_argument("--audio-ext", default="flac")
     p.add_argument("--workers", type=int, default=0)
+    p.add_argument(
+        "--allow-untranscribed", action="store_true", help="leave out (and count) audio that no transcript names"
+    )
     a = p.parse_args(argv)
-    n = build_librispeech_manifest(a.root, a.dest, a.split, a.lexicon, a.alignments, a.audio_ext, a.workers)
-    print(f"{a.split}={n}")
+    n, left_out = build_librispeech_manifest(
+        a.root, a.dest, a.split, a.lexicon, a.alignments, a.audio_ext, a.workers, a.allow_untranscribed
+    )
+    print(f"{a.split}={n}" + (f" (left out {left_out} untranscribed audio files)" if left_out else ""))
 
 
 if __name__ == "__main__":

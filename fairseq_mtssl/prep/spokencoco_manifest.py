@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from ..data.manifest import write_lines, write_manifest
+from ..errors import MtsslError, cli
 from .common import count_samples, letters, write_dictionary
 
 
-class CaptionFileError(ValueError):
+class CaptionFileError(MtsslError, ValueError):
     pass
 
 
@@ -30,8 +31,16 @@ def read_caption_entries(json_path) -> List[dict]:
         data = json.loads(Path(json_path).read_text(encoding="utf-8"))["data"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise CaptionFileError(f"{json_path}: not a SpokenCOCO-style caption file ({err})") from err
-    if not data:
-        raise CaptionFileError(f"{json_path}: no entries under 'data'")
+    if not isinstance(data, list) or not data:
+        raise CaptionFileError(f"{json_path}: 'data' must be a non-empty list of entries")
+    for i, entry in enumerate(data):
+        if not isinstance(entry, dict):
+            raise CaptionFileError(
+                f"{json_path}: data[{i}] is a {type(entry).__name__}, not an object with 'image' and 'captions'"
+            )
+        captions = entry.get("captions", [])
+        if not isinstance(captions, list) or not all(isinstance(c, dict) for c in captions):
+            raise CaptionFileError(f"{json_path}: data[{i}].captions must be a list of objects with 'wav'")
     return data
 
 
@@ -67,6 +76,7 @@ def build_spokencoco_manifest(
     return n
 
 
+@cli
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("json")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import List
 
 from ..data.manifest import write_manifest
+from ..errors import cli
 from .common import count_samples, in_valid_split
 
 
@@ -46,6 +47,7 @@ def build_wav_manifests(
     return {name: write_manifest(Path(dest) / f"{name}.tsv", root, split_rows) for name, split_rows in splits.items()}
 
 
+@cli
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("root", help="directory searched recursively")

@@ -25,7 +25,7 @@ from fairseq.tasks.hubert_pretraining import HubertPretrainingConfig, HubertPret
 from omegaconf import OmegaConf, open_dict
 
 from ..data.label_checks import check_frame_labels
-from ..data.manifest import read_manifest
+from ..data.manifest import check_task_dirs, read_manifest
 
 
 @dataclass
@@ -70,6 +70,11 @@ class CheckedHubertPretrainingTask(HubertPretrainingTask):
             raise ValueError(f"task.label_rates has {len(rates)} entries but task.labels has {len(self.cfg.labels)}")
         return [float(r) for r in rates]
 
+    @classmethod
+    def setup_task(cls, cfg, **kwargs):
+        check_task_dirs(cfg, "data", "label_dir")
+        return super().setup_task(cfg, **kwargs)
+
     def build_model(self, cfg, from_checkpoint=False):
         """Build as fairseq does, then record in ``cfg`` (the config the checkpoint saves) what the model
         took from the task, e.g. MT4SSL's head sizes, so rebuilding it later needs no label directory."""
@@ -92,6 +97,7 @@ class CheckedHubertPretrainingTask(HubertPretrainingTask):
                 rate,
                 self.cfg.sample_rate,
                 self.cfg.label_tolerance_s,
+                dict_path=f"{self.get_label_dir()}/dict.{label}.txt",
             )
 
     def load_dataset(self, split: str, **kwargs) -> None:

@@ -2,7 +2,8 @@
 
 Each item reads an utterance of ``{data}/{split}.tsv`` (checked against the manifest), crops it to
 ``max_sample_size`` at a random start, and makes a copy perturbed as in SCORE: speed 0.9 / 1.0 / 1.1,
-then pitch +2 or -2 semitones (50/50); additive noise and reverberation are available but off. The
+then pitch +2 or -2 semitones (50/50; a phase vocoder as the authors' torchaudio ``PitchShift``, or
+WSOLA with ``pitch_method=wsola``); additive noise and reverberation are available but off. The
 pair comes in random order: ``source`` goes through the trainable student, ``target_source`` through
 the frozen teacher. Every random choice is a function of (seed, epoch, index), so a resumed run
 sees the same pairs.
@@ -16,24 +17,32 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from fairseq.data import FairseqDataset
-from fairseq.dataclass import FairseqDataclass
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II, MISSING
 
 from ..data import perturb
 from ..data.audio import read_audio
-from ..data.manifest import read_manifest
+from ..data.manifest import check_task_dirs, read_manifest
 
 
 @dataclass
 class ScoreFinetuningConfig(FairseqDataclass):
     data: str = field(default=MISSING, metadata={"help": "directory with {split}.tsv manifests"})
-    sample_rate: int = 16000
+    sample_rate: int = field(default=16000, metadata={"help": "audio sample rate (Hz)"})
     normalize: bool = field(default=False, metadata={"help": "layer-normalise waveforms (as the HuBERT was trained)"})
     max_sample_size: int = field(default=250000, metadata={"help": "crop originals to this many samples"})
     min_sample_size: int = field(default=8000, metadata={"help": "skip shorter utterances"})
-    speed_factors: List[float] = field(default_factory=lambda: [0.9, 1.0, 1.1])
-    pitch_semitones: List[float] = field(default_factory=lambda: [2.0, -2.0])
+    speed_factors: List[float] = field(
+        default_factory=lambda: [0.9, 1.0, 1.1], metadata={"help": "speed perturbation factors, drawn uniformly"}
+    )
+    pitch_semitones: List[float] = field(
+        default_factory=lambda: [2.0, -2.0], metadata={"help": "pitch shifts in semitones, drawn uniformly"}
+    )
+    pitch_method: ChoiceEnum(perturb.PITCH_METHODS) = field(
+        default="phase_vocoder",
+        metadata={"help": "time-stretch of the pitch shift: phase_vocoder (n_fft 512, hop 128; the authors') or wsola"},
+    )
     noise_snr_db: Optional[float] = field(default=None, metadata={"help": "add white noise at this SNR (off in SCORE)"})
     reverb_rt60: Optional[float] = field(default=None, metadata={"help": "add synthetic reverberation (off in SCORE)"})
     seed: int = II("common.seed")
@@ -71,7 +80,9 @@ class PerturbedPairDataset(FairseqDataset):
             wav = wav[start : start + self.cfg.max_sample_size]
         factor = float(rng.choice(self.cfg.speed_factors))
         semitones = float(rng.choice(self.cfg.pitch_semitones))
-        other = perturb.pitch_shift(perturb.speed(wav, factor), semitones, self.cfg.sample_rate)
+        other = perturb.pitch_shift(
+            perturb.speed(wav, factor), semitones, self.cfg.sample_rate, method=str(self.cfg.pitch_method)
+        )
         if self.cfg.noise_snr_db is not None:
             other = perturb.add_noise(other, self.cfg.noise_snr_db, rng)
         if self.cfg.reverb_rt60 is not None:
@@ -120,6 +131,7 @@ class ScoreFinetuningTask(FairseqTask):
 
     @classmethod
     def setup_task(cls, cfg: ScoreFinetuningConfig, **kwargs):
+        check_task_dirs(cfg, "data")
         return cls(cfg)
 
     def load_dataset(self, split: str, **kwargs):

@@ -12,8 +12,11 @@ from dataclasses import dataclass
 from fairseq.tasks import register_task
 from fairseq.tasks.audio_finetuning import AudioFinetuningConfig, AudioFinetuningTask
 
+from ..data.manifest import check_task_dirs
+from ..errors import MtsslError
 
-class TranscriptError(ValueError):
+
+class TranscriptError(MtsslError, ValueError):
     pass
 
 
@@ -42,6 +45,11 @@ def check_transcripts(manifest_path: str, label_path: str, dictionary) -> None:
 @register_task("superb_downstream", dataclass=SuperbDownstreamTaskConfig)
 class SuperbDownstreamTask(AudioFinetuningTask):
     cfg: SuperbDownstreamTaskConfig
+
+    @classmethod
+    def setup_task(cls, cfg, **kwargs):
+        check_task_dirs(cfg, "data")
+        return super().setup_task(cfg, **kwargs)
 
     def load_dataset(self, split: str, task_cfg=None, **kwargs):
         task_cfg = task_cfg or self.cfg

@@ -23,6 +23,7 @@ from fairseq.tasks import register_task
 from fairseq.tasks.audio_pretraining import AudioPretrainingConfig, AudioPretrainingTask
 
 from ..data.image_features import ImageFeatureError, ImageFeatureStore
+from ..data.manifest import check_task_dirs
 
 CROP = ChoiceEnum(["random", "start"])
 
@@ -127,6 +128,11 @@ class ImagePairedAudioDataset(BaseWrapperDataset):
 @register_task("vgs_ssl_pretraining", dataclass=VgsSslPretrainingConfig)
 class VgsSslPretrainingTask(AudioPretrainingTask):
     cfg: VgsSslPretrainingConfig
+
+    @classmethod
+    def setup_task(cls, cfg, **kwargs):
+        check_task_dirs(cfg, "data", "image_features")
+        return super().setup_task(cfg, **kwargs)
 
     def __init__(self, cfg: VgsSslPretrainingConfig):
         super().__init__(cfg)

@@ -29,11 +29,15 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from .config import config_dir
-from .pipeline import MALLOC_TUNABLES, Pipeline, latest_updates
+from ..atomic import atomic_write
+from ..config import config_dir
+from ..errors import cli
+from .commands import MALLOC_TUNABLES
 from .report import write_report
+from .stages import Pipeline
+from .training_log import latest_update
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # common.user_dir
 SPLITS = ("train", "valid", "test")
 MT4SSL_VARIANTS = {"both": [], "offline_only": ["model.online_weight=0"], "online_only": ["model.offline_weights=[0]"]}
 MODELS = ["hubert", "mt4ssl_both", "mt4ssl_offline_only", "mt4ssl_online_only", "vgs_plus", "w2v2_then_vgs", "score"]
@@ -41,27 +45,31 @@ VGS_MODELS = {"vgs_plus": "VGS+", "w2v2_then_vgs": "W2V2,VGS"}
 
 
 class MainJob:
-    def __init__(self, a: argparse.Namespace):
-        self.a = a
-        self.out = Path(a.out).resolve()
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.out = Path(args.out).resolve()
         self.data = self.out / "data"
         self.manifests = self.data / "manifests"
         self.items = self.data / "test.item"
-        self.p = Pipeline(
+        self.pipeline = Pipeline(
             self.out,
-            jobs=a.jobs,
-            threads=a.threads,
-            force=a.force,
+            jobs=args.jobs,
+            threads=args.threads,
+            force=args.force,
             bin_dir=Path(sys.executable).parent,
-            malloc_tunables=a.malloc_tunables,
+            malloc_tunables=args.malloc_tunables,
         )
+
+    def tensorboard_dir(self, model: str) -> Path:
+        """Training curves of ``model`` (``tensorboard --logdir {out}/tensorboard`` shows every model)."""
+        return self.out / "tensorboard" / model
 
     @property
     def mfcc_labels(self) -> Path:
-        return self.data / "labels" / f"mfcc_km{self.a.clusters}"
+        return self.data / "labels" / f"mfcc_km{self.args.clusters}"
 
     def hydra_train(self, stage: str, config_dir: Path, config: str, run_dir: Path, *overrides: str) -> None:
-        self.p.run(
+        self.pipeline.run(
             stage,
             [
                 "fairseq-hydra-train",
@@ -71,26 +79,27 @@ class MainJob:
                 config,
                 f"common.user_dir={PACKAGE_DIR}",
                 f"hydra.run.dir={run_dir}",
+                f"common.tensorboard_logdir={self.tensorboard_dir(run_dir.name)}",
                 "common.log_interval=10",
-                f"checkpoint.save_interval_updates={self.a.save_interval}",
+                f"checkpoint.save_interval_updates={self.args.save_interval}",
                 *overrides,
             ],
         )
 
     # -- data -----------------------------------------------------------------------------------
     def corpus(self):
-        self.p.run(
+        self.pipeline.run(
             "corpus",
-            ["mtssl-synth-corpus", "--out", self.data / "corpus", "--hours", self.a.hours, "--seed", self.a.seed],
+            ["mtssl-synth-corpus", "--out", self.data / "corpus", "--hours", self.args.hours, "--seed", self.args.seed],
         )
         return json.loads((self.data / "corpus" / "corpus.json").read_text())["utterances"]
 
     def manifest_stage(self):
-        self.p.run("manifests", ["mtssl-manifest-corpus", self.data / "corpus", "--dest", self.manifests])
+        self.pipeline.run("manifests", ["mtssl-manifest-corpus", self.data / "corpus", "--dest", self.manifests])
 
     def image_features(self):
         for split in SPLITS:
-            self.p.run(
+            self.pipeline.run(
                 "image_features",
                 [
                     "mtssl-image-features",
@@ -104,14 +113,16 @@ class MainJob:
             )
 
     def labels_mfcc(self):
-        feats, km = self.data / "features" / "mfcc", self.mfcc_labels / "kmeans.joblib"
-        self.p.run("labels_mfcc", ["mtssl-dump-features", self.manifests / "train.tsv", feats, "--feature", "mfcc"])
-        self.p.run(
+        feats, km = self.data / "features" / "mfcc", self.mfcc_labels / "kmeans.npy"
+        self.pipeline.run(
+            "labels_mfcc", ["mtssl-dump-features", self.manifests / "train.tsv", feats, "--feature", "mfcc"]
+        )
+        self.pipeline.run(
             "labels_mfcc",
-            ["mtssl-learn-kmeans", feats, "train", "1", km, "--n-clusters", self.a.clusters, "--percent", "-1"],
+            ["mtssl-learn-kmeans", feats, "train", "1", km, "--n-clusters", self.args.clusters, "--percent", "-1"],
         )
         for split in SPLITS:
-            self.p.run(
+            self.pipeline.run(
                 "labels_mfcc",
                 [
                     "mtssl-apply-kmeans",
@@ -126,7 +137,7 @@ class MainJob:
         return {"label_dir": str(self.mfcc_labels)}
 
     def abx_items(self):
-        self.p.run(
+        self.pipeline.run(
             "abx_items",
             [
                 "mtssl-abx-items",
@@ -154,7 +165,7 @@ class MainJob:
             f"task.label_dir={self.mfcc_labels}",
             'task.labels=["km"]',
             "model.label_rate=100",
-            f"optimization.max_update={self.a.updates}",
+            f"optimization.max_update={self.args.updates}",
         )
         return {"checkpoint": str(run / "checkpoints/checkpoint_last.pt"), "logs": [str(run / "hydra_train.log")]}
 
@@ -170,7 +181,7 @@ class MainJob:
                 f"task.label_dir={self.mfcc_labels}",
                 'task.labels=["km"]',
                 "task.label_rate=100",
-                f"optimization.max_update={self.a.updates}",
+                f"optimization.max_update={self.args.updates}",
                 *MT4SSL_VARIANTS[variant],
             )
             return {"checkpoint": str(run / "checkpoints/checkpoint_last.pt"), "logs": [str(run / "hydra_train.log")]}
@@ -180,7 +191,7 @@ class MainJob:
     def train_vgs(self, model: str):
         def fn():
             run = self.run_dir(model)
-            self.p.run(
+            self.pipeline.run(
                 f"train_{model}",
                 [
                     "mtssl-vgs-train",
@@ -191,9 +202,11 @@ class MainJob:
                     "--out",
                     run,
                     "--updates",
-                    self.a.updates,
+                    self.args.updates,
+                    "--tensorboard-logdir",
+                    self.tensorboard_dir(model),
                     "common.log_interval=10",
-                    f"checkpoint.save_interval_updates={self.a.save_interval}",
+                    f"checkpoint.save_interval_updates={self.args.save_interval}",
                 ],
             )
             summary = json.loads((run / "summary.json").read_text())
@@ -204,15 +217,15 @@ class MainJob:
 
     def train_score(self):
         run = self.run_dir("score")
-        start = self.p.results["train_hubert"]["checkpoint"]
+        start = self.pipeline.results["train_hubert"]["checkpoint"]
         self.hydra_train(
             "train_score",
             config_dir("score"),
             "score_tiny_cpu",
             run,
             f"task.data={self.manifests}",
-            f"model.hubert_path={start}",
-            f"optimization.max_update={self.a.score_updates}",
+            f"model.upstream_path={start}",
+            f"optimization.max_update={self.args.score_updates}",
         )
         return {
             "checkpoint": str(run / "checkpoints/checkpoint_last.pt"),
@@ -221,21 +234,21 @@ class MainJob:
         }
 
     def labels_iter2(self):
-        ckpt = self.p.results["train_hubert"]["checkpoint"]
-        lab = self.data / "labels" / f"hubert_l{self.a.layer}_km{self.a.clusters}"
-        feats = self.data / "features" / f"hubert_l{self.a.layer}"
-        model_args = ["--feature", "model", "--checkpoint", ckpt, "--layer", self.a.layer]
-        self.p.run("labels_iter2", ["mtssl-dump-features", self.manifests / "train.tsv", feats, *model_args])
-        self.p.run(
+        ckpt = self.pipeline.results["train_hubert"]["checkpoint"]
+        lab = self.data / "labels" / f"hubert_l{self.args.layer}_km{self.args.clusters}"
+        feats = self.data / "features" / f"hubert_l{self.args.layer}"
+        model_args = ["--feature", "model", "--checkpoint", ckpt, "--layer", self.args.layer]
+        self.pipeline.run("labels_iter2", ["mtssl-dump-features", self.manifests / "train.tsv", feats, *model_args])
+        self.pipeline.run(
             "labels_iter2",
-            ["mtssl-learn-kmeans", feats, "train", "1", lab / "kmeans.joblib", "--n-clusters", self.a.clusters],
+            ["mtssl-learn-kmeans", feats, "train", "1", lab / "kmeans.npy", "--n-clusters", self.args.clusters],
         )
         for split in SPLITS:
-            self.p.run(
+            self.pipeline.run(
                 "labels_iter2",
                 [
                     "mtssl-apply-kmeans",
-                    lab / "kmeans.joblib",
+                    lab / "kmeans.npy",
                     lab,
                     "--manifest",
                     self.manifests / f"{split}.tsv",
@@ -247,10 +260,10 @@ class MainJob:
     # -- evaluation -----------------------------------------------------------------------------
     def evaluate(self, model: str):
         def fn():
-            ck = "mfcc" if model == "mfcc" else self.p.results[f"train_{model}"]["checkpoint"]
+            ck = "mfcc" if model == "mfcc" else self.pipeline.results[f"train_{model}"]["checkpoint"]
             out = self.out / "eval" / model
             extra = ["--retrieval"] if model in VGS_MODELS else []
-            self.p.run(
+            self.pipeline.run(
                 f"eval_{model}",
                 [
                     "mtssl-evaluate-upstream",
@@ -260,9 +273,9 @@ class MainJob:
                     "--out",
                     out,
                     "--layer",
-                    self.a.layer,
+                    self.args.layer,
                     "--pr-updates",
-                    0 if model == "mfcc" else self.a.pr_updates,
+                    0 if model == "mfcc" else self.args.pr_updates,
                     "--no-probe",
                     "--items",
                     self.items,
@@ -277,114 +290,122 @@ class MainJob:
     def training_progress(self, model: str, target: int):
         def progress() -> Optional[str]:
             logs = sorted(self.run_dir(model).glob("**/hydra_train.log"), key=lambda p: p.stat().st_mtime)
-            n = latest_updates(logs[-1]) if logs else None
+            n = latest_update(logs[-1]) if logs else None
             return None if n is None else f"update {n}/{target}"
 
         return progress
 
     def declare(self) -> None:
-        p, models = self.p, [m for m in MODELS if m in self.a.models]
-        p.add("corpus", self.corpus)
-        p.add("manifests", self.manifest_stage, after=["corpus"])
-        p.add("labels_mfcc", self.labels_mfcc, after=["manifests"])
-        p.add("image_features", self.image_features, after=["manifests"])
-        p.add("abx_items", self.abx_items, after=["manifests"])
+        stages, models = self.pipeline, [m for m in MODELS if m in self.args.models]
+        stages.add("corpus", self.corpus)
+        stages.add("manifests", self.manifest_stage, after=["corpus"])
+        stages.add("labels_mfcc", self.labels_mfcc, after=["manifests"])
+        stages.add("image_features", self.image_features, after=["manifests"])
+        stages.add("abx_items", self.abx_items, after=["manifests"])
         # declaration order is scheduling priority: the longest chain (HuBERT -> SCORE) first
         needs_hubert = "hubert" in models or "score" in models
         if needs_hubert:
-            p.add(
+            stages.add(
                 "train_hubert",
                 self.train_hubert,
                 after=["labels_mfcc"],
-                progress=self.training_progress("hubert", self.a.updates),
+                progress=self.training_progress("hubert", self.args.updates),
             )
         if "score" in models:
-            p.add(
+            stages.add(
                 "train_score",
                 self.train_score,
                 after=["train_hubert"],
-                progress=self.training_progress("score", self.a.score_updates),
+                progress=self.training_progress("score", self.args.score_updates),
             )
         for m in models:
             if m.startswith("mt4ssl_"):
-                p.add(
+                stages.add(
                     f"train_{m}",
                     self.train_mt4ssl(m[len("mt4ssl_") :]),
                     after=["labels_mfcc"],
-                    progress=self.training_progress(m, self.a.updates),
+                    progress=self.training_progress(m, self.args.updates),
                 )
             elif m in VGS_MODELS:
-                p.add(
+                stages.add(
                     f"train_{m}",
                     self.train_vgs(m),
                     after=["image_features"],
-                    progress=self.training_progress(m, self.a.updates),
+                    progress=self.training_progress(m, self.args.updates),
                 )
         for m in models:
-            p.add(f"eval_{m}", self.evaluate(m), after=[f"train_{m}", "abx_items"])
-        p.add("eval_mfcc", self.evaluate("mfcc"), after=["abx_items"])
-        if self.a.iter2:
-            p.add("labels_iter2", self.labels_iter2, after=["train_hubert"])
-        p.add("report", self.report, after=[f"eval_{m}" for m in models] + ["eval_mfcc"])
+            stages.add(f"eval_{m}", self.evaluate(m), after=[f"train_{m}", "abx_items"])
+        stages.add("eval_mfcc", self.evaluate("mfcc"), after=["abx_items"])
+        if self.args.iter2:
+            stages.add("labels_iter2", self.labels_iter2, after=["train_hubert"])
+        stages.add("report", self.report, after=[f"eval_{m}" for m in models] + ["eval_mfcc"])
 
     def report(self):
-        path = write_report(self.out, self.p.results, ["mfcc"] + [m for m in MODELS if m in self.a.models])
+        path = write_report(self.out, self.pipeline.results, ["mfcc"] + [m for m in MODELS if m in self.args.models])
         return {"report": str(path)}
 
     def main(self) -> Dict[str, object]:
         self.out.mkdir(parents=True, exist_ok=True)
         self.declare()
         print(
-            f"main job in {self.out}: {len(self.p.specs)} stages, {self.a.jobs} at a time x {self.a.threads} threads",
+            f"main job in {self.out}: {len(self.pipeline.specs)} stages, {self.args.jobs} at a time x {self.args.threads} threads",
             flush=True,
         )
-        results = self.p.execute()
+        results = self.pipeline.execute()
         summary = {
             "stages": results,
-            "peak_pss_mb_this_run": round(self.p.peak_pss_mb),
-            "peak_pss_mb_by_stage_at_peak": {k: round(v) for k, v in self.p.peak_breakdown_mb.items()},
-            "stage_peak_pss_mb": {k: round(v) for k, v in sorted(self.p.stage_peak_mb.items())},
+            "peak_pss_mb_this_run": round(self.pipeline.peak_pss_mb),
+            "peak_pss_mb_by_stage_at_peak": {k: round(v) for k, v in self.pipeline.peak_breakdown_mb.items()},
+            "stage_peak_pss_mb": {k: round(v) for k, v in sorted(self.pipeline.stage_peak_mb.items())},
             "stage_seconds_total": round(sum(r.get("seconds", 0) for r in results.values()), 1),
         }
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        with atomic_write(self.out / "summary.json") as f:
+            json.dump(summary, f, indent=1)
         print(
-            f"report: {results['report']['report']}\npeak memory of this run (PSS, all processes): {self.p.peak_pss_mb:.0f} MB",
+            f"report: {results['report']['report']}\npeak memory of this run (PSS, all processes): {self.pipeline.peak_pss_mb:.0f} MB",
             flush=True,
         )
         return summary
 
 
+@cli
 def main(argv: Optional[List[str]] = None) -> None:
     cores = len(os.sched_getaffinity(0))
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/main")
-    p.add_argument("--hours", type=float, default=0.5, help="hours of training speech in the corpus")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--clusters", type=int, default=50, help="k-means clusters of the offline labels")
-    p.add_argument("--updates", type=int, default=300, help="pre-training updates of each model (HuBERT, MT4SSL, VGS)")
-    p.add_argument("--score-updates", type=int, default=150, help="SCORE fine-tuning updates")
-    p.add_argument("--pr-updates", type=int, default=300, help="SUPERB-style phone-recognition updates per model")
-    p.add_argument("--layer", type=int, default=2, help="layer for QbE (ABX covers every layer)")
-    p.add_argument("--save-interval", type=int, default=50, help="checkpoint every N updates (what a kill -9 can lose)")
-    p.add_argument("--models", nargs="+", default=MODELS, choices=MODELS, help="which models to train and evaluate")
-    p.add_argument("--iter2", action="store_true", help="also make HuBERT iteration-2 labels from the base model")
-    p.add_argument("--jobs", type=int, default=2, help="stages run side by side")
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads per stage (default: cores / jobs)")
-    p.add_argument(
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/main")
+    parser.add_argument("--hours", type=float, default=0.5, help="hours of training speech in the corpus")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--clusters", type=int, default=50, help="k-means clusters of the offline labels")
+    parser.add_argument(
+        "--updates", type=int, default=300, help="pre-training updates of each model (HuBERT, MT4SSL, VGS)"
+    )
+    parser.add_argument("--score-updates", type=int, default=150, help="SCORE fine-tuning updates")
+    parser.add_argument("--pr-updates", type=int, default=300, help="SUPERB-style phone-recognition updates per model")
+    parser.add_argument("--layer", type=int, default=2, help="layer for QbE (ABX covers every layer)")
+    parser.add_argument(
+        "--save-interval", type=int, default=50, help="checkpoint every N updates (what a kill -9 can lose)"
+    )
+    parser.add_argument(
+        "--models", nargs="+", default=MODELS, choices=MODELS, help="which models to train and evaluate"
+    )
+    parser.add_argument("--iter2", action="store_true", help="also make HuBERT iteration-2 labels from the base model")
+    parser.add_argument("--jobs", type=int, default=2, help="stages run side by side")
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads per stage (default: cores / jobs)")
+    parser.add_argument(
         "--force",
         action="store_true",
         help="rerun finished stages (a training resumes from its own "
         "checkpoint_last.pt; delete models/<model> to train it from scratch)",
     )
-    p.add_argument(
+    parser.add_argument(
         "--malloc-tunables",
         default=MALLOC_TUNABLES,
         help="GLIBC_TUNABLES for the commands, unless already set ('' for none): about half the memory per training "
-        "for about 6%% more time (see fairseq_mtssl/pipeline.py)",
+        "for about 6%% more time (see fairseq_mtssl/jobs/commands.py)",
     )
-    a = p.parse_args(argv)
-    a.threads = a.threads or max(1, cores // a.jobs)
-    MainJob(a).main()
+    args = parser.parse_args(argv)
+    args.threads = args.threads or max(1, cores // args.jobs)
+    MainJob(args).main()
 
 
 if __name__ == "__main__":

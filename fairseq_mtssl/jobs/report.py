@@ -1,6 +1,6 @@
 """The main job's report: one markdown file with every model x metric, PNG plots and the commands.
 
-Reads the stage results of :mod:`fairseq_mtssl.main_job` (training logs, each model's
+Reads the stage results of :mod:`fairseq_mtssl.jobs.main_job` (training logs, each model's
 ``eval/<model>/results.json``) and writes, under the run folder:
 
   report.md            the tables (summary, ABX per layer, retrieval), the plots, where every command is
@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from .atomic import atomic_write
+from ..atomic import atomic_write
 from .training_log import read_stages
 
 LABELS = {

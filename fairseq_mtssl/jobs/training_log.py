@@ -2,7 +2,7 @@
 
 import re
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 _NUMBER = r"(-?[\d.]+(?:e-?\d+)?)"
 _FIELD = re.compile(r"(\w+)=" + _NUMBER + r"(?=[,\s]|$)")  # simple format: key=value, ...
@@ -12,6 +12,18 @@ _PIPE_FIELD = re.compile(r"\|\s*(\w+)\s+" + _NUMBER + r"(?=\s|$)")  # valid line
 def read_curve(log: Path, kind: str = "train_inner", keys: Sequence[str] = ("loss",)) -> List[Dict[str, float]]:
     """One dict per ``[kind]`` line (``train_inner`` or ``valid``): ``num_updates`` and ``keys``."""
     return _parse(_lines(log), kind, keys)
+
+
+def latest_update(log: Path, tail_bytes: int = 8192) -> Optional[int]:
+    """The last ``num_updates`` a training log reports, read from its tail (None before the first)."""
+    log = Path(log)
+    if not log.exists():
+        return None
+    with open(log, "rb") as f:
+        f.seek(max(0, log.stat().st_size - tail_bytes))
+        text = f.read().decode("utf-8", errors="replace")
+    found = [int(float(v)) for k, v in _FIELD.findall(text) + _PIPE_FIELD.findall(text) if k.endswith("num_updates")]
+    return found[-1] if found else None
 
 
 def _lines(log: Path) -> List[str]:

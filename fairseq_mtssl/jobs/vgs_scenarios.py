@@ -20,21 +20,24 @@ run, recorded in ``commands.sh``; a rerun resumes an interrupted stage and skips
 
 import argparse
 import json
-import shlex
-import subprocess
 import sys
 from pathlib import Path
 from typing import Dict, List
 
 import torch
 
-from .atomic import atomic_write
-from .checkpoint_safety import load_checkpoint_safely
-from .child_process import child_kwargs
-from .config import config_dir
+from ..atomic import atomic_write
+from ..checkpoint_safety import load_checkpoint_safely
+from ..config import config_dir
+from ..errors import MtsslError, cli
+from .commands import CommandRunner
 
 AV_WEIGHT = {"W2V2": 0.0, "VGS": 1.0, "VGS+": None}  # criterion.av_weight (the paper's alpha); VGS+: --av-weight
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # common.user_dir
+
+
+class ScenarioError(MtsslError, ValueError):
+    """A scenario that cannot be run as asked."""
 
 
 def parameter_group(name: str, vgs_layer: int, n_layers: int) -> str:
@@ -96,57 +99,53 @@ def handover_report(stage_a: Path, stage_b: Path, av_weight_a: float, av_weight_
 
 
 class ScenarioRunner:
-    def __init__(self, a: argparse.Namespace):
-        self.a = a
-        self.out = Path(a.out)
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.out = Path(args.out).resolve()
         self.out.mkdir(parents=True, exist_ok=True)
+        self.commands = CommandRunner(self.out, bin_dir=Path(sys.executable).parent)
 
     def av_weight(self, method: str) -> float:
         if method not in AV_WEIGHT:
-            raise ValueError(f"unknown method {method!r}: choose W2V2, VGS or VGS+")
-        return self.a.av_weight if AV_WEIGHT[method] is None else AV_WEIGHT[method]
+            raise ScenarioError(f"unknown method {method!r}: choose W2V2, VGS or VGS+")
+        return self.args.av_weight if AV_WEIGHT[method] is None else AV_WEIGHT[method]
 
     def stage(self, name: str, method: str, updates: int, extra: List[str], config_name: str = "") -> Path:
         run = self.out / name
         last = run / "checkpoints" / "checkpoint_last.pt"
-        if (run / "done").exists():
-            print(f"[{name}] done before", flush=True)
-            return last
         cmd = [
-            str(Path(sys.executable).parent / "fairseq-hydra-train"),
+            "fairseq-hydra-train",
             "--config-dir",
-            str(self.a.config_dir),
+            str(self.args.config_dir),
             "--config-name",
-            config_name or self.a.config_name,
+            config_name or self.args.config_name,
             f"common.user_dir={PACKAGE_DIR}",
-            f"task.data={Path(self.a.data).resolve()}",
+            f"task.data={Path(self.args.data).resolve()}",
             f"criterion.av_weight={self.av_weight(method)}",
             f"optimization.max_update={updates}",
             f"hydra.run.dir={run.resolve()}",
-            *self.a.overrides,
+            *(
+                [f"common.tensorboard_logdir={Path(self.args.tensorboard_logdir).resolve() / name}"]
+                if self.args.tensorboard_logdir
+                else []
+            ),
+            *self.args.overrides,
             *extra,
         ]
-        with open(self.out / "commands.sh", "a", encoding="utf-8") as f:
-            f.write(f"# {name}: {method}\n{' '.join(shlex.quote(c) for c in cmd)}\n")
-        print(f"[{name}] {method}, {updates} updates", flush=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True, **child_kwargs())
-        (self.out / f"{name}.log").write_text(proc.stdout + proc.stderr)
-        if proc.returncode != 0:
-            raise RuntimeError(
-                f"[{name}] fairseq-hydra-train failed ({proc.returncode}), log {self.out / f'{name}.log'}:\n{proc.stderr[-2000:]}"
-            )
-        (run / "done").write_text("")
+        if not self.commands.done.is_done(name):
+            print(f"[{name}] {method}, {updates} updates", flush=True)
+        self.commands.step(name, cmd, say=lambda msg: print(msg, flush=True))
         return last
 
     def run(self) -> Dict:
-        methods = self.a.scenario.split(",")
-        summary = {"scenario": self.a.scenario, "updates": self.a.updates}
+        methods = self.args.scenario.split(",")
+        summary = {"scenario": self.args.scenario, "updates": self.args.updates}
         if len(methods) == 1:
-            summary["final"] = str(self.stage("stage1_" + _slug(methods[0]), methods[0], self.a.updates, []))
+            summary["final"] = str(self.stage("stage1_" + _slug(methods[0]), methods[0], self.args.updates, []))
         elif len(methods) == 2:
             first, second = methods
-            n_a = round(self.a.updates * 20 / 70)
-            ckpt_a = self.stage("stage1_" + _slug(first), first, n_a, list(self.a.override_a))
+            n_a = round(self.args.updates * 20 / 70)
+            ckpt_a = self.stage("stage1_" + _slug(first), first, n_a, list(self.args.override_a))
             stage_b = "stage2_" + _slug(second)
             resume = (self.out / stage_b / "checkpoints" / "checkpoint_last.pt").exists()
             extra = (
@@ -160,11 +159,11 @@ class ScenarioRunner:
                     "checkpoint.reset_meters=true",
                 ]
             )
-            extra.append(f"model.freeze_shared_layers={self.a.freeze_shared}")
-            extra += self.a.override_b
-            ckpt_b = self.stage(stage_b, second, self.a.updates - n_a, extra, self.a.config_name_b)
+            extra.append(f"model.freeze_shared_layers={self.args.freeze_shared}")
+            extra += self.args.override_b
+            ckpt_b = self.stage(stage_b, second, self.args.updates - n_a, extra, self.args.config_name_b)
             report = handover_report(
-                ckpt_a, ckpt_b, self.av_weight(first), self.av_weight(second), self.a.freeze_shared
+                ckpt_a, ckpt_b, self.av_weight(first), self.av_weight(second), self.args.freeze_shared
             )
             with atomic_write(self.out / "handover.json") as f:
                 json.dump(report, f, indent=1)
@@ -172,9 +171,9 @@ class ScenarioRunner:
                 print(
                     f"  {g:<38} {e['status']}{', frozen in B' if e['frozen_in_b'] else ''}{', changed in B' if e['changed_in_b'] else ''}"
                 )
-            summary.update(final=str(ckpt_b), stage_a=str(ckpt_a), updates_a=n_a, updates_b=self.a.updates - n_a)
+            summary.update(final=str(ckpt_b), stage_a=str(ckpt_a), updates_a=n_a, updates_b=self.args.updates - n_a)
         else:
-            raise ValueError(f"--scenario takes one method or two joined by a comma, got {self.a.scenario!r}")
+            raise ScenarioError(f"--scenario takes one method or two joined by a comma, got {self.args.scenario!r}")
         with atomic_write(self.out / "summary.json") as f:
             json.dump(summary, f, indent=1)
         return summary
@@ -184,31 +183,36 @@ def _slug(method: str) -> str:
     return method.lower().replace("+", "_plus")
 
 
+@cli
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scenario", required=True, help="W2V2 | VGS | VGS+ | A,B (e.g. W2V2,VGS)")
-    p.add_argument("--data", required=True, help="manifest directory (with .img/.images and image features)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--updates", type=int, required=True, help="total updates (split 20:50 between two stages)")
-    p.add_argument(
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scenario", required=True, help="W2V2 | VGS | VGS+ | A,B (e.g. W2V2,VGS)")
+    parser.add_argument("--data", required=True, help="manifest directory (with .img/.images and image features)")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--updates", type=int, required=True, help="total updates (split 20:50 between two stages)")
+    parser.add_argument(
         "--av-weight",
         type=float,
         default=0.5,
         help="VGS+: the paper's alpha, weight of the audio-visual loss (1 - it weighs the wav2vec 2.0 loss)",
     )
-    p.add_argument("--freeze-shared", type=int, default=0, help="stage B: freeze the front end and layers 1..n")
-    p.add_argument(
+    parser.add_argument("--freeze-shared", type=int, default=0, help="stage B: freeze the front end and layers 1..n")
+    parser.add_argument(
         "--config-dir",
         default=str(config_dir("vgs")),
         help="folder of the stage config (default: the packaged VGS configs)",
     )
-    p.add_argument("--config-name", default="vgs_ssl_tiny_cpu")
-    p.add_argument("--config-name-b", default="", help="stage B's config (default: --config-name)")
-    p.add_argument("--override-a", action="append", default=[], help="a hydra override for stage A only")
-    p.add_argument("--override-b", action="append", default=[], help="a hydra override for stage B only")
-    p.add_argument("overrides", nargs="*", help="more hydra overrides for every stage")
-    a = p.parse_args(argv)
-    print(json.dumps(ScenarioRunner(a).run()))
+    parser.add_argument("--config-name", default="vgs_ssl_tiny_cpu")
+    parser.add_argument("--config-name-b", default="", help="stage B's config (default: --config-name)")
+    parser.add_argument("--override-a", action="append", default=[], help="a hydra override for stage A only")
+    parser.add_argument("--override-b", action="append", default=[], help="a hydra override for stage B only")
+    parser.add_argument(
+        "--tensorboard-logdir",
+        help="write each stage's training curves under DIR/<stage> (fairseq's common.tensorboard_logdir)",
+    )
+    parser.add_argument("overrides", nargs="*", help="more hydra overrides for every stage")
+    args = parser.parse_args(argv)
+    print(json.dumps(ScenarioRunner(args).run()))
 
 
 if __name__ == "__main__":

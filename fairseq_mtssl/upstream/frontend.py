@@ -1,0 +1,103 @@
+"""The conv front end of wav2vec 2.0-family models: geometry, frame rate, and padded batches.
+
+A front end is a list of ``(channels, kernel, stride)`` convolutions over 16 kHz samples. HuBERT,
+wav2vec 2.0 and data2vec derive an utterance's valid frames from a sample-level padding mask, each in
+its own way (:func:`sample_padding_mask`). The ``default`` front end group-normalises over time, so a
+frame depends on how much padding follows it: such a model runs one utterance at a time
+(:func:`front_end_batchable`).
+"""
+
+from typing import List, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+SAMPLE_RATE = 16000
+
+
+def conv_layers_of(model: nn.Module) -> List[Tuple[int, int, int]]:
+    """``[(channels, kernel, stride), ...]`` of a wav2vec 2.0-family model's conv front end."""
+    convs = [next(m for m in block if isinstance(m, nn.Conv1d)) for block in model.feature_extractor.conv_layers]
+    return [(c.out_channels, c.kernel_size[0], c.stride[0]) for c in convs]
+
+
+def conv_output_frames(num_samples: int, conv_layers: Sequence[Tuple[int, int, int]]) -> int:
+    """Frames produced from ``num_samples`` samples by the convolutions ``[(dim, kernel, stride), ...]``."""
+    n = num_samples
+    for _, k, s in conv_layers:
+        n = (n - k) // s + 1
+    return max(n, 0)
+
+
+def frame_rate_of(conv_layers: Sequence[Tuple[int, int, int]], sample_rate: int = SAMPLE_RATE) -> float:
+    """Frames per second: the sample rate over the product of the strides (50 Hz for stride 320)."""
+    return sample_rate / int(np.prod([s for _, _, s in conv_layers]))
+
+
+def front_end_batchable(model: nn.Module) -> bool:
+    """Whether padding leaves every valid frame unchanged: not so for a group-normalised front end."""
+    return not any(isinstance(m, nn.GroupNorm) for m in model.feature_extractor.modules())
+
+
+def hubert_sample_padding_mask(conv_layers, lengths: Sequence[int], total: int, device="cpu") -> torch.Tensor:
+    """A sample-level mask ``(B, total)`` from which HuBERT derives exactly ``conv_output_frames(len)`` valid frames.
+
+    HuBERT splits the mask into ``total // F`` blocks and keeps a frame unless its whole block is
+    padding, which would let frames computed past an utterance's end into attention; so the mask
+    starts at the block of the first frame the conv stack does not produce.
+    """
+    block = total // conv_output_frames(total, conv_layers)
+    mask = torch.zeros(len(lengths), total, dtype=torch.bool, device=device)
+    for i, n in enumerate(lengths):
+        mask[i, conv_output_frames(n, conv_layers) * block :] = True
+    return mask
+
+
+def sample_padding_mask(model: nn.Module, lengths: Sequence[int], device="cpu") -> torch.Tensor:
+    """``(B, max(lengths))`` mask (True = padding) from which ``model`` derives exactly
+    ``conv_output_frames(len)`` valid frames: wav2vec 2.0 / data2vec count unmasked samples through the
+    conv formula, HuBERT needs :func:`hubert_sample_padding_mask`."""
+    from fairseq.models.hubert import HubertModel
+
+    total = max(lengths)
+    if isinstance(model, HubertModel):
+        return hubert_sample_padding_mask(conv_layers_of(model), lengths, total, device)
+    mask = torch.zeros(len(lengths), total, dtype=torch.bool, device=device)
+    for i, n in enumerate(lengths):
+        mask[i, n:] = True
+    return mask
+
+
+def batch_waveforms(
+    waveforms: Sequence, normalize: bool = False, device="cpu"
+) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
+    """Zero-padded ``(B, T)`` batch of waveforms ``(T_i,)`` (numpy or torch), each layer-normed first when
+    ``normalize`` (the task's ``normalize``); returns ``(source, padding (B, T) True past each end, lengths)``."""
+    xs = [torch.as_tensor(np.asarray(w, dtype=np.float32) if not torch.is_tensor(w) else w) for w in waveforms]
+    xs = [F.layer_norm(x, x.shape) if normalize else x for x in xs]
+    lengths = [len(x) for x in xs]
+    source = torch.zeros(len(xs), max(lengths), dtype=xs[0].dtype, device=device)
+    padding = torch.ones(len(xs), max(lengths), dtype=torch.bool, device=device)
+    for i, x in enumerate(xs):
+        source[i, : len(x)] = x
+        padding[i, : len(x)] = False
+    return source, padding, lengths
+
+
+def frames_of(model: nn.Module, num_samples: int) -> int:
+    """Frames ``model`` produces from ``num_samples`` samples."""
+    return conv_output_frames(num_samples, conv_layers_of(model))
+
+
+__all__ = [
+    "batch_waveforms",
+    "conv_layers_of",
+    "conv_output_frames",
+    "frame_rate_of",
+    "frames_of",
+    "front_end_batchable",
+    "hubert_sample_padding_mask",
+    "sample_padding_mask",
+]
