@@ -1,5 +1,5 @@
 """``mtssl-image-features``: an image list -> the image feature store, from a backbone, the corpus's
-scene features, or bottom-up-attention region TSVs (see :mod:`.image_features` and :mod:`.region_features`)."""
+scene features, or bottom-up-attention regions (TSV, or FaST-VGS's HDF5; see :mod:`.image_features` and :mod:`.region_features`)."""
 
 import argparse
 import logging
@@ -22,15 +22,19 @@ def main(argv=None) -> None:
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--dim", type=int, default=64, help="scene feature size")
     p.add_argument("--tsv", nargs="+", help="bottom-up-attention region feature TSV files (instead of a backbone)")
-    p.add_argument("--feature-dim", type=int, default=2048, help="--tsv: expected region feature width")
-    p.add_argument("--regions", type=int, default=36, help="--tsv: regions kept per image, by object confidence")
+    p.add_argument("--hdf5", nargs="+", help="FaST-VGS's HDF5 files of the same region features (needs h5py)")
+    p.add_argument("--feature-dim", type=int, default=2048, help="--tsv/--hdf5: expected region feature width")
+    p.add_argument("--regions", type=int, default=36, help="--tsv/--hdf5: regions kept per image, by object confidence")
     a = p.parse_args(argv)
-    if a.tsv:
-        n, d = write_region_features(a.images, a.tsv, a.out, a.feature_dim, a.regions)
+    if a.tsv or a.hdf5:
+        if a.tsv and a.hdf5:
+            p.error("give --tsv or --hdf5, not both")
+        fmt = "tsv" if a.tsv else "hdf5"
+        n, d = write_region_features(a.images, a.tsv or a.hdf5, a.out, a.feature_dim, a.regions, fmt)
         print(f"{a.out}: {n} images, {d}-dim regions")
         return
     if not a.root:
-        p.error("--root is required unless --tsv is given")
+        p.error("--root is required unless --tsv or --hdf5 is given")
     logging.getLogger("PIL").setLevel(logging.INFO)  # PIL logs every PNG chunk at DEBUG
     n, d = write_image_features(a.images, a.root, a.out, a.backbone, a.size, a.dim)
     print(f"{a.out}: {n} images, {d}-dim regions")

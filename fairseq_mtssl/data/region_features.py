@@ -16,13 +16,16 @@ An image of the list (``{split}.images``; matched by its file stem, ``.../COCO_v
 undecoded. A missing image, a feature width other than ``feature_dim``, a box outside its image or a
 corrupt line (column count, base64, sizes) is an error naming the file and line. The ``.npy`` is
 written as the rows arrive (never all in memory: SpokenCOCO's 123k images are 36 GB of rows).
+
+``--hdf5`` reads FaST-VGS's HDF5 conversion of the same files instead (datasets ``img_id``, ``img_h``,
+``img_w``, ``objects_conf``, ``boxes``, ``features``; needs h5py), with the same ordering and boxes.
 """
 
 import base64
 import binascii
 import os
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, Iterator, List, Sequence, Tuple
 
 import numpy as np
 
@@ -91,12 +94,57 @@ def parse_row(line: str, where: str, feature_dim: int, regions: int) -> Tuple[st
             f"{where}: image {row['img_id']}: {feats.size // n}-dim region features, expected {feature_dim} "
             f"(--feature-dim)"
         )
-    order = np.argsort(-conf, kind="stable")[:regions]  # highest object confidence first, as FaST-VGS
-    box = boxes.reshape(n, 4)[order] / np.array([w, h, w, h], dtype=np.float32)
+    return row["img_id"], select_regions(conf, boxes.reshape(n, 4), feats.reshape(n, feature_dim), h, w, regions,
+                                         f"{where}: image {row['img_id']}")  # fmt: skip
+
+
+def select_regions(
+    conf: np.ndarray, boxes: np.ndarray, feats: np.ndarray, h: int, w: int, regions: int, where: str
+) -> np.ndarray:
+    """``(min(n, regions), D + 4)``: the most confident regions first (FaST-VGS's ordered indices), each
+    feature ``(n, D)`` followed by its pixel box ``(n, 4)`` divided by the image's width and height."""
+    order = np.argsort(-conf, kind="stable")[:regions]
+    box = boxes[order].astype(np.float32) / np.array([w, h, w, h], dtype=np.float32)
     if not (np.isfinite(box).all() and (box >= -1e-5).all() and (box <= 1 + 1e-5).all()):
-        raise RegionFeatureError(f"{where}: image {row['img_id']}: a box lies outside its {w} x {h} image")
-    out = np.concatenate([feats.reshape(n, feature_dim)[order], np.clip(box, 0.0, 1.0)], 1)
-    return row["img_id"], np.ascontiguousarray(out, dtype=np.float32)
+        raise RegionFeatureError(f"{where}: a box lies outside its {w} x {h} image")
+    return np.ascontiguousarray(np.concatenate([feats[order], np.clip(box, 0.0, 1.0)], 1), dtype=np.float32)
+
+
+def _tsv_rows(tsv_files: Sequence, wanted, feature_dim: int, regions: int) -> Iterator[Tuple[str, np.ndarray]]:
+    for tsv in tsv_files:
+        with open(tsv, encoding="ascii", errors="replace", newline="\n") as src:
+            for lineno, line in enumerate(src, start=1):
+                img_id = line.split("\t", 1)[0]
+                if img_id in wanted:
+                    yield parse_row(line, f"{tsv}:{lineno}", feature_dim, regions)
+
+
+def _hdf5_rows(files: Sequence, wanted, feature_dim: int, regions: int) -> Iterator[Tuple[str, np.ndarray]]:
+    """FaST-VGS's HDF5 (``generate_hdf5_coco_places_flickr8k_imgfeat.py``): datasets ``img_id (n,)``,
+    ``img_h``, ``img_w``, ``objects_conf (n, R)``, ``boxes (n, R, 4)`` in pixels, ``features (n, R, D)``."""
+    try:
+        import h5py
+    except ImportError:
+        raise RegionFeatureError("--hdf5 needs h5py (pip install h5py; it depends on numpy only)") from None
+
+    for path in files:
+        try:
+            f = h5py.File(path, "r")
+        except OSError as err:
+            raise RegionFeatureError(f"{path}: not a readable HDF5 file ({err})") from None
+        with f:
+            for key in ("img_id", "img_h", "img_w", "objects_conf", "boxes", "features"):
+                if key not in f:
+                    raise RegionFeatureError(f"{path}: no dataset {key!r} (expected FaST-VGS's image feature HDF5)")
+            feats = f["features"]
+            if feats.ndim != 3 or feats.shape[2] != feature_dim:
+                raise RegionFeatureError(f"{path}: features of shape {feats.shape}, expected (n, R, {feature_dim})")
+            ids = [x.decode("utf-8") if isinstance(x, bytes) else str(x) for x in f["img_id"][:]]
+            for k, img_id in enumerate(ids):
+                if img_id in wanted:
+                    where = f"{path}: row {k}: image {img_id}"
+                    yield img_id, select_regions(f["objects_conf"][k], f["boxes"][k], feats[k], int(f["img_h"][k]),
+                                                 int(f["img_w"][k]), regions, where)  # fmt: skip
 
 
 def _npy_header(rows: int, dim: int) -> bytes:
@@ -107,10 +155,10 @@ def _npy_header(rows: int, dim: int) -> bytes:
 
 
 def write_region_features(
-    images_list, tsv_files: Sequence, out, feature_dim: int = 2048, regions: int = 36
+    images_list, tsv_files: Sequence, out, feature_dim: int = 2048, regions: int = 36, fmt: str = "tsv"
 ) -> Tuple[int, int]:
-    """Store the regions of every image of ``images_list`` from bottom-up-attention ``tsv_files``;
-    returns ``(images, row width)``."""
+    """Store the regions of every image of ``images_list`` from bottom-up-attention ``tsv_files`` (or,
+    ``fmt="hdf5"``, FaST-VGS's HDF5 conversion of them); returns ``(images, row width)``."""
     names = read_image_list(images_list)
     wanted: Dict[str, List[int]] = {}
     for lineno, name in enumerate(names, start=1):
@@ -123,16 +171,13 @@ def write_region_features(
     out = Path(out)
     with atomic_write(f"{out}.npy", "wb") as f:
         f.write(b"\0" * _HEADER_BYTES)
-        for tsv in tsv_files:
-            with open(tsv, encoding="ascii", errors="replace", newline="\n") as src:
-                for lineno, line in enumerate(src, start=1):
-                    img_id = line.split("\t", 1)[0]
-                    if img_id not in wanted or img_id in found:
-                        continue
-                    _, feats = parse_row(line, f"{tsv}:{lineno}", feature_dim, regions)
-                    f.write(feats.tobytes())
-                    found[img_id] = (offset, len(feats))
-                    offset += len(feats)
+        rows = (_hdf5_rows if fmt == "hdf5" else _tsv_rows)(tsv_files, wanted, feature_dim, regions)
+        for img_id, feats in rows:
+            if img_id in found:
+                continue
+            f.write(feats.tobytes())
+            found[img_id] = (offset, len(feats))
+            offset += len(feats)
             if len(found) == len(wanted):
                 break
         missing = [k for k in wanted if k not in found]

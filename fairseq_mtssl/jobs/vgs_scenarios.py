@@ -2,7 +2,7 @@
 
     mtssl-vgs-train --scenario VGS+ --data runs/main/data/manifests --out runs/vgs/vgs_plus --updates 700
     mtssl-vgs-train --scenario W2V2,VGS --data ... --out runs/vgs/w2v2_then_vgs --updates 700 [--freeze-shared 2]
-    mtssl-vgs-train --scenario W2V2,VGS --config-name vgs_ssl_base_spokencoco --data ... --out ... --updates 350000
+    mtssl-vgs-train --scenario W2V2,VGS --config-name vgs_ssl_base_spokencoco --data ... --out ... --updates 647570
 
 Methods: ``W2V2`` (wav2vec 2.0 loss only, ``criterion.av_weight=0``), ``VGS`` (speech-image loss only,
 ``av_weight`` 1), ``VGS+`` (both, ``--av-weight``, the paper's alpha 0.5: weight of the audio-visual loss). ``A,B`` trains A for 20/70 of the
