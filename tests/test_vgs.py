@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from conftest import REPO, run_cli
 
+from fairseq_mtssl.checkpoint_safety import load_checkpoint_safely
 from fairseq_mtssl.losses.speech_image import speech_image_loss
 
 
@@ -317,7 +318,7 @@ def test_sequential_scenario_hands_over_weights_and_freezes(vgs_data, tmp_path):
     )
     # each stage its own schedule: stage A 4 updates (warm-up 2), stage B 10 updates (warm-up 5), both peaking at lr
     for stage, n, warm in (("stage1_w2v2", 4, 2), ("stage2_vgs", 10, 5)):
-        logged = _logged_lr((out / f"{stage}.log").read_text())
+        logged = _logged_lr((out / "logs" / f"{stage}.log").read_text())
         assert sorted(logged) == list(range(1, n + 1)), (stage, logged)
         for k, lr in logged.items():  # the lr the scheduler sets after update k: warm-up, then linear to 0
             want = 1e-3 * (k / warm if k <= warm else (n - k) / (n - warm))
@@ -479,6 +480,33 @@ def test_bottom_up_attention_tsv_into_the_store(manifest_dir, tmp_path):
         np.testing.assert_allclose(got[:, 2048:], boxes[top] / np.array([w, h, w, h]), rtol=1e-6)
 
 
+def test_fast_vgs_hdf5_gives_the_same_rows_as_the_tsv(manifest_dir, tmp_path):
+    h5py = pytest.importorskip("h5py")
+    from fairseq_mtssl.data.image_features import ImageFeatureStore
+    from fairseq_mtssl.data.region_features import image_key
+
+    images = manifest_dir / "valid.images"
+    names = images.read_text().splitlines()
+    ids = ["other_image"] + [image_key(n) for n in names]
+    truth = write_bua_tsv(tmp_path / "a.tsv", ids, n_boxes=7, seed=4)
+    # FaST-VGS's layout (generate_hdf5_coco_places_flickr8k_imgfeat.py): one row per image, pixel boxes
+    with h5py.File(tmp_path / "a.hdf5", "w") as f:
+        f.create_dataset("img_id", data=np.array([i.encode() for i in ids], dtype=h5py.string_dtype("utf-8", 27)))
+        f.create_dataset("img_h", data=np.array([truth[i][3] for i in ids], dtype=np.int64))
+        f.create_dataset("img_w", data=np.array([truth[i][4] for i in ids], dtype=np.int64))
+        f.create_dataset("objects_conf", data=np.stack([truth[i][0] for i in ids]))
+        f.create_dataset("boxes", data=np.stack([truth[i][1] for i in ids]))
+        f.create_dataset("features", data=np.stack([truth[i][2] for i in ids]))
+    for fmt in ("tsv", "hdf5"):
+        run_cli("mtssl-image-features", "--images", images, f"--{fmt}", tmp_path / f"a.{fmt}", "--out",
+                tmp_path / fmt, "--regions", "4")  # fmt: skip
+    a, b = ImageFeatureStore(tmp_path / "tsv"), ImageFeatureStore(tmp_path / "hdf5")
+    assert all(a[n].shape == (4, 2052) and np.array_equal(a[n], b[n]) for n in names)
+    with pytest.raises(AssertionError, match=r"a.hdf5: features of shape \(3, 7, 2048\), expected \(n, R, 1024\)"):
+        run_cli("mtssl-image-features", "--images", images, "--hdf5", tmp_path / "a.hdf5", "--out", tmp_path / "x",
+                "--feature-dim", "1024")  # fmt: skip
+
+
 def test_bottom_up_attention_tsv_errors_name_the_file_and_line(manifest_dir, tmp_path):
     from fairseq_mtssl.data.region_features import image_key
 
@@ -508,7 +536,8 @@ def test_bottom_up_attention_tsv_errors_name_the_file_and_line(manifest_dir, tmp
 
 @pytest.mark.slow
 def test_region_features_train_a_model(vgs_data, manifest_dir, tmp_path):
-    """A bottom-up-attention TSV through mtssl-image-features into a few VGS+ updates."""
+    """A bottom-up-attention TSV through mtssl-image-features into a few VGS+ updates of the FaST-VGS+
+    architecture (the tiny trunk, narrower ResDAVEnet widths) with the authors' dot-product loss."""
     import shutil
 
     from fairseq_mtssl.data.region_features import image_key
@@ -523,11 +552,14 @@ def test_region_features_train_a_model(vgs_data, manifest_dir, tmp_path):
     out = tmp_path / "run"
     run_cli("mtssl-vgs-train", "--scenario", "VGS+", "--data", data, "--out", out, "--updates", "3",
             "model.image_dim=2052", "checkpoint.save_interval_updates=3", "dataset.validate_interval_updates=3",
-            timeout=900)  # fmt: skip
-    log = (out / "stage1_vgs_plus.log").read_text()
+            "model.vgs_arch=fast_vgs_plus",
+            "criterion.vgs_loss=margin_infonce", "criterion.similarity=dot", timeout=900)  # fmt: skip
+    log = (out / "logs" / "stage1_vgs_plus.log").read_text()
     assert "num_updates 3" in log or '"num_updates": "3"' in log
-    ckpt = torch.load(out / "stage1_vgs_plus/checkpoints/checkpoint_last.pt", weights_only=False)
-    assert ckpt["cfg"]["model"]["image_dim"] == 2052
+    ckpt = load_checkpoint_safely(out / "stage1_vgs_plus/checkpoints/checkpoint_last.pt")
+    assert ckpt["cfg"]["model"]["image_dim"] == 2052 and ckpt["cfg"]["model"]["vgs_arch"] == "fast_vgs_plus"
+    assert "w2v.encoder.cls_token" in ckpt["model"] and "image_box_in.0.weight" in ckpt["model"]
+    assert "vgs_loss" in log
 
 
 # ---------------------------------------------------------------------------- the FaST-VGS+ architecture
@@ -627,7 +659,7 @@ def _small_fast_vgs_plus(**kw):
 def test_cls_token_passes_pos_conv_and_every_layer_and_feeds_the_audio_head():
     from fairseq.models.wav2vec.wav2vec2 import TransformerEncoder
 
-    from fairseq_mtssl.upstream import hidden_states
+    from fairseq_mtssl.upstream.layers import hidden_states
 
     torch.manual_seed(0)
     model = _small_fast_vgs_plus().eval()
