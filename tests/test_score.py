@@ -353,3 +353,26 @@ def test_a_task_that_normalises_differently_from_the_upstream_is_refused():
     ):
         check_normalize("up.pt", SimpleNamespace(normalize=True), task)
     check_normalize("up.pt", SimpleNamespace(normalize=False), task)
+
+
+def test_the_earlier_score_hubert_still_builds_and_its_checkpoints_export(tiny_hubert_checkpoint, tmp_path):
+    """``score_hubert`` (``hubert_path``, top ``trainable_layers``): same state-dict layout as before, so an
+    older checkpoint (its config and weights) still exports through ``model.hubert_path``."""
+    from fairseq_mtssl.convert.hubert_checkpoint import load_hubert
+    from fairseq_mtssl.convert.score_export import export_score_student
+    from fairseq_mtssl.models.score import ScoreHubertConfig, ScoreHubertModel
+
+    hubert, _ = load_hubert(tiny_hubert_checkpoint)
+    cfg = ScoreHubertConfig(hubert_path=str(tiny_hubert_checkpoint), trainable_layers=1, proj_dim=8)
+    model = ScoreHubertModel(cfg, hubert)
+    assert model.first_graph_layer == 1 and all(n.startswith("encoder.layers.1.") for n in model.trainable)
+    with torch.no_grad():
+        model.student.encoder.layers[1].fc1.weight.add_(1.0)
+    legacy = {"cfg": {"model": {"_name": "score_hubert", "hubert_path": str(tiny_hubert_checkpoint),
+                                "trainable_layers": 1, "proj_dim": 8, "teacher_dropout": False}},
+              "model": model.state_dict()}  # fmt: skip
+    assert {k.split(".")[0] for k in legacy["model"]} == {"student", "teacher", "proj"}
+    torch.save(legacy, tmp_path / "old_score.pt")
+    assert export_score_student(tmp_path / "old_score.pt", tmp_path / "out.pt") == "hubert"
+    out = torch.load(tmp_path / "out.pt")["model"]
+    assert torch.equal(out["encoder.layers.1.fc1.weight"], model.student.encoder.layers[1].fc1.weight)
