@@ -349,12 +349,12 @@ def test_data2vec_layouts_transformers_lacks_are_refused_in_one_line(tmp_path):
 # ----------------------------------------------------------------------------- HuBERT and SCORE
 
 
-@pytest.mark.parametrize("arch", ["hubert", "score_hubert"])
+@pytest.mark.parametrize("arch", ["hubert", "score"])
 def test_hubert_and_score_export_through_the_one_command(arch, manifest_dir, tmp_path):
     from test_interop import _build_checkpoint
 
     from fairseq_mtssl.convert.hubert_checkpoint import load_hubert
-    from fairseq_mtssl.models.score import ScoreHubertConfig, ScoreHubertModel
+    from fairseq_mtssl.models.score import ScoreConfig, ScoreModel
 
     pre_ln = arch == "hubert"  # the plain HuBERT as Large (layer_norm, pre-LN), SCORE on a Base-like one
     start = tmp_path / "hubert.pt"
@@ -362,9 +362,9 @@ def test_hubert_and_score_export_through_the_one_command(arch, manifest_dir, tmp
     if arch == "hubert":
         ckpt, encoder = start, load_hubert(start)[0]
     else:
-        cfg = _compose("score", "score_tiny_cpu", "task.data=unused", f"model.hubert_path={start}")
-        names = set(ScoreHubertConfig.__dataclass_fields__)
-        score = ScoreHubertModel.build_model(ScoreHubertConfig(**{k: v for k, v in cfg["model"].items() if k in names}))
+        cfg = _compose("score", "score_tiny_cpu", "task.data=unused", f"model.upstream_path={start}")
+        names = set(ScoreConfig.__dataclass_fields__)
+        score = ScoreModel.build_model(ScoreConfig(**{k: v for k, v in cfg["model"].items() if k in names}))
         _perturb_norms(score.student.encoder.layers[-1], seed=3)  # the student now differs from the start
         ckpt, encoder = tmp_path / "score.pt", score.student
         _save(score, cfg, ckpt)
