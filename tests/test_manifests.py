@@ -82,10 +82,10 @@ def test_empty_and_malformed_manifests_name_file_and_line(tmp_path):
     (tmp_path / "empty.tsv").write_text("")
     with pytest.raises(ManifestError, match=r"empty.tsv:1: empty manifest"):
         read_manifest(tmp_path / "empty.tsv")
-    (tmp_path / "rootonly.tsv").write_text("/data\n")
+    (tmp_path / "rootonly.tsv").write_text(f"{tmp_path}\n")
     with pytest.raises(ManifestError, match="no audio files"):
         read_manifest(tmp_path / "rootonly.tsv")
-    (tmp_path / "bad.tsv").write_text("/data\na.wav\t100\nb.wav 200\n")
+    (tmp_path / "bad.tsv").write_text(f"{tmp_path}\na.wav\t100\nb.wav 200\n")
     with pytest.raises(ManifestError, match=r"bad.tsv:3: expected"):
         read_manifest(tmp_path / "bad.tsv")
 

@@ -72,7 +72,8 @@ class CheckedHubertPretrainingTask(HubertPretrainingTask):
 
     @classmethod
     def setup_task(cls, cfg, **kwargs):
-        check_task_dirs(cfg, "data", "label_dir")
+        if not kwargs.get("from_checkpoint"):  # rebuilt from a checkpoint (fine-tuning): its folders may be gone
+            check_task_dirs(cfg, "data", "label_dir")
         return super().setup_task(cfg, **kwargs)
 
     def build_model(self, cfg, from_checkpoint=False):

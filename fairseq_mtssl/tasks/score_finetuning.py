@@ -131,7 +131,8 @@ class ScoreFinetuningTask(FairseqTask):
 
     @classmethod
     def setup_task(cls, cfg: ScoreFinetuningConfig, **kwargs):
-        check_task_dirs(cfg, "data")
+        if not kwargs.get("from_checkpoint"):  # rebuilt from a checkpoint (fine-tuning): its folders may be gone
+            check_task_dirs(cfg, "data")
         return cls(cfg)
 
     def load_dataset(self, split: str, **kwargs):

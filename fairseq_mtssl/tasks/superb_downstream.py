@@ -48,7 +48,8 @@ class SuperbDownstreamTask(AudioFinetuningTask):
 
     @classmethod
     def setup_task(cls, cfg, **kwargs):
-        check_task_dirs(cfg, "data")
+        if not kwargs.get("from_checkpoint"):  # rebuilt from a checkpoint (fine-tuning): its folders may be gone
+            check_task_dirs(cfg, "data")
         return super().setup_task(cfg, **kwargs)
 
     def load_dataset(self, split: str, task_cfg=None, **kwargs):

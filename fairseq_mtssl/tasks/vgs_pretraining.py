@@ -131,7 +131,8 @@ class VgsSslPretrainingTask(AudioPretrainingTask):
 
     @classmethod
     def setup_task(cls, cfg, **kwargs):
-        check_task_dirs(cfg, "data", "image_features")
+        if not kwargs.get("from_checkpoint"):  # rebuilt from a checkpoint (fine-tuning): its folders may be gone
+            check_task_dirs(cfg, "data", "image_features")
         return super().setup_task(cfg, **kwargs)
 
     def __init__(self, cfg: VgsSslPretrainingConfig):
