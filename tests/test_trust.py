@@ -77,7 +77,9 @@ def test_kmeans_learnt_on_mfcc_is_refused_for_another_feature(manifest_dir, tmp_
         CentroidAssigner.load(km, feature={"feature": "model", "layer": 2, "dim": 39})
 
 
-def test_a_checkpoint_that_pickles_code_is_refused_even_with_weights_only_forced_off(manifest_dir, tmp_path):
+def test_a_checkpoint_that_pickles_code_is_refused_even_with_weights_only_forced_off(
+    manifest_dir, corpus_dir, tmp_path
+):
     marker = tmp_path / "pwned"
     ckpt = tmp_path / "evil.pt"
     torch.save({"cfg": {"model": {"_name": "hubert"}}, "model": {}, "extra": _Payload(marker)}, ckpt)
@@ -85,7 +87,9 @@ def test_a_checkpoint_that_pickles_code_is_refused_even_with_weights_only_forced
     for cmd in (
         ["mtssl-dump-features", manifest_dir / "valid.tsv", tmp_path / "f", "--feature", "model", "--checkpoint", ckpt,
          "--layer", "1"],
-        ["mtssl-abx", ckpt, "--manifest", manifest_dir / "valid.tsv", "--items", tmp_path / "none.item"],
+        ["mtssl-qbe", ckpt, "--layer", "1", "--manifests", manifest_dir, "--alignments", corpus_dir / "alignments"],
+        ["mtssl-phone-probe", ckpt, "--layer", "1", "--manifests", manifest_dir, "--alignments",
+         corpus_dir / "alignments"],
         ["mtssl-superb-eval", ckpt, "--split", "test"],
         ["mtssl-vgs-retrieval", ckpt, "--split", "test"],
         ["mtssl-export-hubert", ckpt, tmp_path / "out.pt"],
