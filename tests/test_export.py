@@ -335,6 +335,23 @@ def test_mt4ssl_exports_to_data2vec_transformers_and_s3prl(pos_conv_depth, hf_cl
     _assert_all_match(model, torch.nn.functional.layer_norm(wav, wav.shape), got, pre_ln=False)
 
 
+def test_a_plain_data2vec_checkpoint_loads_as_an_upstream(manifest_dir, tmp_path):
+    """fairseq's data2vec builds its EMA teacher at load, a deep copy torch refuses for weight norm:
+    the plugin's upstream loader reads the exported ``data2vec_audio`` with the student's hidden states."""
+    from fairseq_mtssl.convert.mt4ssl_to_data2vec import export_mt4ssl_student
+    from fairseq_mtssl.upstream import hidden_states, load_upstream
+
+    model, ckpt = _mt4ssl_checkpoint(tmp_path)
+    export_mt4ssl_student(ckpt, tmp_path / "d2v.pt")
+    encoder, normalize = load_upstream(tmp_path / "d2v.pt")
+    assert type(encoder).__name__ == "Data2VecAudioModel" and normalize
+    wav = torch.nn.functional.layer_norm(_speech(manifest_dir, normalize=False), (len(_speech(manifest_dir, False)),))
+    with torch.no_grad():
+        ours, _ = hidden_states(model.eval(), wav[None], None)
+        theirs, _ = hidden_states(encoder, wav[None], None)
+    assert len(ours) == len(theirs) and max(float((a - b).abs().max()) for a, b in zip(ours, theirs)) < 1e-5
+
+
 def test_data2vec_layouts_transformers_lacks_are_refused_in_one_line(tmp_path):
     from fairseq_mtssl.convert.export import export_all
     from fairseq_mtssl.convert.to_transformers import TransformersExportError

@@ -8,6 +8,7 @@ then applies fairseq's own upgrade of old checkpoints; :func:`load_speech_model`
 ``load_model_ensemble_and_task``, so fairseq never opens the file itself.
 """
 
+import contextlib
 from pathlib import Path
 from typing import Tuple
 
@@ -32,6 +33,28 @@ def read_checkpoint(path) -> dict:
     return checkpoint_utils._upgrade_state_dict(state)
 
 
+@contextlib.contextmanager
+def _copyable_ema_teachers():
+    """While loading: fairseq's data2vec deep-copies itself into its EMA teacher (``set_num_updates`` at
+    load), which torch >= 2.1 refuses for weight-normed convolutions; detach their weights first, as
+    MT4SSL does for itself (:mod:`fairseq_mtssl.models.weight_norm`). Restored on exit."""
+    from fairseq.examples.data2vec.models.data2vec_audio import Data2VecAudioModel
+
+    from ..models.weight_norm import detach_weight_norm_weights
+
+    original = Data2VecAudioModel.make_ema_teacher
+
+    def make_ema_teacher(self):
+        detach_weight_norm_weights(self)
+        original(self)
+
+    Data2VecAudioModel.make_ema_teacher = make_ema_teacher
+    try:
+        yield
+    finally:
+        Data2VecAudioModel.make_ema_teacher = original
+
+
 def load_model_and_task(path):
     """``(model in eval mode, cfg, task)`` of a fairseq or plugin checkpoint, read safely."""
     from fairseq import checkpoint_utils
@@ -39,7 +62,8 @@ def load_model_and_task(path):
     import fairseq_mtssl  # noqa: F401  (registers the plugin's classes and the checkpoint allowlist)
 
     state = read_checkpoint(path)
-    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([str(path)], state=state)
+    with _copyable_ema_teachers():
+        models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([str(path)], state=state)
     return models[0].eval(), cfg, task
 
 
