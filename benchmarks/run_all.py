@@ -31,6 +31,7 @@ BENCHMARKS = {  # name: (script, full arguments, quick arguments)
         [],
         ["--batch", "2", "--min-frames", "60", "--max-frames", "100", "--load-rounds", "1"],
     ),
+    "scale": ("bench_scale.py", [], ["--hours", "0.1", "0.25", "--base-probe-seconds", "0"]),
     "score_step": ("bench_score_step.py", ["--rounds", "9"], ["--rounds", "2", "--preset", "small"]),
     "superb_step": ("bench_superb_step.py", [], ["--rounds", "2", "--seconds", "2"]),
     "vgs": ("bench_vgs.py", [], ["--rounds", "2", "--preset", "small"]),

@@ -28,7 +28,7 @@ from ..data.batches import iter_audio_batches, shard_range
 from ..data.manifest import read_manifest, write_lines
 from ..errors import cli
 from .centroids import check_feature, load_centroids
-from .dump_features import add_reader_args, load_features, read_dump_feature
+from .dump_features import add_reader_args, load_features, read_dump_feature, read_rows, row_chunks
 from .features import make_reader
 
 logger = logging.getLogger(__name__)
@@ -100,12 +100,15 @@ def apply_to_dumped(km_path, lab_dir, split, feat_dir, nshard=1, trust_pickle=Fa
     out = Path(lab_dir) / f"{split}.km"
 
     def lines() -> Iterable[str]:
+        bar = tqdm(total=sum(len(n) for _, n in shards), desc=f"km {split}", unit="utt", disable=None, mininterval=2.0)
         for arr, lengths in shards:
             bounds = np.cumsum([0] + lengths)
-            for a, b in tqdm(
-                list(zip(bounds[:-1], bounds[1:])), desc=f"km {split}", unit="utt", disable=None, mininterval=2.0
-            ):
-                yield " ".join(map(str, assigner(np.asarray(arr[a:b]))))
+            for first, last in row_chunks(arr, lengths):  # whole utterances, read from the file (read_rows)
+                rows = read_rows(arr, int(bounds[first]), int(bounds[last]))
+                for a, b in zip(bounds[first:last] - bounds[first], bounds[first + 1 : last + 1] - bounds[first]):
+                    yield " ".join(map(str, assigner(rows[a:b])))
+                bar.update(last - first)
+        bar.close()
 
     write_lines(out, lines())
     write_km_dict(lab_dir, assigner.n_clusters)

@@ -203,6 +203,50 @@ def _dump_shard(manifest, npy, lens, reader, split, rank, nshard, max_batch_samp
     return npy, lens
 
 
+READ_CHUNK_BYTES = 32 * 2**20
+
+
+def read_rows(arr: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """Rows ``[start, stop)`` of a dump ``(N, C)`` (as :func:`load_features` maps it), copied into memory.
+
+    The rows are read from the file, not through the mapping: pages read through a mapping stay in the
+    process's resident set (RSS and PSS) until it is closed, so one pass over a dump would count as
+    holding all of it (54 GB for the MFCC of LibriSpeech 960 h) in the kernel's accounting and in a
+    scheduler's memory limit. Anything but a whole mapped ``.npy`` is sliced as it is.
+    """
+    if not isinstance(arr, np.memmap) or arr.filename is None or not arr.flags.c_contiguous:
+        return np.array(arr[start:stop])
+    row = int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.itemsize
+    if os.path.getsize(arr.filename) != arr.offset + len(arr) * row:  # a view of the mapping, not all of it
+        return np.array(arr[start:stop])
+    start, stop = max(0, start), min(len(arr), stop)
+    n = max(0, stop - start)
+    out = np.fromfile(arr.filename, dtype=arr.dtype, count=n * row // arr.itemsize, offset=arr.offset + start * row)
+    if out.size * arr.itemsize != n * row:
+        raise FeatureDumpError(f"{arr.filename}: rows {start}-{stop} could not be read (file changed?)")
+    return out.reshape(n, *arr.shape[1:])
+
+
+def row_chunks(arr: np.ndarray, lengths=None):
+    """``[(start, stop), ...]`` covering the rows of ``arr`` in reads of at most :data:`READ_CHUNK_BYTES`.
+
+    With ``lengths`` (frames per utterance, summing to ``len(arr)``) a piece holds whole utterances
+    (one at least, however long), and the pairs are utterance indices, not rows.
+    """
+    row = max(1, int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.itemsize)
+    step = max(1, READ_CHUNK_BYTES // row)
+    if lengths is None:
+        return [(s, min(len(arr), s + step)) for s in range(0, len(arr), step)]
+    bounds = np.cumsum([0, *lengths])
+    pieces, first = [], 0
+    while first < len(lengths):
+        last = int(np.searchsorted(bounds, bounds[first] + step, side="right")) - 1
+        last = min(max(first + 1, last), len(lengths))
+        pieces.append((first, last))
+        first = last
+    return pieces
+
+
 def load_features(feat_dir, split: str, nshard: int = 1):
     """A split's shards in order: ``[(features (N_r, C) memory-mapped, frame counts), ...]``."""
     shards = []

@@ -7,6 +7,10 @@ feature they were learnt on), never as a pickle.
 
 MiniBatchKMeans(k-means++, batch 10000, n_init 20, max_iter 100, max_no_improvement 100,
 reassignment_ratio 0, tol 0) on a random ``--percent`` of the frames (``-1``: all).
+
+Memory is bounded by the sample, not by the dump: the sample (frames x dims x 4 bytes), one 32 MB read
+and scikit-learn's working arrays. The chosen rows are read from the file in chunks, never through a
+mapping of all of it (benchmarks/bench_scale.py measures it).
 """
 
 import argparse
@@ -17,7 +21,7 @@ from sklearn.cluster import MiniBatchKMeans
 
 from ..errors import cli
 from .centroids import KmeansFileError, save_centroids
-from .dump_features import load_features, read_dump_feature
+from .dump_features import load_features, read_dump_feature, read_rows, row_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -49,16 +53,30 @@ def fairseq_minibatch_kmeans(
 
 
 def sample_frames(arrays, percent: float, seed: int) -> np.ndarray:
-    """A uniform random ``percent`` of all frames (all of them if ``percent`` <= 0 or >= 1)."""
+    """A uniform random ``percent`` of all frames (all of them if ``percent`` <= 0 or >= 1), float32 ``(n, C)``.
+
+    Memory: the sample plus one read chunk (:func:`.dump_features.read_rows`), whatever the dump's size.
+    """
     rng = np.random.default_rng(seed)
-    parts = []
-    for arr in arrays:
-        if 0 < percent < 1:
-            keep = np.sort(rng.choice(len(arr), size=max(1, int(len(arr) * percent)), replace=False))
-            parts.append(np.asarray(arr[keep]))
-        else:
-            parts.append(np.asarray(arr))
-    return np.concatenate(parts).astype(np.float32, copy=False)
+    keeps = [
+        np.sort(rng.choice(len(arr), size=max(1, int(len(arr) * percent)), replace=False)) if 0 < percent < 1 else None
+        for arr in arrays
+    ]
+    total = sum(len(arr) if keep is None else len(keep) for arr, keep in zip(arrays, keeps))
+    out = np.empty((total, *arrays[0].shape[1:]), dtype=np.float32)
+    pos = 0
+    for arr, keep in zip(arrays, keeps):
+        for start, stop in row_chunks(arr):
+            if keep is not None:
+                lo, hi = np.searchsorted(keep, [start, stop])
+                if lo == hi:
+                    continue
+                rows = read_rows(arr, int(keep[lo]), int(keep[hi - 1]) + 1)[keep[lo:hi] - keep[lo]]
+            else:
+                rows = read_rows(arr, start, stop)
+            out[pos : pos + len(rows)] = rows
+            pos += len(rows)
+    return out
 
 
 def learn_kmeans(
