@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 import soundfile as sf
 
 from fairseq_mtssl.corpus.alignment import SILENCE, read_ctm
@@ -62,6 +63,7 @@ def test_alignments_cover_each_file_and_match_the_audio(corpus_dir):
     assert np.median(sil_energy) < 0.05 * np.median(vowel_energy)
 
 
+@pytest.mark.slow
 def test_same_seed_same_corpus_other_seed_other_corpus(corpus_dir, tmp_path):
     again = tmp_path / "again"
     ensure_corpus(again, hours=0.03, seed=3)

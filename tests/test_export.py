@@ -17,6 +17,8 @@ import soundfile as sf
 import torch
 from conftest import REPO
 
+pytestmark = pytest.mark.slow  # whole exports, each target loaded in its own interpreter
+
 TOL = 1e-5
 
 

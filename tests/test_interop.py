@@ -14,6 +14,8 @@ import soundfile as sf
 import torch
 from conftest import run_cli
 
+pytestmark = pytest.mark.slow  # whole exports, each target loaded in its own interpreter
+
 
 def fairseq_hidden_states(model, wav: torch.Tensor):
     """``(layer_inputs (L, T, C), last_layer_output (T, C), encoder_output (T, C))`` of a fairseq HuBERT.

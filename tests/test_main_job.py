@@ -86,9 +86,7 @@ def test_main_job_resumes_after_kill_9_and_writes_the_report(tmp_path):
         assert (out / "plots" / f"{png}.png").read_bytes()[:4] == b"\x89PNG"
     commands = (out / "commands.sh").read_text()
     assert (
-        "# train_score\n" in commands
-        and "model.upstream_path=" in commands
-        and "mtssl-evaluate-upstream" in commands
+        "# train_score\n" in commands and "model.upstream_path=" in commands and "mtssl-evaluate-upstream" in commands
     )
     summary = json.loads((out / "summary.json").read_text())
     assert 0 < summary["peak_pss_mb_this_run"] < 4096

@@ -218,6 +218,7 @@ print(json.dumps(out))
 
 
 @needs_numba
+@pytest.mark.slow
 def test_cuda_kernels_under_numbas_simulator_match_the_torch_loop():
     """The CUDA path without a GPU: numba's CUDA simulator runs the kernels' Python bodies, thread by thread."""
     lx, ly = [7, 3, 1, 6], [5, 6, 4, 1]  # small: the simulator runs a Python thread per CUDA thread
@@ -285,6 +286,7 @@ def test_score_criterion_passes_its_backend_through():
         ScoreCriterion(task=None, soft_dtw_backend="gpu")(lambda **_: out, sample)
 
 
+@pytest.mark.slow
 def test_without_numba_the_torch_loop_runs():
     """numba made unimportable in a fresh interpreter: ``auto`` runs the torch loop, same values."""
     script = (

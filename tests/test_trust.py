@@ -77,6 +77,7 @@ def test_kmeans_learnt_on_mfcc_is_refused_for_another_feature(manifest_dir, tmp_
         CentroidAssigner.load(km, feature={"feature": "model", "layer": 2, "dim": 39})
 
 
+@pytest.mark.slow
 def test_a_checkpoint_that_pickles_code_is_refused_even_with_weights_only_forced_off(
     manifest_dir, corpus_dir, tmp_path
 ):

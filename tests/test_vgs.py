@@ -363,6 +363,7 @@ def test_sequential_scenario_hands_over_weights_and_freezes(vgs_data, tmp_path):
     assert again.stdout.count("done before") == 2
 
 
+@pytest.mark.slow
 def test_image_features_from_a_torchscript_backbone_and_the_scene_feature(corpus_dir, manifest_dir, tmp_path):
     from fairseq_mtssl.data.image_features import ImageFeatureStore
 
@@ -480,6 +481,7 @@ def test_bottom_up_attention_tsv_into_the_store(manifest_dir, tmp_path):
         np.testing.assert_allclose(got[:, 2048:], boxes[top] / np.array([w, h, w, h]), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_fast_vgs_hdf5_gives_the_same_rows_as_the_tsv(manifest_dir, tmp_path):
     h5py = pytest.importorskip("h5py")
     from fairseq_mtssl.data.image_features import ImageFeatureStore
@@ -507,6 +509,7 @@ def test_fast_vgs_hdf5_gives_the_same_rows_as_the_tsv(manifest_dir, tmp_path):
                 "--feature-dim", "1024")  # fmt: skip
 
 
+@pytest.mark.slow
 def test_bottom_up_attention_tsv_errors_name_the_file_and_line(manifest_dir, tmp_path):
     from fairseq_mtssl.data.region_features import image_key
 
