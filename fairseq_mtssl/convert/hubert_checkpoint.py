@@ -15,7 +15,6 @@ from typing import Tuple
 import torch
 
 from ..atomic import save_torch_atomic
-from ..checkpoint_safety import load_checkpoint_safely
 from ..errors import MtsslError
 from ..upstream.checkpoint import read_checkpoint
 
@@ -42,12 +41,10 @@ def load_hubert(path) -> Tuple[torch.nn.Module, dict]:
     path = str(path)
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
-    raw = load_checkpoint_safely(path)  # CheckpointLoadError naming the file for corrupt or code-pickling files
-    name = _model_name(raw)
+    state = read_checkpoint(path)  # weights-only, plus fairseq's args -> cfg upgrade; names the file on refusal
+    name = _model_name(state)
     if not name.startswith("hubert"):
         raise NotAHubertCheckpoint(f"{path}: model is {name or 'unknown'!r}, not a fairseq HuBERT checkpoint")
-    del raw
-    state = read_checkpoint(path)  # weights-only again, plus fairseq's args -> cfg upgrade
     models, _, _ = checkpoint_utils.load_model_ensemble_and_task([path], state=state)
     model = models[0]
     if not isinstance(model, HubertModel):
