@@ -69,6 +69,8 @@ def _main_job(tmp_path):
         updates=3,
         score_updates=3,
         clusters=50,
+        seed=1,
+        av_weight=0.5,
     )
     job = MainJob(a)
     calls = []

@@ -1,7 +1,8 @@
 """The main job: every method of the plugin on the embedded corpus, evaluated, with a report.
 
-    mtssl-main-job --out runs/main                      # about 18 minutes on 2 cores, 2.6 GB
-    mtssl-main-job --out runs/main --hours 2 --updates 3000 --pr-updates 1000 --jobs 1   # longer, better
+    mtssl-main-job --out runs/main                      # about 20 minutes on 2 cores, under 4 GB
+    mtssl-main-job --out runs/main --hours 2 --updates 3000 --pr-updates 1000 --retrieval --jobs 1   # longer
+    mtssl-main-job --profile study --out runs/study     # the papers' claims over 3 seeds (jobs/study.py)
 
 Stages (each a set of ordinary command lines, recorded in ``{out}/commands.sh``):
 
@@ -9,30 +10,31 @@ Stages (each a set of ordinary command lines, recorded in ``{out}/commands.sh``)
                         manifests, scene features, MFCC k-means labels (``.km`` + ``dict.km.txt``)
   train_hubert          HuBERT iteration 1 on the MFCC labels (the base model)
   train_mt4ssl_both / _offline_only / _online_only            MT4SSL and its two ablations
-  train_vgs_plus        wav2vec 2.0 + VGS trained simultaneously (alpha 0.5)
+  train_vgs_plus        wav2vec 2.0 + VGS trained simultaneously (alpha ``--av-weight``)
   train_w2v2_then_vgs   sequential: wav2vec 2.0, then VGS from its weights (20/70 : 50/70 of the updates)
   train_score           SCORE fine-tuning of the HuBERT
-  eval_<model>          ABX per layer, SUPERB-style PR (PER), QbE (MTWV, MAP); retrieval for VGS models
-  eval_mfcc             the MFCC baseline (ABX, QbE)
+  train_<arch>_untrained   each architecture (hubert, mt4ssl, vgs) at its seed's initial weights: the
+                        baseline every trained row is read against
+  eval_<model>          ABX per layer, the frame-level phone probe and QbE at ``--layer``; SUPERB-style PR
+                        with ``--pr-updates``, retrieval with ``--retrieval`` (both at their floor in the
+                        default budget, so off by default)
+  eval_mfcc             the MFCC baseline (ABX, probe, QbE)
   labels_iter2          (``--iter2``) HuBERT iteration-2 labels from the base model's layer features
   report                ``report.md``: every model x metric, PNG plots, the commands
 
 A finished stage is skipped by the next run; an interrupted training resumes from its last checkpoint
 (saved every ``--save-interval`` updates). ``--jobs`` stages run side by side, each with ``--threads``
-intra-op threads.
+intra-op threads. Every training takes ``common.seed`` from ``--seed``.
 """
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 from ..atomic import atomic_write
 from ..config import config_dir
-from ..errors import cli
-from .commands import MALLOC_TUNABLES
 from .report import write_report
 from .stages import Pipeline
 from .training_log import latest_update
@@ -40,8 +42,24 @@ from .training_log import latest_update
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # common.user_dir
 SPLITS = ("train", "valid", "test")
 MT4SSL_VARIANTS = {"both": [], "offline_only": ["model.online_weight=0"], "online_only": ["model.offline_weights=[0]"]}
-MODELS = ["hubert", "mt4ssl_both", "mt4ssl_offline_only", "mt4ssl_online_only", "vgs_plus", "w2v2_then_vgs", "score"]
 VGS_MODELS = {"vgs_plus": "VGS+", "w2v2_then_vgs": "W2V2,VGS"}
+# Each architecture also appears untrained: fairseq builds it from the same config and seed as its trained
+# runs (so at the same initial weights) and saves it after one update at learning rate 0, which changes no
+# weight (Adam's step and its weight decay are both scaled by the learning rate).
+UNTRAINED = {"hubert_untrained": "hubert", "mt4ssl_untrained": "mt4ssl", "vgs_untrained": "vgs"}
+UNTRAINED_OVERRIDES = ("optimization.max_update=1", "optimization.lr=[0.0]")
+MODELS = [
+    "hubert_untrained",
+    "hubert",
+    "mt4ssl_untrained",
+    "mt4ssl_both",
+    "mt4ssl_offline_only",
+    "mt4ssl_online_only",
+    "vgs_untrained",
+    "vgs_plus",
+    "w2v2_then_vgs",
+    "score",
+]
 
 
 class MainJob:
@@ -68,7 +86,9 @@ class MainJob:
     def mfcc_labels(self) -> Path:
         return self.data / "labels" / f"mfcc_km{self.args.clusters}"
 
-    def hydra_train(self, stage: str, config_dir: Path, config: str, run_dir: Path, *overrides: str) -> None:
+    def hydra_train(
+        self, stage: str, config_dir: Path, config: str, run_dir: Path, *overrides: str, save_interval: int = 0
+    ) -> None:
         self.pipeline.run(
             stage,
             [
@@ -81,10 +101,39 @@ class MainJob:
                 f"hydra.run.dir={run_dir}",
                 f"common.tensorboard_logdir={self.tensorboard_dir(run_dir.name)}",
                 "common.log_interval=10",
-                f"checkpoint.save_interval_updates={self.args.save_interval}",
+                f"checkpoint.save_interval_updates={save_interval or self.args.save_interval}",
                 *overrides,
             ],
         )
+
+    def architecture(self, arch: str):
+        """``(config dir, config name, data overrides)`` of the tiny ``hubert``, ``mt4ssl`` or ``vgs`` model."""
+        labels = [f"task.label_dir={self.mfcc_labels}", 'task.labels=["km"]']
+        if arch == "hubert":
+            return config_dir("hubert/pretrain"), "hubert_tiny_cpu", [*labels, "model.label_rate=100"]
+        if arch == "mt4ssl":
+            return config_dir("mt4ssl/pretrain"), "mt4ssl_tiny_cpu", [*labels, "task.label_rate=100"]
+        if arch == "vgs":
+            return config_dir("vgs"), "vgs_ssl_tiny_cpu", [f"criterion.av_weight={self.args.av_weight}"]
+        raise ValueError(f"unknown architecture {arch!r}")
+
+    def train_arch(
+        self, stage: str, arch: str, run: Path, seed: int, *overrides: str, save_interval: int = 0
+    ) -> Dict[str, object]:
+        """One fairseq-hydra-train run of ``arch`` on the main job's data; returns its stage result."""
+        cdir, name, data = self.architecture(arch)
+        self.hydra_train(
+            stage,
+            cdir,
+            name,
+            run,
+            f"task.data={self.manifests}",
+            *data,
+            f"common.seed={seed}",
+            *overrides,
+            save_interval=save_interval,
+        )
+        return {"checkpoint": str(run / "checkpoints/checkpoint_last.pt"), "logs": [str(run / "hydra_train.log")]}
 
     # -- data -----------------------------------------------------------------------------------
     def corpus(self):
@@ -155,63 +204,54 @@ class MainJob:
         return self.out / "models" / model
 
     def train_hubert(self):
-        run = self.run_dir("hubert")
-        self.hydra_train(
-            "train_hubert",
-            config_dir("hubert/pretrain"),
-            "hubert_tiny_cpu",
-            run,
-            f"task.data={self.manifests}",
-            f"task.label_dir={self.mfcc_labels}",
-            'task.labels=["km"]',
-            "model.label_rate=100",
-            f"optimization.max_update={self.args.updates}",
-        )
-        return {"checkpoint": str(run / "checkpoints/checkpoint_last.pt"), "logs": [str(run / "hydra_train.log")]}
+        updates = f"optimization.max_update={self.args.updates}"
+        return self.train_arch("train_hubert", "hubert", self.run_dir("hubert"), self.args.seed, updates)
 
     def train_mt4ssl(self, variant: str):
         def fn():
-            run = self.run_dir(f"mt4ssl_{variant}")
-            self.hydra_train(
+            updates = f"optimization.max_update={self.args.updates}"
+            return self.train_arch(
                 f"train_mt4ssl_{variant}",
-                config_dir("mt4ssl/pretrain"),
-                "mt4ssl_tiny_cpu",
-                run,
-                f"task.data={self.manifests}",
-                f"task.label_dir={self.mfcc_labels}",
-                'task.labels=["km"]',
-                "task.label_rate=100",
-                f"optimization.max_update={self.args.updates}",
+                "mt4ssl",
+                self.run_dir(f"mt4ssl_{variant}"),
+                self.args.seed,
+                updates,
                 *MT4SSL_VARIANTS[variant],
             )
-            return {"checkpoint": str(run / "checkpoints/checkpoint_last.pt"), "logs": [str(run / "hydra_train.log")]}
 
         return fn
 
+    def train_untrained(self, model: str):
+        def fn():
+            return self.train_arch(
+                f"train_{model}", UNTRAINED[model], self.run_dir(model), self.args.seed, *UNTRAINED_OVERRIDES
+            )
+
+        return fn
+
+    def vgs_scenario(self, stage: str, scenario: str, run: Path, seed: int, updates: int, *overrides: str):
+        """One ``mtssl-vgs-train`` scenario (``VGS+``, ``W2V2,VGS``, ...) on the main job's data."""
+        self.pipeline.run(
+            stage,
+            [
+                "mtssl-vgs-train",
+                *("--scenario", scenario, "--data", self.manifests, "--out", run, "--updates", updates),
+                *("--av-weight", self.args.av_weight, "--tensorboard-logdir", self.tensorboard_dir(run.name)),
+                "common.log_interval=10",
+                f"checkpoint.save_interval_updates={self.args.save_interval}",
+                f"common.seed={seed}",
+                *overrides,
+            ],
+        )
+        summary = json.loads((run / "summary.json").read_text())
+        logs = sorted(str(p) for p in run.glob("stage*/hydra_train.log"))
+        return {"checkpoint": summary["final"], "logs": logs, "scenario": summary["scenario"]}
+
     def train_vgs(self, model: str):
         def fn():
-            run = self.run_dir(model)
-            self.pipeline.run(
-                f"train_{model}",
-                [
-                    "mtssl-vgs-train",
-                    "--scenario",
-                    VGS_MODELS[model],
-                    "--data",
-                    self.manifests,
-                    "--out",
-                    run,
-                    "--updates",
-                    self.args.updates,
-                    "--tensorboard-logdir",
-                    self.tensorboard_dir(model),
-                    "common.log_interval=10",
-                    f"checkpoint.save_interval_updates={self.args.save_interval}",
-                ],
+            return self.vgs_scenario(
+                f"train_{model}", VGS_MODELS[model], self.run_dir(model), self.args.seed, self.args.updates
             )
-            summary = json.loads((run / "summary.json").read_text())
-            logs = sorted(str(p) for p in run.glob("stage*/hydra_train.log"))
-            return {"checkpoint": summary["final"], "logs": logs, "scenario": summary["scenario"]}
 
         return fn
 
@@ -226,6 +266,7 @@ class MainJob:
             f"task.data={self.manifests}",
             f"model.upstream_path={start}",
             f"optimization.max_update={self.args.score_updates}",
+            f"common.seed={self.args.seed}",
         )
         return {
             "checkpoint": str(run / "checkpoints/checkpoint_last.pt"),
@@ -258,31 +299,32 @@ class MainJob:
         return {"label_dir": str(lab)}
 
     # -- evaluation -----------------------------------------------------------------------------
+    def evaluate_checkpoint(self, stage: str, ck: str, out: Path, *, pr_updates: int = 0, retrieval: bool = False):
+        """``mtssl-evaluate-upstream``: ABX (every layer), the phone probe and QbE at ``--layer``, PR when
+        ``pr_updates`` > 0, retrieval when asked."""
+        self.pipeline.run(
+            stage,
+            [
+                "mtssl-evaluate-upstream",
+                ck,
+                *("--data", self.data, "--out", out, "--layer", self.args.layer, "--items", self.items),
+                *("--pr-updates", pr_updates),
+                *(["--retrieval"] if retrieval else []),
+            ],
+        )
+        return {"results": str(out / "results.json")}
+
     def evaluate(self, model: str):
         def fn():
-            ck = "mfcc" if model == "mfcc" else self.pipeline.results[f"train_{model}"]["checkpoint"]
-            out = self.out / "eval" / model
-            extra = ["--retrieval"] if model in VGS_MODELS else []
-            self.pipeline.run(
+            if model == "mfcc":
+                return self.evaluate_checkpoint("eval_mfcc", "mfcc", self.out / "eval" / model)
+            return self.evaluate_checkpoint(
                 f"eval_{model}",
-                [
-                    "mtssl-evaluate-upstream",
-                    ck,
-                    "--data",
-                    self.data,
-                    "--out",
-                    out,
-                    "--layer",
-                    self.args.layer,
-                    "--pr-updates",
-                    0 if model == "mfcc" else self.args.pr_updates,
-                    "--no-probe",
-                    "--items",
-                    self.items,
-                    *extra,
-                ],
+                self.pipeline.results[f"train_{model}"]["checkpoint"],
+                self.out / "eval" / model,
+                pr_updates=self.args.pr_updates,
+                retrieval=self.args.retrieval and (model in VGS_MODELS or UNTRAINED.get(model) == "vgs"),
             )
-            return {"results": str(out / "results.json")}
 
         return fn
 
@@ -295,13 +337,17 @@ class MainJob:
 
         return progress
 
-    def declare(self) -> None:
-        stages, models = self.pipeline, [m for m in MODELS if m in self.args.models]
+    def declare_data(self) -> None:
+        stages = self.pipeline
         stages.add("corpus", self.corpus)
         stages.add("manifests", self.manifest_stage, after=["corpus"])
         stages.add("labels_mfcc", self.labels_mfcc, after=["manifests"])
         stages.add("image_features", self.image_features, after=["manifests"])
         stages.add("abx_items", self.abx_items, after=["manifests"])
+
+    def declare(self) -> None:
+        stages, models = self.pipeline, [m for m in MODELS if m in self.args.models]
+        self.declare_data()
         # declaration order is scheduling priority: the longest chain (HuBERT -> SCORE) first
         needs_hubert = "hubert" in models or "score" in models
         if needs_hubert:
@@ -319,7 +365,10 @@ class MainJob:
                 progress=self.training_progress("score", self.args.score_updates),
             )
         for m in models:
-            if m.startswith("mt4ssl_"):
+            if m in UNTRAINED:
+                after = "image_features" if UNTRAINED[m] == "vgs" else "labels_mfcc"
+                stages.add(f"train_{m}", self.train_untrained(m), after=[after])
+            elif m.startswith("mt4ssl_"):
                 stages.add(
                     f"train_{m}",
                     self.train_mt4ssl(m[len("mt4ssl_") :]),
@@ -345,8 +394,12 @@ class MainJob:
         return {"report": str(path)}
 
     def main(self) -> Dict[str, object]:
-        self.out.mkdir(parents=True, exist_ok=True)
         self.declare()
+        return self.execute()
+
+    def execute(self) -> Dict[str, object]:
+        """Run the declared stages; write ``summary.json`` (stage results, times, peak memory)."""
+        self.out.mkdir(parents=True, exist_ok=True)
         print(
             f"main job in {self.out}: {len(self.pipeline.specs)} stages, {self.args.jobs} at a time x {self.args.threads} threads",
             flush=True,
@@ -361,52 +414,9 @@ class MainJob:
         }
         with atomic_write(self.out / "summary.json") as f:
             json.dump(summary, f, indent=1)
+        final = results.get("report") or results.get("verdicts") or {}
         print(
-            f"report: {results['report']['report']}\npeak memory of this run (PSS, all processes): {self.pipeline.peak_pss_mb:.0f} MB",
+            f"report: {final.get('report') or final.get('study')}\npeak memory of this run (PSS, all processes): {self.pipeline.peak_pss_mb:.0f} MB",
             flush=True,
         )
         return summary
-
-
-@cli
-def main(argv: Optional[List[str]] = None) -> None:
-    cores = len(os.sched_getaffinity(0))
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/main")
-    parser.add_argument("--hours", type=float, default=0.5, help="hours of training speech in the corpus")
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--clusters", type=int, default=50, help="k-means clusters of the offline labels")
-    parser.add_argument(
-        "--updates", type=int, default=300, help="pre-training updates of each model (HuBERT, MT4SSL, VGS)"
-    )
-    parser.add_argument("--score-updates", type=int, default=150, help="SCORE fine-tuning updates")
-    parser.add_argument("--pr-updates", type=int, default=300, help="SUPERB-style phone-recognition updates per model")
-    parser.add_argument("--layer", type=int, default=2, help="layer for QbE (ABX covers every layer)")
-    parser.add_argument(
-        "--save-interval", type=int, default=50, help="checkpoint every N updates (what a kill -9 can lose)"
-    )
-    parser.add_argument(
-        "--models", nargs="+", default=MODELS, choices=MODELS, help="which models to train and evaluate"
-    )
-    parser.add_argument("--iter2", action="store_true", help="also make HuBERT iteration-2 labels from the base model")
-    parser.add_argument("--jobs", type=int, default=2, help="stages run side by side")
-    parser.add_argument("--threads", type=int, default=None, help="intra-op threads per stage (default: cores / jobs)")
-    parser.add_argument(
-        "--force",
-        action="store_true",
-        help="rerun finished stages (a training resumes from its own "
-        "checkpoint_last.pt; delete models/<model> to train it from scratch)",
-    )
-    parser.add_argument(
-        "--malloc-tunables",
-        default=MALLOC_TUNABLES,
-        help="GLIBC_TUNABLES for the commands, unless already set ('' for none): about half the memory per training "
-        "for about 6%% more time (see fairseq_mtssl/jobs/commands.py)",
-    )
-    args = parser.parse_args(argv)
-    args.threads = args.threads or max(1, cores // args.jobs)
-    MainJob(args).main()
-
-
-if __name__ == "__main__":
-    main()

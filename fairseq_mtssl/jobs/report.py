@@ -19,10 +19,13 @@ from .training_log import read_stages
 
 LABELS = {
     "mfcc": "MFCC (no training)",
+    "hubert_untrained": "HuBERT untrained",
     "hubert": "HuBERT iteration 1",
+    "mt4ssl_untrained": "MT4SSL untrained",
     "mt4ssl_both": "MT4SSL (both targets)",
     "mt4ssl_offline_only": "MT4SSL offline only",
     "mt4ssl_online_only": "MT4SSL online only",
+    "vgs_untrained": "wav2vec 2.0 + VGS untrained",
     "vgs_plus": "VGS+ (simultaneous)",
     "w2v2_then_vgs": "W2V2 -> VGS (sequential)",
     "score": "HuBERT + SCORE",
@@ -52,25 +55,35 @@ def collect(results: Dict[str, dict], models: Sequence[str]) -> Dict[str, dict]:
 
 
 def summary_table(rows: Dict[str, dict]) -> List[str]:
+    """One row per model; the PR and retrieval columns only when some model has them."""
+    evals = [r.get("eval") or {} for r in rows.values()]
+    has_pr, has_ret = any("superb_pr" in e for e in evals), any("retrieval" in e for e in evals)
     head = (
-        "| model | updates | train loss first -> last | ABX within / across, best layer (%) | PR PER (%) | QbE MTWV / MAP "
-        "| s->i R@1/5/10 | i->s R@1/5/10 |"
+        "| model | updates | train loss first -> last | ABX within / across, best layer (%) | phone probe test (%) "
+        + ("| PR PER (%) " if has_pr else "")
+        + "| QbE MTWV / MAP "
+        + ("| s->i R@1/5/10 | i->s R@1/5/10 " if has_ret else "")
+        + "|"
     )
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for m, r in rows.items():
         curve, ev = r.get("curve") or [], r.get("eval") or {}
         updates = str(r["updates"]) if r.get("updates") else "-"
-        loss = f"{curve[0]['loss']:.3f} -> {curve[-1]['loss']:.3f}" if curve else "-"
+        loss = f"{curve[0]['loss']:.3f} -> {curve[-1]['loss']:.3f}" if curve and len(curve) > 1 else "-"
         abx = "-"
         if ev.get("abx"):
             best = min(ev["abx"], key=lambda x: x["within"] + x["across"])
             abx = f"{best['within']:.2f} / {best['across']:.2f} (L{best['layer']})"
-        per = _fmt(ev.get("superb_pr", {}).get("per"))
-        qbe = f"{ev['qbe']['mtwv']:.3f} / {ev['qbe']['map']:.3f}" if ev.get("qbe") else "-"
-        ret = ev.get("retrieval") or {}
-        s2i = " / ".join(_fmt(ret.get(f"s2i_r{k}"), 1) for k in KS) if ret else "-"
-        i2s = " / ".join(_fmt(ret.get(f"i2s_r{k}"), 1) for k in KS) if ret else "-"
-        lines.append(f"| {r['label']} | {updates} | {loss} | {abx} | {per} | {qbe} | {s2i} | {i2s} |")
+        probe = ev.get("phone_probe", {}).get("test_acc")
+        cells = [r["label"], updates, loss, abx, _fmt(None if probe is None else 100 * probe, 1)]
+        if has_pr:
+            cells.append(_fmt(ev.get("superb_pr", {}).get("per")))
+        cells.append(f"{ev['qbe']['mtwv']:.3f} / {ev['qbe']['map']:.3f}" if ev.get("qbe") else "-")
+        if has_ret:
+            ret = ev.get("retrieval") or {}
+            for d in ("s2i", "i2s"):
+                cells.append(" / ".join(_fmt(ret.get(f"{d}_r{k}"), 1) for k in KS) if ret else "-")
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
@@ -181,9 +194,13 @@ def write_report(out: Path, results: Dict[str, dict], models: Sequence[str]) -> 
         "`# stage <name>`), its output in `logs/<stage>.log`; replace the manifests, labels and configs to run "
         "any stage at scale on your own data.",
         "",
-        "ABX: error rate (%) on triphone items of the held-out test speakers, lower is better. PR: SUPERB-style "
-        "phone recognition (frozen upstream, weighted layer sum, linear CTC head), PER on the test split. QbE: "
-        "spoken-word queries against test utterances, DTW at the chosen layer. Retrieval: test split, recall (%).",
+        "Read each trained row against its architecture's untrained row (same config and seed, initial weights) "
+        "and against MFCC. ABX: error rate (%) on triphone items of the held-out test speakers, lower is better. "
+        "Phone probe: a linear classifier of the frame's phone, fitted on the frozen layer's frames of the "
+        "training speakers, accuracy on the held-out test speakers. PR (``--pr-updates``): SUPERB-style phone "
+        "recognition (frozen upstream, weighted layer sum, linear CTC head), PER on the test split. QbE: "
+        "spoken-word queries against test utterances, DTW at the chosen layer. Retrieval (``--retrieval``): test "
+        "split, recall (%).",
         "",
         "## Summary",
         "",

@@ -1,0 +1,356 @@
+"""The study profile of the main job: each paper's claim tested over seeds on the embedded corpus.
+
+    mtssl-main-job --profile study --out runs/study            # about 90 minutes on 2 cores
+    mtssl-main-job --profile study --out runs/smoke --hours 0.03 --seeds 1 --updates 20 ...   # smoke size
+
+Same data stages as the default profile (corpus, manifests, MFCC k-means labels, scene features, ABX items),
+then, for every seed of ``--seeds`` (``common.seed`` of each training):
+
+  MT4SSL (Ma et al.)      both targets / offline only / online only, ``--updates`` updates, a checkpoint every
+                          ``--updates / --curve-points`` updates, the phone probe (layer ``--layer``, held-out
+                          test speakers) on each: learning curves.
+                          Claim: with both targets the model converges faster than with either alone
+                          (metric: the mean probe accuracy over the curve's checkpoints, its area).
+  VGS+SSL (Khorrami et al.)  simultaneous VGS+ and sequential W2V2 -> VGS (20/70 : 50/70 of
+                          ``--vgs-updates``) at ``--vgs-max-tokens`` (about 25 captions a batch: smaller
+                          batches did not ground here), the paper's recipe at this scale (``--vgs-recipe``).
+                          Claims: the sequential model retrieves better (mean of R@1/5/10 both ways, test);
+                          VGS+ keeps more of the phonetic structure that the switch to VGS forgets (ABX across
+                          speakers, best layer; the sequential run's ABX before the switch is in the tables).
+  SCORE (Meghanani & Hain)   ``mtssl-score-evidence`` from the strongest seed-1 model of the MT4SSL runs
+                          (chosen by *validation* probe accuracy), ``--seeds`` SCORE seeds.
+                          Claims: SCORE narrows the perturbed-minus-clean gap (probe accuracy, ABX across);
+                          it loses nothing on clean audio.
+
+``study.json`` / ``study.md`` hold every value, the tables and one verdict per claim (:mod:`.verdicts`:
+reproduced in direction / contradicted / inconclusive, mean +- standard deviation over seeds), and the
+verdicts are printed. Nothing is tuned on the test split.
+"""
+
+import json
+import platform
+import time
+from typing import Dict, List
+
+from ..atomic import atomic_write
+from .main_job import MT4SSL_VARIANTS, MainJob
+from .stages import StageFailed
+from .verdicts import Claim, Spread
+
+VGS_RECIPES = {
+    # the authors' FaST-VGS+ heads and loss (dot product, margin InfoNCE), at the tiny config's widths
+    "paper": ["model.vgs_arch=fast_vgs_plus", "criterion.vgs_loss=margin_infonce", "criterion.similarity=dot"],
+    # the tiny config's light heads with a cosine, temperature InfoNCE (the CPU-scale default)
+    "light": [],
+}
+STUDY_SCENARIOS = {"vgs_plus": "VGS+", "w2v2_then_vgs": "W2V2,VGS"}
+
+
+class Study:
+    def __init__(self, job: MainJob):
+        self.job, self.args = job, job.args
+        self.out = job.out
+        self.pipeline = job.pipeline
+
+    # -- MT4SSL learning curves -----------------------------------------------------------------
+    def curve_updates(self) -> List[int]:
+        n, points = self.args.updates, max(1, self.args.curve_points)
+        return sorted({max(1, round(n * (i + 1) / points)) for i in range(points)})
+
+    def mt4ssl(self, variant: str, seed: int):
+        name = f"mt4ssl_{variant}_seed{seed}"
+
+        def train():
+            every = self.curve_updates()
+            interval = every[0] if len(every) == 1 else every[1] - every[0]
+            return self.job.train_arch(
+                f"train_{name}",
+                "mt4ssl",
+                self.job.run_dir(name),
+                seed,
+                f"optimization.max_update={self.args.updates}",
+                *MT4SSL_VARIANTS[variant],
+                "checkpoint.keep_interval_updates=-1",  # keep every curve point
+                save_interval=interval,
+            )
+
+        def curve():
+            ckdir = self.job.run_dir(name) / "checkpoints"
+            points = []
+            for u in self.curve_updates():
+                found = sorted(ckdir.glob(f"checkpoint_*_{u}.pt"))
+                if not found:
+                    raise StageFailed(f"{ckdir}: no checkpoint at {u} updates (checkpoint_<epoch>_{u}.pt)")
+                ck = found[0]
+                js = self.out / "eval" / name / f"probe_{u}.json"
+                self.pipeline.run(
+                    f"curve_{name}",
+                    [
+                        "mtssl-phone-probe",
+                        ck,
+                        *("--layer", self.args.layer, "--manifests", self.job.manifests),
+                        *("--alignments", self.job.data / "corpus" / "alignments", "--json", js),
+                    ],
+                )
+                probe = json.loads(js.read_text())
+                points.append({"updates": u, "valid_acc": probe["valid_acc"], "test_acc": probe["test_acc"]})
+            return {"checkpoint": str(ckdir / "checkpoint_last.pt"), "curve": points}
+
+        return name, train, curve
+
+    # -- VGS scenarios --------------------------------------------------------------------------
+    def vgs(self, model: str, seed: int):
+        name = f"{model}_seed{seed}"
+        run = self.job.run_dir(name)
+
+        def train():
+            return self.job.vgs_scenario(
+                f"train_{name}",
+                STUDY_SCENARIOS[model],
+                run,
+                seed,
+                self.args.vgs_updates,
+                f"dataset.max_tokens={self.args.vgs_max_tokens}",
+                *VGS_RECIPES[self.args.vgs_recipe],
+            )
+
+        def evaluate():
+            ck = self.pipeline.results[f"train_{name}"]["checkpoint"]
+            d = self.out / "eval" / name
+            checkpoints = {"final": ck}
+            if model == "w2v2_then_vgs":  # the wav2vec 2.0 stage, before the switch
+                checkpoints["before_switch"] = str(run / "stage1_w2v2" / "checkpoints" / "checkpoint_last.pt")
+            result: Dict[str, object] = {}
+            for which, path in checkpoints.items():
+                abx = d / f"abx_{which}.json"
+                self.pipeline.run(
+                    f"eval_{name}",
+                    ["mtssl-abx", path, "--manifest", self.job.manifests / "test.tsv", "--items", self.job.items]
+                    + ["--json", abx],
+                )
+                layers = json.loads(abx.read_text())["layers"]
+                result[f"abx_across_{which}"] = min(r["across"] for r in layers)
+            self.pipeline.run(
+                f"eval_{name}", ["mtssl-vgs-retrieval", ck, "--split", "test", "--json", d / "retrieval.json"]
+            )
+            ret = json.loads((d / "retrieval.json").read_text())
+            result["retrieval"] = {k: v for k, v in ret.items() if k.startswith(("s2i_", "i2s_"))}
+            result["mean_recall"] = sum(result["retrieval"].values()) / len(result["retrieval"])
+            return result
+
+        return name, train, evaluate
+
+    # -- SCORE ----------------------------------------------------------------------------------
+    def score(self):
+        """``mtssl-score-evidence`` from the seed-1 MT4SSL run with the best validation probe accuracy."""
+        seed = self.args.seeds[0]
+        candidates = {v: self.pipeline.results[f"curve_mt4ssl_{v}_seed{seed}"] for v in MT4SSL_VARIANTS}
+        best = max(candidates, key=lambda v: candidates[v]["curve"][-1]["valid_acc"])
+        out = self.out / "score_evidence"
+        self.pipeline.run(
+            "score_evidence",
+            [
+                "mtssl-score-evidence",
+                candidates[best]["checkpoint"],
+                *("--data", self.job.data, "--out", out, "--updates", self.args.score_updates),
+                "--seeds",
+                *self.args.seeds,
+            ],
+        )
+        return {"start": f"mt4ssl_{best}_seed{seed}", "summary": json.loads((out / "summary.json").read_text())}
+
+    # -- declaring and judging ------------------------------------------------------------------
+    def declare(self) -> None:
+        """Declaration order is scheduling priority: the longest chain first (seed-1 MT4SSL -> SCORE)."""
+        self.job.declare_data()
+        stages, first = self.pipeline, self.args.seeds[0]
+        for seed in self.args.seeds:
+            for variant in MT4SSL_VARIANTS:
+                name, train, curve = self.mt4ssl(variant, seed)
+                stages.add(f"train_{name}", train, after=["labels_mfcc"])
+                stages.add(f"curve_{name}", curve, after=[f"train_{name}", "abx_items"])
+            if seed == first:
+                curves = [f"curve_mt4ssl_{v}_seed{seed}" for v in MT4SSL_VARIANTS]
+                stages.add("score_evidence", self.score, after=curves)
+            for model in STUDY_SCENARIOS:
+                name, train, evaluate = self.vgs(model, seed)
+                stages.add(f"train_{name}", train, after=["image_features"])
+                stages.add(f"eval_{name}", evaluate, after=[f"train_{name}", "abx_items"])
+        evaluations = [n for n in stages.specs if n.startswith(("curve_", "eval_"))]
+        stages.add("verdicts", self.verdicts, after=evaluations + ["score_evidence"])
+
+    def claims(self) -> List[Claim]:
+        res, seeds = self.pipeline.results, self.args.seeds
+
+        def area(variant):
+            return [Spread.of([p["test_acc"] * 100 for p in res[f"curve_mt4ssl_{variant}_seed{s}"]["curve"]]).mean
+                    for s in seeds]  # fmt: skip
+
+        def vgs(model, key):
+            return [res[f"eval_{model}_seed{s}"][key] for s in seeds]
+
+        mt4ssl = Claim(
+            "MT4SSL (Ma et al., Interspeech 2023)",
+            "with both targets the model converges faster than with either alone",
+            [
+                Claim.comparison("both", area("both"), alone, area(alone), "probe test accuracy, curve mean (%)", True)
+                for alone in ("offline_only", "online_only")
+            ],
+        )
+        retrieval = Claim(
+            "VGS+SSL (Khorrami et al., EUSIPCO 2023)",
+            "sequential W2V2 -> VGS retrieves better than simultaneous VGS+",
+            [
+                Claim.comparison(
+                    "W2V2 -> VGS",
+                    vgs("w2v2_then_vgs", "mean_recall"),
+                    "VGS+",
+                    vgs("vgs_plus", "mean_recall"),
+                    "mean of R@1/5/10 both ways, test (%)",
+                    True,
+                )
+            ],
+        )
+        forgetting = Claim(
+            "VGS+SSL (Khorrami et al., EUSIPCO 2023)",
+            "VGS+ keeps more phonetic structure than a sequential switch to VGS (forgets less)",
+            [
+                Claim.comparison(
+                    "VGS+",
+                    vgs("vgs_plus", "abx_across_final"),
+                    "W2V2 -> VGS",
+                    vgs("w2v2_then_vgs", "abx_across_final"),
+                    "ABX across speakers, best layer (%)",
+                    False,
+                )
+            ],
+        )
+        metrics = res["score_evidence"]["summary"]["metrics"]
+
+        def runs(key):  # gaps as magnitudes: SCORE should bring them towards 0
+            return [abs(v) if key.endswith("_gap") else v for v in metrics[key]["score_values"]]
+
+        def start(key):
+            return [abs(metrics[key]["start"]) if key.endswith("_gap") else metrics[key]["start"]]
+
+        score_gap = Claim(
+            "SCORE (Meghanani & Hain, ICASSP 2024)",
+            "fine-tuning narrows the gap between perturbed and clean test audio",
+            [
+                Claim.comparison("SCORE", runs("probe_gap"), "start", start("probe_gap"), "|probe acc. gap|", False),
+                Claim.comparison(
+                    "SCORE", runs("abx_across_gap"), "start", start("abx_across_gap"), "|ABX across gap| (%)", False
+                ),
+            ],
+        )
+        score_clean = Claim(
+            "SCORE (Meghanani & Hain, ICASSP 2024)",
+            "without losing on clean audio",
+            [
+                Claim.comparison(
+                    "SCORE", runs("probe_clean"), "start", start("probe_clean"), "probe acc., clean", True, True
+                ),
+                Claim.comparison(
+                    "SCORE",
+                    runs("abx_across_clean"),
+                    "start",
+                    start("abx_across_clean"),
+                    "ABX across, clean (%)",
+                    False,
+                    True,
+                ),  # fmt: skip
+            ],
+        )
+        return [mt4ssl, retrieval, forgetting, score_gap, score_clean]
+
+    def verdicts(self) -> Dict:
+        claims = [c.as_dict() for c in self.claims()]
+        study = {
+            "date": time.strftime("%Y-%m-%d"),
+            "machine": f"{platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores, "
+            f"{platform.python_implementation()} {platform.python_version()}",
+            "seeds": list(self.args.seeds),
+            "claims": claims,
+            "mt4ssl_curves": {
+                k[len("curve_") :]: v["curve"] for k, v in self.pipeline.results.items() if k.startswith("curve_")
+            },
+            "vgs": {k[len("eval_") :]: v for k, v in self.pipeline.results.items() if k.startswith("eval_")},
+            "score": self.pipeline.results["score_evidence"],
+        }
+        with atomic_write(self.out / "study.json") as f:
+            json.dump(study, f, indent=1)
+        with atomic_write(self.out / "study.md") as f:
+            f.write(study_markdown(study, self.args))
+        for c in claims:
+            print(f"{c['verdict'].upper():>24}: {c['paper']}: {c['claim']}", flush=True)
+        return {"study": str(self.out / "study.md"), "verdicts": {c["claim"]: c["verdict"] for c in claims}}
+
+
+def study_markdown(study: Dict, args) -> str:
+    seeds = study["seeds"]
+    lines = [
+        "# Study: the papers' claims over seeds",
+        "",
+        f"{study['date']}, {study['machine']}; seeds {seeds}; "
+        f"`mtssl-main-job --profile study --out {args.out} --seeds {' '.join(map(str, seeds))} "
+        f"--updates {args.updates} --vgs-updates {args.vgs_updates} --vgs-max-tokens {args.vgs_max_tokens} "
+        f"--vgs-recipe {args.vgs_recipe} --score-updates {args.score_updates}`.",
+        "Intervals: mean +- one standard deviation over seeds; overlapping intervals are inconclusive.",
+        "",
+        "## Verdicts",
+        "",
+        "| paper | claim | verdict | comparisons (a vs b: metric, a, b, verdict) |",
+        "| --- | --- | --- | --- |",
+    ]
+    for c in study["claims"]:
+        comps = "; ".join(
+            f"{x['a']} vs {x['b']} ({x['metric']}): {x['a_spread']} vs {x['b_spread']}, {x['verdict']}"
+            for x in c["comparisons"]
+        )
+        lines.append(f"| {c['paper']} | {c['claim']} | **{c['verdict']}** | {comps} |")
+    curves = study["mt4ssl_curves"]
+    points = sorted({p["updates"] for v in curves.values() for p in v})
+    lines += ["", "## MT4SSL learning curves (phone probe, test accuracy %, mean +- std over seeds)", ""]
+    lines += ["| variant | " + " | ".join(f"{u} updates" for u in points) + " |", "| --- |" + " --- |" * len(points)]
+    for variant in MT4SSL_VARIANTS:
+        cells = []
+        for u in points:
+            vals = [p["test_acc"] * 100 for s in seeds for p in curves.get(f"mt4ssl_{variant}_seed{s}", [])
+                    if p["updates"] == u]  # fmt: skip
+            cells.append(str(Spread.of(vals)) if vals else "-")
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    lines += ["", "## VGS+SSL (test split; chance R@1/5/10 from the number of test images)", ""]
+    lines += [
+        "| scenario | seed | s->i R@1/5/10 | i->s R@1/5/10 | ABX across, best layer (%) | ABX before the switch |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, r in sorted(study["vgs"].items()):
+        ret = r["retrieval"]
+        s2i = " / ".join(f"{ret[f's2i_r{k}']:.1f}" for k in (1, 5, 10))
+        i2s = " / ".join(f"{ret[f'i2s_r{k}']:.1f}" for k in (1, 5, 10))
+        before = r.get("abx_across_before_switch")
+        lines.append(
+            f"| {name.rsplit('_seed', 1)[0]} | {name.rsplit('_seed', 1)[1]} | {s2i} | {i2s} | "
+            f"{r['abx_across_final']:.2f} | {'-' if before is None else f'{before:.2f}'} |"
+        )
+    score = study["score"]
+    lines += ["", f"## SCORE from {score['start']} ({len(seeds)} SCORE seeds)", ""]
+    lines += ["| metric | start | SCORE mean +- std |", "| --- | --- | --- |"]
+    for k, m in score["summary"]["metrics"].items():
+        vals = m["score_values"]
+        lines.append(f"| {k} | {m['start']:.4g} | {Spread.of(vals) if vals else '-'} |")
+    return "\n".join(lines) + "\n"
+
+
+def add_study_arguments(parser) -> None:
+    g = parser.add_argument_group("study profile (--profile study)")
+    g.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="training seeds of every condition")
+    g.add_argument("--curve-points", type=int, default=3, help="MT4SSL checkpoints probed along each run")
+    g.add_argument("--vgs-updates", type=int, default=300, help="updates of each VGS scenario (both stages)")
+    g.add_argument(
+        "--vgs-max-tokens",
+        type=int,
+        default=1280000,
+        help="VGS batch size in audio samples (1280000: about 25 captions; below about 24 nothing grounded here)",
+    )
+    g.add_argument("--vgs-recipe", choices=sorted(VGS_RECIPES), default="paper", help="VGS heads and loss")
