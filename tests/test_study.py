@@ -19,7 +19,7 @@ def test_study_profile_at_smoke_size(tmp_path):
     cmd = [
         str(BIN / "mtssl-main-job"),
         *("--profile", "study", "--out", out, "--hours", "0.03", "--seeds", "1"),
-        *("--updates", "6", "--curve-points", "2", "--vgs-updates", "7", "--vgs-max-tokens", "320000"),
+        *("--updates", "10", "--curve-points", "2", "--vgs-updates", "7", "--vgs-max-tokens", "320000"),
         *("--score-updates", "3", "--save-interval", "50", "--jobs", "2"),
     ]
     proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=1800)
@@ -31,10 +31,10 @@ def test_study_profile_at_smoke_size(tmp_path):
         assert claim["verdict"].upper() in proc.stdout and claim["claim"] in proc.stdout
         for c in claim["comparisons"]:
             assert len(c["a_values"]) >= 1 and len(c["b_values"]) >= 1
-    # the learning curves have their two checkpoints (3 and 6 updates), each probed
+    # the learning curves have their two checkpoints (5 and 10 updates), each probed
     curves = study["mt4ssl_curves"]
     assert sorted(curves) == [f"mt4ssl_{v}_seed1" for v in ("both", "offline_only", "online_only")]
-    assert all([p["updates"] for p in c] == [3, 6] and 0 <= c[-1]["test_acc"] <= 1 for c in curves.values())
+    assert all([p["updates"] for p in c] == [5, 10] and 0 <= c[-1]["test_acc"] <= 1 for c in curves.values())
     # the sequential run was measured before and after the switch; both VGS runs retrieved
     seq = study["vgs"]["w2v2_then_vgs_seed1"]
     assert 0 <= seq["abx_across_before_switch"] <= 100 and "s2i_r10" in seq["retrieval"]

@@ -48,6 +48,8 @@ VGS_MODELS = {"vgs_plus": "VGS+", "w2v2_then_vgs": "W2V2,VGS"}
 # weight (Adam's step and its weight decay are both scaled by the learning rate).
 UNTRAINED = {"hubert_untrained": "hubert", "mt4ssl_untrained": "mt4ssl", "vgs_untrained": "vgs"}
 UNTRAINED_OVERRIDES = ("optimization.max_update=1", "optimization.lr=[0.0]")
+# fairseq's tri_stage scheduler divides by its decay steps, int(0.1 x 1 update) = 0: decay over the one update
+UNTRAINED_SCHEDULE = {"mt4ssl": ("lr_scheduler.phase_ratio=[0,0,1]",)}
 MODELS = [
     "hubert_untrained",
     "hubert",
@@ -224,7 +226,12 @@ class MainJob:
     def train_untrained(self, model: str):
         def fn():
             return self.train_arch(
-                f"train_{model}", UNTRAINED[model], self.run_dir(model), self.args.seed, *UNTRAINED_OVERRIDES
+                f"train_{model}",
+                UNTRAINED[model],
+                self.run_dir(model),
+                self.args.seed,
+                *UNTRAINED_OVERRIDES,
+                *UNTRAINED_SCHEDULE.get(UNTRAINED[model], ()),
             )
 
         return fn

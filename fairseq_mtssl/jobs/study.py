@@ -94,7 +94,28 @@ class Study:
                 )
                 probe = json.loads(js.read_text())
                 points.append({"updates": u, "valid_acc": probe["valid_acc"], "test_acc": probe["test_acc"]})
-            return {"checkpoint": str(ckdir / "checkpoint_last.pt"), "curve": points}
+            # the final model's ABX and QbE too: their run-to-run spread, for the default report's metrics
+            last, d = ckdir / "checkpoint_last.pt", self.out / "eval" / name
+            abx, qbe = d / "abx.json", d / "qbe.json"
+            self.pipeline.run(
+                f"curve_{name}",
+                ["mtssl-abx", last, "--manifest", self.job.manifests / "test.tsv", "--items", self.job.items]
+                + ["--json", abx],
+            )
+            self.pipeline.run(
+                f"curve_{name}",
+                ["mtssl-qbe", last, "--layer", self.args.layer, "--manifests", self.job.manifests]
+                + ["--alignments", self.job.data / "corpus" / "alignments", "--json", qbe],
+            )
+            layers = json.loads(abx.read_text())["layers"]
+            best = min(layers, key=lambda r: r["within"] + r["across"])
+            final = {
+                "abx_within_best": best["within"],
+                "abx_across_best": best["across"],
+                "qbe_map": json.loads(qbe.read_text())["map"],
+                "qbe_mtwv": json.loads(qbe.read_text())["mtwv"],
+            }
+            return {"checkpoint": str(last), "curve": points, "final": final}
 
         return name, train, curve
 
@@ -274,6 +295,11 @@ class Study:
             "mt4ssl_curves": {
                 k[len("curve_") :]: v["curve"] for k, v in self.pipeline.results.items() if k.startswith("curve_")
             },
+            "mt4ssl_final": {
+                k[len("curve_") :]: dict(v["final"], probe_test_acc=100 * v["curve"][-1]["test_acc"])
+                for k, v in self.pipeline.results.items()
+                if k.startswith("curve_")
+            },
             "vgs": {k[len("eval_") :]: v for k, v in self.pipeline.results.items() if k.startswith("eval_")},
             "score": self.pipeline.results["score_evidence"],
         }
@@ -319,6 +345,14 @@ def study_markdown(study: Dict, args) -> str:
                     if p["updates"] == u]  # fmt: skip
             cells.append(str(Spread.of(vals)) if vals else "-")
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    finals = study.get("mt4ssl_final", {})
+    if finals:
+        keys = ["probe_test_acc", "abx_within_best", "abx_across_best", "qbe_map", "qbe_mtwv"]
+        lines += ["", "## Run-to-run spread of the final MT4SSL models (mean +- std over seeds)", ""]
+        lines += ["| variant | " + " | ".join(keys) + " |", "| --- |" + " --- |" * len(keys)]
+        for variant in MT4SSL_VARIANTS:
+            rows = [finals[f"mt4ssl_{variant}_seed{s}"] for s in seeds if f"mt4ssl_{variant}_seed{s}" in finals]
+            lines.append(f"| {variant} | " + " | ".join(str(Spread.of([r[k] for r in rows])) for k in keys) + " |")
     lines += ["", "## VGS+SSL (test split; chance R@1/5/10 from the number of test images)", ""]
     lines += [
         "| scenario | seed | s->i R@1/5/10 | i->s R@1/5/10 | ABX across, best layer (%) | ABX before the switch |",
