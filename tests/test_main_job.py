@@ -24,6 +24,7 @@ def _main_job(out: Path, **popen):
         "--hours",
         "0.03",
         "--models",
+        "hubert_untrained",
         "hubert",
         "score",
         "--updates",
@@ -77,11 +78,14 @@ def test_main_job_resumes_after_kill_9_and_writes_the_report(tmp_path):
     assert interrupted_at < first_update_after <= interrupted_at + 10
 
     report = (out / "report.md").read_text()
-    for label in ("MFCC (no training)", "HuBERT iteration 1", "HuBERT + SCORE"):
+    for label in ("MFCC (no training)", "HuBERT untrained", "HuBERT iteration 1", "HuBERT + SCORE"):
         assert f"| {label} |" in report
     results = json.loads((out / "report.json").read_text())
     assert results["hubert"]["eval"]["superb_pr"]["per"] >= 0 and len(results["hubert"]["eval"]["abx"]) == 3
     assert results["score"]["final_loss"] is not None and results["score"]["eval"]["superb_pr"]["per"] >= 0
+    # the untrained baseline: one update at learning rate 0, evaluated like the others (the probe included)
+    assert results["hubert_untrained"]["updates"] == 1
+    assert 0 <= results["hubert_untrained"]["eval"]["phone_probe"]["test_acc"] <= 1
     for png in ("loss", "abx"):
         assert (out / "plots" / f"{png}.png").read_bytes()[:4] == b"\x89PNG"
     commands = (out / "commands.sh").read_text()

@@ -68,7 +68,7 @@ def summary_table(rows: Dict[str, dict]) -> List[str]:
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for m, r in rows.items():
         curve, ev = r.get("curve") or [], r.get("eval") or {}
-        updates = str(r["updates"]) if r.get("updates") else "-"
+        updates = "0 (initial)" if m.endswith("_untrained") else str(r["updates"]) if r.get("updates") else "-"
         loss = f"{curve[0]['loss']:.3f} -> {curve[-1]['loss']:.3f}" if curve and len(curve) > 1 else "-"
         abx = "-"
         if ev.get("abx"):
