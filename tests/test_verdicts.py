@@ -45,3 +45,45 @@ def test_a_claim_of_several_comparisons():
     c = Claim("p", "t", [Claim.comparison("x", [3, 4], "y", [0, 1], "m", True)])
     d = c.as_dict()
     assert d["verdict"] == REPRODUCED and d["comparisons"][0]["a_values"] == [3, 4]
+
+
+def test_study_claims_read_the_right_numbers():
+    """The study's five claims from hand-made stage results: each comparison picks its metric and direction."""
+    from types import SimpleNamespace
+
+    from fairseq_mtssl.jobs.study import Study
+
+    seeds = [1, 2, 3]
+    results = {}
+    for s in seeds:
+        for variant, acc in (("both", 0.6), ("offline_only", 0.5), ("online_only", 0.4)):
+            curve = [{"updates": u, "valid_acc": acc, "test_acc": acc + 0.01 * s + 0.001 * u} for u in (1, 2)]
+            results[f"curve_mt4ssl_{variant}_seed{s}"] = {"curve": curve}
+        results[f"eval_vgs_plus_seed{s}"] = {"mean_recall": 20.0 + s, "abx_across_final": 30.0 + s}
+        results[f"eval_w2v2_then_vgs_seed{s}"] = {"mean_recall": 21.0 + s, "abx_across_final": 40.0 + s}
+
+    def metric(start, values):
+        return {"start": start, "score_values": values}
+
+    results["score_evidence"] = {
+        "summary": {
+            "metrics": {
+                "probe_gap": metric(-0.10, [-0.02, -0.03, -0.025]),  # gap magnitude shrinks: reproduced
+                "abx_across_gap": metric(5.0, [5.5, 6.0, 6.5]),  # gap grows: contradicted
+                "probe_clean": metric(0.50, [0.49, 0.50, 0.51]),  # no clear loss
+                "abx_across_clean": metric(20.0, [20.5, 19.5, 20.0]),
+            }
+        }
+    }
+    job = SimpleNamespace(args=SimpleNamespace(seeds=seeds), out=None, pipeline=SimpleNamespace(results=results))
+    claims = {c.text: c for c in Study(job).claims()}
+    mt4ssl = claims["with both targets the model converges faster than with either alone"]
+    assert [c["verdict"] for c in mt4ssl.comparisons] == [REPRODUCED, REPRODUCED]
+    assert mt4ssl.comparisons[0]["a_values"][0] == pytest.approx(100 * (0.6 + 0.01 + 0.0015))  # curve mean, %
+    seq = claims["sequential W2V2 -> VGS retrieves better than simultaneous VGS+"]
+    assert seq.verdict == INCONCLUSIVE  # 22-24 against 21-23: the intervals overlap
+    forget = claims["VGS+ keeps more phonetic structure than a sequential switch to VGS (forgets less)"]
+    assert forget.verdict == REPRODUCED  # lower ABX is better
+    gap = claims["fine-tuning narrows the gap between perturbed and clean test audio"]
+    assert [c["verdict"] for c in gap.comparisons] == [REPRODUCED, CONTRADICTED] and gap.verdict == CONTRADICTED
+    assert claims["without losing on clean audio"].verdict == REPRODUCED
