@@ -81,5 +81,4 @@ def save_vanilla_hubert(model: torch.nn.Module, source_state: dict, out) -> None
         "extra_state": {},
         "last_optimizer_state": None,
     }
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
     save_torch_atomic(state, out)

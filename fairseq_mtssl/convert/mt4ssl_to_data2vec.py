@@ -10,7 +10,6 @@ data2vec insists on when loading, as in data2vec's own checkpoints); the offline
 
 import argparse
 from dataclasses import fields
-from pathlib import Path
 from typing import Optional
 
 from ..atomic import save_torch_atomic
@@ -63,7 +62,6 @@ def data2vec_checkpoint(state: dict, src, weights: Optional[dict] = None) -> dic
 
 def export_mt4ssl_student(src, dst) -> dict:
     out = data2vec_checkpoint(load_checkpoint_safely(src), src)
-    Path(dst).parent.mkdir(parents=True, exist_ok=True)
     save_torch_atomic(out, dst)
     return out
 

@@ -82,7 +82,6 @@ def export_score_student(score_checkpoint, out, start_path=None) -> str:
         raise ExportError(
             f"{start}: model {kind!r} has no export (hubert, wav2vec2, data2vec_audio or mt4ssl starts only)"
         )
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
     save_torch_atomic(result, out)
     return kind
 

@@ -8,8 +8,6 @@ option.) s3prl's data2vec drops ``final_proj`` before loading and expects the ``
 it discards.
 """
 
-from pathlib import Path
-
 from ..atomic import save_torch_atomic
 from .to_transformers import family_of
 
@@ -41,6 +39,5 @@ def export_s3prl(plain_checkpoint, out) -> str:
 
     state = read_checkpoint(plain_checkpoint)  # weights-only; an ``args`` Namespace -> ``cfg``
     converted = s3prl_state(state)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
     save_torch_atomic(converted, out)
     return UPSTREAM[family_of(converted["model_cfg"]["_name"])]

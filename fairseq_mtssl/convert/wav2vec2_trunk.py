@@ -111,7 +111,6 @@ def export_wav2vec2_trunk(src, dst, heads_dst=None) -> dict:
         "extra_state": {},
         "last_optimizer_state": None,
     }
-    Path(dst).parent.mkdir(parents=True, exist_ok=True)
     save_torch_atomic(out, dst)
     if heads_dst is not None and name == "wav2vec2_vgs":
         write_vgs_heads(model_cfg, rest, Path(dst).name, heads_dst)
