@@ -46,7 +46,7 @@ class Spread:
         return self.mean + self.std
 
     def __str__(self) -> str:
-        return f"{self.mean:.2f} +- {self.std:.2f} (n={len(self.values)})"
+        return f"{self.mean:.4g} +- {self.std:.2g} (n={len(self.values)})"
 
 
 def compare(a: Sequence[float], b: Sequence[float], higher_is_better: bool, not_worse: bool = False) -> str:
