@@ -1,6 +1,6 @@
 """The study profile of the main job: each paper's claim tested over seeds on the embedded corpus.
 
-    mtssl-main-job --profile study --out runs/study            # about 90 minutes on 2 cores
+    mtssl-main-job --profile study --out runs/study            # about 65-70 minutes on 2 cores
     mtssl-main-job --profile study --out runs/smoke --hours 0.03 --seeds 1 --updates 20 ...   # smoke size
 
 Same data stages as the default profile (corpus, manifests, MFCC k-means labels, scene features, ABX items),
