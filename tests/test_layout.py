@@ -73,7 +73,10 @@ def test_every_documented_command_and_option_exists():
                     missing.append(f"{doc.name}: {cmd}")
                     continue
                 module, func = scripts[cmd].split(":")
-                source = (REPO / (module.replace(".", "/") + ".py")).read_text()
+                path = REPO / (module.replace(".", "/") + ".py")
+                # the entry module and the plugin modules it imports (a command may add their options)
+                paths = [path] + [REPO / (m.replace(".", "/") + ".py") for m in _imports(path)]
+                source = "".join(p.read_text() for p in paths if p.exists())
                 for option in re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", rest):
                     if f'"{option}"' not in source and option not in ("--help",):
                         missing.append(f"{doc.name}: {cmd} {option}")
