@@ -265,7 +265,12 @@ class Study:
                     "SCORE", runs("probe_gap"), "start", start("probe_gap"), "probe acc. gap, magnitude (%)", False
                 ),
                 Claim.comparison(
-                    "SCORE", runs("abx_across_gap"), "start", start("abx_across_gap"), "ABX across gap, magnitude (%)", False
+                    "SCORE",
+                    runs("abx_across_gap"),
+                    "start",
+                    start("abx_across_gap"),
+                    "ABX across gap, magnitude (%)",
+                    False,
                 ),
             ],
         )
