@@ -28,6 +28,7 @@ verdicts are printed. Nothing is tuned on the test split.
 """
 
 import json
+import os
 import platform
 import time
 from typing import Dict, List
@@ -107,13 +108,13 @@ class Study:
                 ["mtssl-qbe", last, "--layer", self.args.layer, "--manifests", self.job.manifests]
                 + ["--alignments", self.job.data / "corpus" / "alignments", "--json", qbe],
             )
-            layers = json.loads(abx.read_text())["layers"]
+            layers, qbe_result = json.loads(abx.read_text())["layers"], json.loads(qbe.read_text())
             best = min(layers, key=lambda r: r["within"] + r["across"])
             final = {
                 "abx_within_best": best["within"],
                 "abx_across_best": best["across"],
-                "qbe_map": json.loads(qbe.read_text())["map"],
-                "qbe_mtwv": json.loads(qbe.read_text())["mtwv"],
+                "qbe_map": qbe_result["map"],
+                "qbe_mtwv": qbe_result["mtwv"],
             }
             return {"checkpoint": str(last), "curve": points, "final": final}
 
@@ -298,7 +299,7 @@ class Study:
         claims = [c.as_dict() for c in self.claims()]
         study = {
             "date": time.strftime("%Y-%m-%d"),
-            "machine": f"{platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores, "
+            "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores, "
             f"{platform.python_implementation()} {platform.python_version()}",
             "seeds": list(self.args.seeds),
             "claims": claims,
