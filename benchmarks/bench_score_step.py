@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from fairseq.data import Dictionary
 from fairseq.models.hubert import HubertConfig, HubertModel
 from fairseq.tasks.hubert_pretraining import HubertPretrainingConfig
+from torch.utils.flop_counter import FlopCounterMode
 
 from fairseq_mtssl.losses.soft_dtw import soft_dtw_divergence
 from fairseq_mtssl.models.score import AUTHORS_TRAINABLE, ScoreConfig, ScoreModel
@@ -127,6 +128,11 @@ def main():
 
     steps = {name: (lambda m=m: step_score(m)) for name, m in variants.items()}
     steps.update({"finetune": step_finetune, "soft-DTW": step_sdtw})  # soft-DTW on the last score-top2 step
+    flops = {}
+    for name in ("score", "score-top2", "finetune"):  # what any implementation of the same step must compute
+        with FlopCounterMode(display=False) as counter:
+            steps[name]()
+        flops[name] = counter.get_total_flops()
     times = {name: [] for name in steps}
     cpu = {name: [] for name in steps}  # process CPU time: less swayed than wall time on a shared machine
     for fn in steps.values():  # warm-up
@@ -146,6 +152,10 @@ def main():
     for k, v in med.items():
         print(f"  {k:<10} {v:8.3f} s {med_cpu[k]:8.3f} s")
     print(f"  SCORE step / full fine-tune step   {med['score'] / med['finetune']:.3f}   (target <= 1)")
+    print(
+        f"    in FLOPs (torch's FlopCounterMode: matmuls and convolutions, forward + backward) "
+        f"{flops['score'] / flops['finetune']:.3f}, top 2 only {flops['score-top2'] / flops['finetune']:.3f}"
+    )
     print(f"    top 2 layers only                {med['score-top2'] / med['finetune']:.3f}")
     print(
         f"  the same in CPU time               {med_cpu['score'] / med_cpu['finetune']:.3f}, top 2 only "
@@ -158,6 +168,7 @@ def main():
         med["score"] / med["finetune"],
         "<= 1",
     )
+    record("score_step", "the same in FLOPs (forward + backward)", flops["score"] / flops["finetune"])
     record(
         "score_step", "SCORE step (top 2 layers only) / full HuBERT fine-tune step", med["score-top2"] / med["finetune"]
     )

@@ -99,11 +99,15 @@ def run_cli(*args, check=True, cwd=None, timeout=600):
     return proc
 
 
-def assert_batched_layer_features_match(ckpt, manifest_dir, layer: int, dim: int):
-    """Batched layer features of a checkpoint equal one-at-a-time ones, with the conv stack's frame count."""
+def assert_padded_layer_features_match(ckpt, manifest_dir, layer: int, dim: int):
+    """Layer features as the reader computes them (each utterance zero-padded to its length bucket, with
+    the model's padding mask) equal the model's own forward on the unpadded utterance, with the conv
+    stack's frame count."""
     import numpy as np
     import soundfile as sf
+    import torch
 
+    from fairseq_mtssl import upstream
     from fairseq_mtssl.data.manifest import read_manifest
     from fairseq_mtssl.kmeans.features import ModelLayerReader
 
@@ -111,8 +115,11 @@ def assert_batched_layer_features_match(ckpt, manifest_dir, layer: int, dim: int
     assert reader.batchable and reader.frame_rate == 50 and reader.dim == dim  # layer_norm front end, tiny configs
     m = read_manifest(manifest_dir / "valid.tsv")
     wavs = [sf.read(m.audio_path(i), dtype="float32")[0] for i in range(4)]
+    assert any(upstream.bucket_length(len(w)) > len(w) for w in wavs)  # the padding is exercised
     for wav, feats in zip(wavs, reader(wavs)):
-        alone = reader([wav])[0]
+        source, _, _ = upstream.batch_waveforms([wav], reader.normalize)
+        with torch.inference_mode():
+            alone = upstream.layers.run_encoder(reader.model, source, None, layer)[0][0].numpy()
         assert feats.shape == alone.shape == (reader.num_frames(len(wav)), dim)
         assert abs(len(wav) / 320 - len(feats)) <= 2
         np.testing.assert_allclose(feats, alone, atol=1e-4, rtol=1e-4)

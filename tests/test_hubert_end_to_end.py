@@ -4,7 +4,7 @@ import re
 import shutil
 
 import pytest
-from conftest import PACKAGE_DIR, REPO, assert_batched_layer_features_match, run_cli
+from conftest import PACKAGE_DIR, REPO, assert_padded_layer_features_match, run_cli
 
 pytestmark = pytest.mark.slow  # every test here trains with fairseq-hydra-train
 
@@ -54,7 +54,7 @@ def test_hubert_trains_resumes_and_gives_iteration_2_labels(manifest_dir, mfcc_l
     assert _losses(second.stdout)[0][0] > 100
 
     ckpt = run / "checkpoints" / "checkpoint_last.pt"
-    assert_batched_layer_features_match(ckpt, manifest_dir, layer=2, dim=128)
+    assert_padded_layer_features_match(ckpt, manifest_dir, layer=2, dim=128)
     work = tmp_path / "iter2"
     model_args = ["--feature", "model", "--checkpoint", ckpt, "--layer", "2"]
     run_cli("mtssl-dump-features", manifest_dir / "train.tsv", work / "feats", *model_args)

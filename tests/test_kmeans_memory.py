@@ -106,3 +106,15 @@ def test_sampling_and_assigning_a_dump_do_not_map_all_of_it(tmp_path):
     for s in range(0, len(feats), 20_000):  # brute force, nearest centroid by the definition
         x = feats[s : s + 20_000, None, :].astype(np.float64)
         np.testing.assert_array_equal(labels[s : s + 20_000], ((x - centroids[None]) ** 2).sum(-1).argmin(1))
+
+
+def test_length_buckets_pad_at_most_an_eighth_and_give_eight_shapes_an_octave():
+    from fairseq_mtssl.upstream import bucket_length
+
+    lengths = np.arange(16, 1 << 20, 37)
+    padded = np.array([bucket_length(int(n)) for n in lengths])
+    assert (padded >= lengths).all() and (padded <= lengths * 1.125).all()
+    assert (np.diff(padded) >= 0).all()  # longer never pads shorter
+    for lo in (1 << 10, 1 << 14, 1 << 18):  # each octave (lo, 2 lo]: exactly 8 shapes, whatever the corpus
+        assert len({bucket_length(n) for n in range(lo + 1, 2 * lo + 1)}) == 8
+    assert bucket_length(16000) == 16384 and bucket_length(bucket_length(16001)) == bucket_length(16001)

@@ -551,6 +551,12 @@ def abx_per_layer(
     return rows
 
 
+def best_layer(rows: Sequence[Dict]) -> Dict:
+    """The row of :func:`abx_per_layer` that the reports call the best layer: the lowest within + across
+    (one layer for both scores, so a table never mixes two layers)."""
+    return min(rows, key=lambda r: r["within"] + r["across"])
+
+
 def _speakers_for(manifest_path) -> Dict[str, str]:
     from ..data.manifest import read_manifest
 

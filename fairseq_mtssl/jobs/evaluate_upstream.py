@@ -25,6 +25,7 @@ from typing import Dict, Optional
 from ..atomic import atomic_write
 from ..config import config_dir
 from ..errors import cli
+from ..evaluation.abx import best_layer
 from .commands import CommandRunner
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # common.user_dir
@@ -118,7 +119,7 @@ class UpstreamEvaluation:
 def summary_row(results: Dict) -> Dict:
     """One table row: best-layer ABX, probe accuracy, QbE MTWV/MAP, PR PER."""
     abx = results["abx"]
-    best = min(abx, key=lambda r: r["within"] + r["across"])
+    best = best_layer(abx)
     row = {
         "abx_within_best": best["within"],
         "abx_across_best": best["across"],

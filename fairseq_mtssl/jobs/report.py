@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from ..atomic import atomic_write
+from ..evaluation.abx import best_layer
 from .training_log import read_stages
 
 LABELS = {
@@ -72,7 +73,7 @@ def summary_table(rows: Dict[str, dict]) -> List[str]:
         loss = f"{curve[0]['loss']:.3f} -> {curve[-1]['loss']:.3f}" if curve and len(curve) > 1 else "-"
         abx = "-"
         if ev.get("abx"):
-            best = min(ev["abx"], key=lambda x: x["within"] + x["across"])
+            best = best_layer(ev["abx"])
             abx = f"{best['within']:.2f} / {best['across']:.2f} (L{best['layer']})"
         probe = ev.get("phone_probe", {}).get("test_acc")
         cells = [r["label"], updates, loss, abx, _fmt(None if probe is None else 100 * probe, 1)]

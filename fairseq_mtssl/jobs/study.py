@@ -34,6 +34,7 @@ import time
 from typing import Dict, List
 
 from ..atomic import atomic_write
+from ..evaluation.abx import best_layer
 from .main_job import MT4SSL_VARIANTS, MainJob
 from .stages import StageFailed
 from .verdicts import Claim, Spread
@@ -109,7 +110,7 @@ class Study:
                 + ["--alignments", self.job.data / "corpus" / "alignments", "--json", qbe],
             )
             layers, qbe_result = json.loads(abx.read_text())["layers"], json.loads(qbe.read_text())
-            best = min(layers, key=lambda r: r["within"] + r["across"])
+            best = best_layer(layers)
             final = {
                 "abx_within_best": best["within"],
                 "abx_across_best": best["across"],
@@ -151,7 +152,7 @@ class Study:
                     + ["--json", abx],
                 )
                 layers = json.loads(abx.read_text())["layers"]
-                result[f"abx_across_{which}"] = min(r["across"] for r in layers)
+                result[f"abx_across_{which}"] = best_layer(layers)["across"]
             self.pipeline.run(
                 f"eval_{name}", ["mtssl-vgs-retrieval", ck, "--split", "test", "--json", d / "retrieval.json"]
             )

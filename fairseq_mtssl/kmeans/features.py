@@ -1,7 +1,7 @@
 """Frame-level feature readers for k-means: MFCC (100 Hz) and a layer of a fairseq speech model (50 Hz).
 
-A reader maps a list of 16 kHz waveforms ``(T_i,)`` to a list of ``(F_i, C)`` float32 arrays,
-batching internally where that cannot change any frame. What a speech model is as a feature
+A reader maps a list of 16 kHz waveforms ``(T_i,)`` to a list of ``(F_i, C)`` float32 arrays, one
+utterance at a time (on a CPU a batch padded to its longest member costs more than it saves). What a speech model is as a feature
 extractor (loading, front-end geometry, masks, layer capture) lives in :mod:`fairseq_mtssl.upstream`.
 """
 
@@ -77,32 +77,34 @@ class ModelLayerReader:
     def num_frames(self, num_samples: int) -> int:
         return upstream.conv_output_frames(num_samples, self.conv_layers)
 
-    def _batch(self, wavs: Sequence[np.ndarray]):
-        """``(source (B, T), sample padding mask or None)``: one utterance needs no mask."""
-        source, _, lengths = upstream.batch_waveforms(wavs, self.normalize, self.device)
-        mask = upstream.sample_padding_mask(self.model, lengths, self.device) if len(wavs) > 1 else None
-        return source, mask
-
-    def _groups(self, wavs: Sequence[np.ndarray]) -> List[List[np.ndarray]]:
-        return [list(wavs)] if self.batchable else [[w] for w in wavs]
+    def _inputs(self, wavs: Sequence[np.ndarray]):
+        """``(source (1, T), sample padding mask or None)`` for each utterance: one at a time, zero-padded to
+        :func:`~fairseq_mtssl.upstream.bucket_length` where padding changes no valid frame (so a corpus of
+        any size gives a bounded set of shapes, and memory stays flat), unpadded otherwise (a group-normed
+        front end). On a CPU one utterance at a time is also faster than a batch padded to its longest
+        member (benchmarks/README.md, "model dump")."""
+        for w in wavs:
+            n = len(w)
+            total = upstream.bucket_length(n) if self.batchable else n
+            source, _, _ = upstream.batch_waveforms([w], self.normalize, self.device, total=total)
+            mask = upstream.sample_padding_mask(self.model, [n], self.device, total) if total > n else None
+            yield self.num_frames(n), source, mask
 
     @torch.inference_mode()
     def all_layers(self, wavs: Sequence[np.ndarray]) -> List[List[np.ndarray]]:
         """Per utterance ``[layer 0, 1, ..., L]`` (see :mod:`fairseq_mtssl.upstream.layers`), each ``(T, C)``."""
         out: List[List[np.ndarray]] = []
-        for group in self._groups(wavs):
-            states, _ = upstream.hidden_states(self.model, *self._batch(group))
-            for i, w in enumerate(group):
-                n = self.num_frames(len(w))
-                out.append([h[i, :n].float().cpu().numpy() for h in states])
+        for n, source, mask in self._inputs(wavs):
+            states, _ = upstream.hidden_states(self.model, source, mask)
+            out.append([h[0, :n].float().cpu().numpy() for h in states])
         return out
 
     @torch.inference_mode()
     def __call__(self, wavs: Sequence[np.ndarray]) -> List[np.ndarray]:
         out: List[np.ndarray] = []
-        for group in self._groups(wavs):
-            x, _ = upstream.layers.run_encoder(self.model, *self._batch(group), self.layer)
-            out += [x[i, : self.num_frames(len(w))].float().cpu().numpy() for i, w in enumerate(group)]
+        for n, source, mask in self._inputs(wavs):
+            x, _ = upstream.layers.run_encoder(self.model, source, mask, self.layer)
+            out.append(x[0, :n].float().cpu().numpy())
         return out
 
 

@@ -12,6 +12,7 @@ Used by k-means features, SCORE, retrieval, SUPERB, ABX, QbE, the phone probe an
 from .checkpoint import load_model_and_task, load_speech_model, load_upstream, read_checkpoint, speech_encoder_of
 from .frontend import (
     batch_waveforms,
+    bucket_length,
     conv_layers_of,
     conv_output_frames,
     frame_rate_of,
@@ -23,6 +24,7 @@ from .layers import hidden_states, record_layers
 
 __all__ = [
     "batch_waveforms",
+    "bucket_length",
     "conv_layers_of",
     "conv_output_frames",
     "frame_rate_of",

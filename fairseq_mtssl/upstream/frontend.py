@@ -55,13 +55,25 @@ def hubert_sample_padding_mask(conv_layers, lengths: Sequence[int], total: int, 
     return mask
 
 
-def sample_padding_mask(model: nn.Module, lengths: Sequence[int], device="cpu") -> torch.Tensor:
-    """``(B, max(lengths))`` mask (True = padding) from which ``model`` derives exactly
-    ``conv_output_frames(len)`` valid frames: wav2vec 2.0 / data2vec count unmasked samples through the
-    conv formula, HuBERT needs :func:`hubert_sample_padding_mask`."""
+def bucket_length(num_samples: int, per_octave: int = 8) -> int:
+    """The length ``num_samples`` is zero-padded to when shapes should come from a small set: the next
+    multiple of ``2 ** (floor(log2 n) - log2 per_octave)``, so at most ``1 / per_octave`` (12.5 %) is padding
+    and a corpus of any size yields about ``per_octave`` shapes per octave of duration. (oneDNN builds and
+    keeps kernels for every input shape it meets; one shape per utterance length makes a long dump's
+    memory grow without bound, benchmarks/README.md.)"""
+    if num_samples <= per_octave:
+        return num_samples
+    step = 2 ** (int(num_samples).bit_length() - 1 - int(per_octave).bit_length() + 1)
+    return -(-num_samples // step) * step
+
+
+def sample_padding_mask(model: nn.Module, lengths: Sequence[int], device="cpu", total=None) -> torch.Tensor:
+    """``(B, total)`` mask (True = padding; ``total`` defaults to ``max(lengths)``) from which ``model``
+    derives exactly ``conv_output_frames(len)`` valid frames: wav2vec 2.0 / data2vec count unmasked samples
+    through the conv formula, HuBERT needs :func:`hubert_sample_padding_mask`."""
     from fairseq.models.hubert import HubertModel
 
-    total = max(lengths)
+    total = max(lengths) if total is None else total
     if isinstance(model, HubertModel):
         return hubert_sample_padding_mask(conv_layers_of(model), lengths, total, device)
     mask = torch.zeros(len(lengths), total, dtype=torch.bool, device=device)
@@ -71,15 +83,17 @@ def sample_padding_mask(model: nn.Module, lengths: Sequence[int], device="cpu") 
 
 
 def batch_waveforms(
-    waveforms: Sequence, normalize: bool = False, device="cpu"
+    waveforms: Sequence, normalize: bool = False, device="cpu", total=None
 ) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
     """Zero-padded ``(B, T)`` batch of waveforms ``(T_i,)`` (numpy or torch), each layer-normed first when
-    ``normalize`` (the task's ``normalize``); returns ``(source, padding (B, T) True past each end, lengths)``."""
+    ``normalize`` (the task's ``normalize``); ``T`` is ``total`` or the longest; returns ``(source,
+    padding (B, T) True past each end, lengths)``."""
     xs = [torch.as_tensor(np.asarray(w, dtype=np.float32) if not torch.is_tensor(w) else w) for w in waveforms]
     xs = [F.layer_norm(x, x.shape) if normalize else x for x in xs]
     lengths = [len(x) for x in xs]
-    source = torch.zeros(len(xs), max(lengths), dtype=xs[0].dtype, device=device)
-    padding = torch.ones(len(xs), max(lengths), dtype=torch.bool, device=device)
+    total = max(lengths) if total is None else total
+    source = torch.zeros(len(xs), total, dtype=xs[0].dtype, device=device)
+    padding = torch.ones(len(xs), total, dtype=torch.bool, device=device)
     for i, x in enumerate(xs):
         source[i, : len(x)] = x
         padding[i, : len(x)] = False
@@ -93,6 +107,7 @@ def frames_of(model: nn.Module, num_samples: int) -> int:
 
 __all__ = [
     "batch_waveforms",
+    "bucket_length",
     "conv_layers_of",
     "conv_output_frames",
     "frame_rate_of",
