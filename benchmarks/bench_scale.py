@@ -18,7 +18,7 @@ alike). For each run: wall and CPU seconds (user + system of the process and its
 ``wait4``), peak PSS of the process tree sampled every 0.2 s (:func:`~fairseq_mtssl.jobs.commands.tree_pss_mb`)
 and the kernel's exact peak RSS. Seconds per hour divide by the hours of audio the stage read (all
 splits for the manifest, train otherwise). Ratios (largest size / smallest) are recorded for
-``run_all.py``: CPU time per hour (target <= 1.3), peak PSS of the dumps and the assignment (target
+``run_all.py``: CPU time per hour (target <= 1.3), peak RSS of the dumps and the assignment (exact for one process; target
 <= 1.1: independent of corpus size), and the k-means memory that each extra MB of sample costs
 (peak RSS, whose differences are exact; target <= 3: bounded by the sample, not by the dump).
 
@@ -95,8 +95,9 @@ def yaml_model_config(name: str) -> dict:
     return model
 
 
-def save_random_hubert(path: Path, config_name: str, seed: int = 0) -> None:
-    """A HuBERT of ``config_name``'s architecture with random weights, saved as fairseq saves a checkpoint."""
+def save_random_hubert(path: Path, config_name: str, seed: int = 0, **overrides) -> None:
+    """A HuBERT of ``config_name``'s architecture (``overrides`` changed) with random weights, saved as fairseq
+    saves a checkpoint."""
     import torch
     from fairseq.data.dictionary import Dictionary
     from fairseq.models.hubert import HubertConfig, HubertModel
@@ -104,7 +105,7 @@ def save_random_hubert(path: Path, config_name: str, seed: int = 0) -> None:
     from omegaconf import OmegaConf
 
     torch.manual_seed(seed)
-    model_cfg = HubertConfig(**yaml_model_config(config_name))
+    model_cfg = HubertConfig(**{**yaml_model_config(config_name), **overrides})
     task_cfg = HubertPretrainingConfig(data="unused", labels=["km"], label_rate=100)
     d = Dictionary()
     for i in range(100):
@@ -274,10 +275,15 @@ def run(a, hours: List[float], env: Dict[str, str], work: Path) -> int:
         wall = {h: costs[stage][h].wall_s / read_h(stage, h) for h in hours}
         record("scale", f"{stage}: CPU s per hour of audio, {span}", per[hi] / per[lo], "<= 1.3")
         pss = costs[stage][hi].peak_pss_mb / costs[stage][lo].peak_pss_mb
+        rss = costs[stage][hi].max_rss_mb / costs[stage][lo].max_rss_mb
         if stage in ("mfcc_dump", "model_dump", "assign"):  # k-means: its own figure below
-            record("scale", f"{stage}: peak PSS, {span}", pss, "<= 1.1")
+            # the target on peak RSS: exact for one process, while its PSS moves by +-20 MB with what else
+            # maps torch's libraries at the time
+            record("scale", f"{stage}: peak RSS, {span}", rss, "<= 1.1")
+            record("scale", f"{stage}: peak PSS, {span}", pss)
         print(
-            f"  {stage:<11} CPU s/h {per[hi] / per[lo]:5.2f}   wall s/h {wall[hi] / wall[lo]:5.2f}   peak PSS {pss:5.2f}"
+            f"  {stage:<11} CPU s/h {per[hi] / per[lo]:5.2f}   wall s/h {wall[hi] / wall[lo]:5.2f}   "
+            f"peak RSS {rss:5.2f}   peak PSS {pss:5.2f}"
         )
     record("scale", f"kmeans: MB of peak RSS per extra MB of sample, {span}", km_growth, "<= 3")
     print(f"  k-means: {km_growth:.2f} MB of peak RSS per extra MB of sample (dump/sample = {1 / a.percent:g})")

@@ -14,12 +14,10 @@ same audio, timed in interleaved rounds; medians and ratios are printed.
   soft-DTW   the divergence forward+backward alone, on the step's projections
 Wall and process-CPU medians are both printed (CPU time is less swayed by other load).
 
-Measured (2026-12-01, --rounds 3, HuBERT Base, batch 2 x 3 s, 2 threads, on the 2-core machine shared
-with 5 other engineers, load average ~8, so read loosely): score 31.8 s wall / 13.8 s CPU, score-top2
-23.9 / 9.7, finetune 24.3 / 8.3, soft-DTW 1.1 / 0.4. SCORE / fine-tune: 1.31 wall, 1.66 CPU with the
-authors' set (over the target: two forwards, teacher and student, and a backward through all 12 layers
-for the LayerNorms' gradients, against one forward and one backward); 0.98 wall, 1.17 CPU with the top 2
-layers only. soft-DTW share 0.036.
+Measured on the quiet 2-core machine (2026-12-02; benchmarks/README.md): SCORE / fine-tune 1.073 at
+``--batch 1 --seconds 12`` (the paper config's one whole utterance), 1.243 at the default 2 x 3 s, with
+0.98-0.99 of the fine-tuning step's FLOPs (torch's ``FlopCounterMode``, printed too); top 2 layers only
+0.91-0.96; soft-DTW share 0.3-1.3 %.
 """
 
 import argparse

@@ -22,6 +22,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = {  # name: (script, full arguments, quick arguments)
     "abx": ("bench_abx.py", [], ["--utts", "120", "--rounds", "2", "--no-default"]),
+    "dump_memory": ("bench_dump_memory.py", [], ["--hours", "0.2"]),
     "labels": ("bench_labels.py", [], ["--clusters", "50"]),
     "malloc": ("bench_malloc.py", ["--rounds", "3"], ["--rounds", "1", "--updates", "30"]),
     "mt4ssl_step": ("bench_mt4ssl_step.py", [], ["--rounds", "3"]),
@@ -32,7 +33,11 @@ BENCHMARKS = {  # name: (script, full arguments, quick arguments)
         ["--batch", "2", "--min-frames", "60", "--max-frames", "100", "--load-rounds", "1"],
     ),
     "scale": ("bench_scale.py", [], ["--hours", "0.1", "0.25", "--base-probe-seconds", "0"]),
-    "score_step": ("bench_score_step.py", ["--rounds", "9"], ["--rounds", "2", "--preset", "small"]),
+    "score_step": (
+        "bench_score_step.py",
+        ["--rounds", "3", "--batch", "1", "--seconds", "12"],
+        ["--rounds", "2", "--preset", "small"],
+    ),
     "superb_step": ("bench_superb_step.py", [], ["--rounds", "2", "--seconds", "2"]),
     "vgs": ("bench_vgs.py", [], ["--rounds", "2", "--preset", "small"]),
 }

@@ -118,3 +118,33 @@ def test_length_buckets_pad_at_most_an_eighth_and_give_eight_shapes_an_octave():
     for lo in (1 << 10, 1 << 14, 1 << 18):  # each octave (lo, 2 lo]: exactly 8 shapes, whatever the corpus
         assert len({bucket_length(n) for n in range(lo + 1, 2 * lo + 1)}) == 8
     assert bucket_length(16000) == 16384 and bucket_length(bucket_length(16001)) == bucket_length(16001)
+
+
+@pytest.mark.parametrize("extractor_mode", ["default", "layer_norm"])
+def test_padded_reader_gives_the_unpadded_forward_also_for_a_group_normed_front_end(tmp_path, extractor_mode):
+    """The reader pads each utterance to its length bucket (bounded shapes, flat memory); a group-normed front
+    end then normalises over the utterance's own frames, so every frame equals fairseq's unpadded forward."""
+    import torch
+    from test_interop import _build_checkpoint
+
+    from fairseq_mtssl import upstream
+    from fairseq_mtssl.kmeans.features import ModelLayerReader
+
+    ckpt = tmp_path / "hubert.pt"
+    _build_checkpoint(ckpt, extractor_mode, layer_norm_first=False)
+    reader = ModelLayerReader(str(ckpt), layer=2)
+    assert reader.batchable == (extractor_mode == "layer_norm")
+    rng = np.random.default_rng(0)
+    wavs = [rng.standard_normal(n).astype(np.float32) for n in (8300, 16500, 33000)]
+    assert all(upstream.bucket_length(len(w)) > len(w) + 400 for w in wavs)  # padded by more than a frame
+    every = reader.all_layers(wavs)
+    for wav, feats, layers in zip(wavs, reader(wavs), every):
+        with torch.inference_mode():
+            alone, _ = reader.model.extract_features(
+                torch.from_numpy(wav)[None], padding_mask=None, mask=False, output_layer=2
+            )
+        assert feats.shape == (reader.num_frames(len(wav)), reader.dim) == tuple(alone.shape[1:])
+        np.testing.assert_allclose(feats, alone[0].numpy(), atol=2e-5, rtol=1e-4)
+        np.testing.assert_allclose(layers[2], feats, atol=1e-6)
+    torch.manual_seed(0)  # the swap is undone: the model's own group norm is back
+    assert not any(isinstance(m, upstream.frontend.ValidFramesGroupNorm) for m in reader.model.modules())

@@ -78,32 +78,34 @@ class ModelLayerReader:
         return upstream.conv_output_frames(num_samples, self.conv_layers)
 
     def _inputs(self, wavs: Sequence[np.ndarray]):
-        """``(source (1, T), sample padding mask or None)`` for each utterance: one at a time, zero-padded to
-        :func:`~fairseq_mtssl.upstream.bucket_length` where padding changes no valid frame (so a corpus of
-        any size gives a bounded set of shapes, and memory stays flat), unpadded otherwise (a group-normed
-        front end). On a CPU one utterance at a time is also faster than a batch padded to its longest
-        member (benchmarks/README.md, "model dump")."""
+        """``(frames, source (1, T), sample padding mask or None, context)`` for each utterance: one at a time,
+        zero-padded to :func:`~fairseq_mtssl.upstream.bucket_length`, so that a corpus of any size gives a
+        bounded set of shapes and memory stays flat; the forward runs inside ``context``, which makes a
+        group-normed front end normalise over the utterance's own frames only. On a CPU one utterance at a
+        time is also faster than a batch padded to its longest member (benchmarks/README.md, "model dump")."""
         for w in wavs:
             n = len(w)
-            total = upstream.bucket_length(n) if self.batchable else n
+            total = upstream.bucket_length(n)
             source, _, _ = upstream.batch_waveforms([w], self.normalize, self.device, total=total)
             mask = upstream.sample_padding_mask(self.model, [n], self.device, total) if total > n else None
-            yield self.num_frames(n), source, mask
+            yield self.num_frames(n), source, mask, upstream.group_norm_over_valid_frames(self.model, n)
 
     @torch.inference_mode()
     def all_layers(self, wavs: Sequence[np.ndarray]) -> List[List[np.ndarray]]:
         """Per utterance ``[layer 0, 1, ..., L]`` (see :mod:`fairseq_mtssl.upstream.layers`), each ``(T, C)``."""
         out: List[List[np.ndarray]] = []
-        for n, source, mask in self._inputs(wavs):
-            states, _ = upstream.hidden_states(self.model, source, mask)
+        for n, source, mask, context in self._inputs(wavs):
+            with context:
+                states, _ = upstream.hidden_states(self.model, source, mask)
             out.append([h[0, :n].float().cpu().numpy() for h in states])
         return out
 
     @torch.inference_mode()
     def __call__(self, wavs: Sequence[np.ndarray]) -> List[np.ndarray]:
         out: List[np.ndarray] = []
-        for n, source, mask in self._inputs(wavs):
-            x, _ = upstream.layers.run_encoder(self.model, source, mask, self.layer)
+        for n, source, mask, context in self._inputs(wavs):
+            with context:
+                x, _ = upstream.layers.run_encoder(self.model, source, mask, self.layer)
             out.append(x[0, :n].float().cpu().numpy())
         return out
 

@@ -17,6 +17,7 @@ from .frontend import (
     conv_output_frames,
     frame_rate_of,
     front_end_batchable,
+    group_norm_over_valid_frames,
     hubert_sample_padding_mask,
     sample_padding_mask,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "conv_output_frames",
     "frame_rate_of",
     "front_end_batchable",
+    "group_norm_over_valid_frames",
     "hidden_states",
     "hubert_sample_padding_mask",
     "load_model_and_task",

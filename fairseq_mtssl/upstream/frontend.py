@@ -7,6 +7,7 @@ frame depends on how much padding follows it: such a model runs one utterance at
 (:func:`front_end_batchable`).
 """
 
+from contextlib import contextmanager
 from typing import List, Sequence, Tuple
 
 import numpy as np
@@ -39,6 +40,43 @@ def frame_rate_of(conv_layers: Sequence[Tuple[int, int, int]], sample_rate: int 
 def front_end_batchable(model: nn.Module) -> bool:
     """Whether padding leaves every valid frame unchanged: not so for a group-normalised front end."""
     return not any(isinstance(m, nn.GroupNorm) for m in model.feature_extractor.modules())
+
+
+class ValidFramesGroupNorm(nn.Module):
+    """A front end's group norm (over time) applied to the first ``frames`` frames only, the frames the
+    unpadded utterance has, which then come out exactly as its unpadded forward gives them; the frames past
+    them are zeros. No later valid frame depends on those: each conv frame sees only the frames below it,
+    and the encoder masks the padding. ``(B, C, T) -> (B, C, T)``."""
+
+    def __init__(self, norm: nn.GroupNorm, frames: int):
+        super().__init__()
+        self.norm, self.frames = norm, frames
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        valid = self.norm(x[..., : self.frames])
+        return torch.cat([valid, valid.new_zeros(*x.shape[:-1], x.size(-1) - valid.size(-1))], dim=-1)
+
+
+@contextmanager
+def group_norm_over_valid_frames(model: nn.Module, num_samples: int):
+    """Within the block, ``model``'s group-normed front end normalises over the frames of ``num_samples``
+    samples only: one utterance of ``num_samples`` samples, zero-padded past its end (with the sample
+    padding mask of :func:`sample_padding_mask`), then gives the frames of its unpadded forward, so a
+    group-normed model can run at a bounded set of padded lengths too. No-op for other front ends."""
+    swapped = []
+    n = num_samples
+    try:
+        for block in model.feature_extractor.conv_layers:
+            conv = next(m for m in block if isinstance(m, nn.Conv1d))
+            n = (n - conv.kernel_size[0]) // conv.stride[0] + 1
+            for i, m in enumerate(block):
+                if isinstance(m, nn.GroupNorm):
+                    block[i] = ValidFramesGroupNorm(m, n)
+                    swapped.append((block, i, m))
+        yield
+    finally:
+        for block, i, m in swapped:
+            block[i] = m
 
 
 def hubert_sample_padding_mask(conv_layers, lengths: Sequence[int], total: int, device="cpu") -> torch.Tensor:
@@ -113,6 +151,7 @@ __all__ = [
     "frame_rate_of",
     "frames_of",
     "front_end_batchable",
+    "group_norm_over_valid_frames",
     "hubert_sample_padding_mask",
     "sample_padding_mask",
 ]
