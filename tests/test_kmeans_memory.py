@@ -146,5 +146,5 @@ def test_padded_reader_gives_the_unpadded_forward_also_for_a_group_normed_front_
         assert feats.shape == (reader.num_frames(len(wav)), reader.dim) == tuple(alone.shape[1:])
         np.testing.assert_allclose(feats, alone[0].numpy(), atol=2e-5, rtol=1e-4)
         np.testing.assert_allclose(layers[2], feats, atol=1e-6)
-    torch.manual_seed(0)  # the swap is undone: the model's own group norm is back
+    # the swap is undone: the model's own group norm is back
     assert not any(isinstance(m, upstream.frontend.ValidFramesGroupNorm) for m in reader.model.modules())

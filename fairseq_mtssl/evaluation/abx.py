@@ -495,7 +495,7 @@ def layer_features(checkpoint: str, manifest_path, device: str = "cpu") -> Tuple
         return feats, 100.0
     reader = make_reader("model", checkpoint, 1, device)
     feats = {}
-    for indices, wavs in iter_audio_batches(manifest, list(range(len(manifest))), 800_000 if reader.batchable else 1):
+    for indices, wavs in iter_audio_batches(manifest, list(range(len(manifest))), 800_000):
         for i, layers in zip(indices, reader.all_layers(wavs)):
             feats[Path(manifest.entries[i].path).stem] = layers
     return feats, reader.frame_rate

@@ -40,7 +40,7 @@ def frame_phones(
 def probe_data(reader, manifest_path, ctm_path, hop: int, window: int) -> Tuple[np.ndarray, List[str]]:
     manifest, segs = read_manifest(manifest_path), read_ctm(ctm_path)
     feats, labels = [], []
-    for indices, wavs in iter_audio_batches(manifest, list(range(len(manifest))), 800_000 if reader.batchable else 1):
+    for indices, wavs in iter_audio_batches(manifest, list(range(len(manifest))), 800_000):
         for i, f in zip(indices, reader(wavs)):
             utt = Path(manifest.entries[i].path).stem
             if utt not in segs:

@@ -154,9 +154,7 @@ def run_qbe(
     def features(split) -> Dict[str, np.ndarray]:
         manifest = read_manifest(Path(manifests) / f"{split}.tsv")
         out = {}
-        for indices, wavs in iter_audio_batches(
-            manifest, list(range(len(manifest))), 800_000 if reader.batchable else 1
-        ):
+        for indices, wavs in iter_audio_batches(manifest, list(range(len(manifest))), 800_000):
             for i, f in zip(indices, reader(wavs)):
                 out[Path(manifest.entries[i].path).stem] = f
         return out

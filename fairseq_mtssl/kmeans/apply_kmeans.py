@@ -134,9 +134,8 @@ def apply_to_audio(
     start, end = shard_range(len(manifest), rank, nshard)
     out = km_path_for(lab_dir, split, rank, nshard)
     bar = tqdm(total=end - start, desc=f"{reader.name}+km {split}", unit="utt", disable=None, mininterval=2.0)
-    batch_samples = max_batch_samples if reader.batchable else 1
     with atomic_write(out) as f:
-        for indices, wavs in iter_audio_batches(manifest, list(range(start, end)), batch_samples, workers):
+        for indices, wavs in iter_audio_batches(manifest, list(range(start, end)), max_batch_samples, workers):
             for line in label_lines(assigner, reader(wavs)):
                 f.write(line + "\n")
             bar.update(len(indices))

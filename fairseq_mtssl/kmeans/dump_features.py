@@ -183,9 +183,8 @@ def _dump_shard(manifest, npy, lens, reader, split, rank, nshard, max_batch_samp
         disable=None,
         mininterval=2.0,
     )
-    batch_samples = max_batch_samples if reader.batchable else 1
     with open(part_lens, "a") as flen:
-        for indices, wavs in iter_audio_batches(manifest, todo, batch_samples, workers):
+        for indices, wavs in iter_audio_batches(manifest, todo, max_batch_samples, workers):
             feats = reader(wavs)
             for i, f in zip(indices, feats):
                 if len(f) == 0:
@@ -283,7 +282,12 @@ def add_reader_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="fairseq HuBERT / wav2vec 2.0 / plugin checkpoint (--feature model)")
     p.add_argument("--layer", type=int, help="1-based transformer layer (--feature model)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--max-batch-samples", type=int, default=1_600_000, help="padded samples per batch")
+    p.add_argument(
+        "--max-batch-samples",
+        type=int,
+        default=1_600_000,
+        help="audio samples read per batch (each utterance then runs alone, padded to its length bucket)",
+    )
     p.add_argument("--workers", type=int, default=4, help="audio reading threads")
 
 

@@ -29,7 +29,6 @@ class MfccReader:
     name = "mfcc"
     frame_rate = mfcc_lib.FRAME_RATE
     dim = mfcc_lib.FEATURE_DIM
-    batchable = True
 
     def __call__(self, wavs: Sequence[np.ndarray]) -> List[np.ndarray]:
         # One utterance per call: each is already vectorised over its frames, and on a CPU padding a
@@ -61,7 +60,7 @@ class ModelLayerReader:
         self.conv_layers = upstream.conv_layers_of(self.model)
         self.frame_rate = upstream.frame_rate_of(self.conv_layers)
         self.dim = self.model.encoder.embedding_dim
-        self.batchable = upstream.front_end_batchable(self.model)
+        self.batchable = upstream.front_end_batchable(self.model)  # no group norm: padding alone changes no frame
 
     def spec(self) -> dict:
         """What these features are (recorded beside dumps and k-means models)."""

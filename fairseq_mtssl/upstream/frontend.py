@@ -3,8 +3,9 @@
 A front end is a list of ``(channels, kernel, stride)`` convolutions over 16 kHz samples. HuBERT,
 wav2vec 2.0 and data2vec derive an utterance's valid frames from a sample-level padding mask, each in
 its own way (:func:`sample_padding_mask`). The ``default`` front end group-normalises over time, so a
-frame depends on how much padding follows it: such a model runs one utterance at a time
-(:func:`front_end_batchable`).
+frame depends on how much padding follows it (:func:`front_end_batchable`); one utterance of it can still
+be padded, inside :func:`group_norm_over_valid_frames`. :func:`bucket_length` gives the padded lengths
+that keep a corpus to a bounded set of shapes.
 """
 
 from contextlib import contextmanager
@@ -66,9 +67,8 @@ def group_norm_over_valid_frames(model: nn.Module, num_samples: int):
     swapped = []
     n = num_samples
     try:
-        for block in model.feature_extractor.conv_layers:
-            conv = next(m for m in block if isinstance(m, nn.Conv1d))
-            n = (n - conv.kernel_size[0]) // conv.stride[0] + 1
+        for block, layer in zip(model.feature_extractor.conv_layers, conv_layers_of(model)):
+            n = conv_output_frames(n, [layer])
             for i, m in enumerate(block):
                 if isinstance(m, nn.GroupNorm):
                     block[i] = ValidFramesGroupNorm(m, n)
