@@ -19,7 +19,7 @@ def test_study_profile_at_smoke_size(tmp_path):
     cmd = [
         str(BIN / "mtssl-main-job"),
         *("--profile", "study", "--out", out, "--hours", "0.03", "--seeds", "1"),
-        *("--updates", "10", "--curve-points", "2", "--vgs-updates", "7", "--vgs-max-tokens", "320000"),
+        *("--updates", "10", "--curve-points", "2", "--vgs-updates", "7", "--vgs-batch-size", "8"),
         *("--score-updates", "3", "--save-interval", "50", "--jobs", "2"),
     ]
     proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=1800)

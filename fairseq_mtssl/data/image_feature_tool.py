@@ -18,9 +18,13 @@ def main(argv=None) -> None:
     p.add_argument("--images", required=True, help="image list (a manifest's {split}.images)")
     p.add_argument("--root", help="directory the image paths are relative to (not with --tsv)")
     p.add_argument("--out", required=True, help="output prefix: writes {out}.npy and {out}.idx")
-    p.add_argument("--backbone", default="scene", help="'scene' or a TorchScript backbone file")
+    p.add_argument(
+        "--backbone",
+        default="regions",
+        help="'regions' (object blobs of the embedded scenes), 'scene' (4 x 4 grid) or a TorchScript backbone file",
+    )
     p.add_argument("--size", type=int, default=224)
-    p.add_argument("--dim", type=int, default=64, help="scene feature size")
+    p.add_argument("--dim", type=int, default=64, help="--backbone scene: feature size")
     p.add_argument("--tsv", nargs="+", help="bottom-up-attention region feature TSV files (instead of a backbone)")
     p.add_argument("--hdf5", nargs="+", help="FaST-VGS's HDF5 files of the same region features (needs h5py)")
     p.add_argument("--feature-dim", type=int, default=2048, help="--tsv/--hdf5: expected region feature width")

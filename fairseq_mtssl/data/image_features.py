@@ -1,15 +1,21 @@
 """Precomputed image features: one memory-mapped ``.npy`` of region rows and an index, never one file per image.
 
-    mtssl-image-features --images manifests/train.images --root CORPUS_ROOT --out features/train [--backbone scene]
+    mtssl-image-features --images manifests/train.images --root CORPUS_ROOT --out features/train [--backbone regions]
     mtssl-image-features --images train.images --root COCO_ROOT --out feats/train --backbone resnet.ts --size 224
     mtssl-image-features --images train.images --tsv train2014_obj36.tsv val2014_obj36.tsv --out feats/train
 
 ``{out}.npy`` holds ``(total_regions, D)`` float32 rows; ``{out}.idx`` (tab-separated, with a header)
 gives each image's ``image  offset  regions``. Backbones:
 
-- ``scene`` (default): a deterministic pixel feature for the embedded corpus's rendered scenes: the
+- ``regions`` (default): object regions of the embedded corpus's rendered scenes, found from the
+  pixels (connected blobs of one colour): each row the object's colour, area, an 8 x 8 silhouette in its
+  box, and the box (:mod:`fairseq_mtssl.data.scene_regions`); the kind of input the paper's
+  bottom-up-attention regions give, with no weights involved.
+- ``scene``: a deterministic pixel feature for the embedded corpus's rendered scenes: the
   image cut into a 4 x 4 grid, each cell a region: a fixed random projection (seed 0) of its pixels to
-  ``D - 4`` dims, plus the cell's box ``(x0, y0, x1, y1)`` in [0, 1]; no weights involved.
+  ``D - 4`` dims, plus the cell's box ``(x0, y0, x1, y1)`` in [0, 1]; no weights involved. It carries
+  colour but hardly shape or size (a linear probe reads an object's shape below the majority class),
+  and VGS does not ground on it at this scale: kept for comparison.
 - a TorchScript file (``torch.jit.save`` of any image backbone, e.g. a ResNet trunk or Faster R-CNN
   region head): images resized to ``--size``, ImageNet-normalised; an output ``(1, C, h, w)`` gives
   ``h * w`` regions of ``C`` dims (+ their boxes), ``(1, C)`` one global region.
@@ -31,6 +37,7 @@ from PIL import Image
 
 from ..atomic import atomic_write
 from ..errors import MtsslError
+from .scene_regions import scene_regions
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -88,12 +95,21 @@ def read_image_list(path) -> List[str]:
     return names
 
 
+def extractor(backbone: str, size: int = 224, dim: int = 64):
+    """``image (H, W, 3) uint8 -> (R, D) float32`` for a ``backbone`` name (module doc) or TorchScript file."""
+    if backbone == "regions":
+        return scene_regions
+    if backbone == "scene":
+        return lambda img: scene_features(img, dim)
+    return TorchScriptBackbone(backbone, size)
+
+
 def write_image_features(
-    images_list, root, out, backbone: str = "scene", size: int = 224, dim: int = 64
+    images_list, root, out, backbone: str = "regions", size: int = 224, dim: int = 64
 ) -> Tuple[int, int]:
     """Compute and store features for every image of ``images_list`` (paths relative to ``root``)."""
     names = read_image_list(images_list)
-    extract = (lambda img: scene_features(img, dim)) if backbone == "scene" else TorchScriptBackbone(backbone, size)
+    extract = extractor(backbone, size, dim)
     rows, index = [], []
     offset = 0
     for lineno, name in enumerate(names, start=1):

@@ -11,6 +11,7 @@ take seconds and little memory.
 """
 
 import argparse
+import math
 import os
 from typing import Dict, Sequence
 
@@ -43,6 +44,20 @@ def recall_at_k(
     for k in ks:
         out[f"s2i_r{k}"] = round(100.0 * float((s2i_rank < k).float().mean()), 2)
         out[f"i2s_r{k}"] = round(100.0 * float((i2s_rank < k).float().mean()), 2)
+    return out
+
+
+def chance_recall(caption_image: torch.Tensor, n_images: int, ks: Sequence[int] = KS) -> Dict[str, float]:
+    """Recall@k (%) of a scorer that ranks at random: speech -> image ``k / M``; image -> speech the chance
+    that one of the image's ``c`` captions is among ``k`` of the ``N`` drawn without replacement,
+    ``1 - C(N - c, k) / C(N, k)``, averaged over images. ``caption_image (N,)`` as in :func:`recall_at_k`."""
+    n = len(caption_image)
+    counts = torch.bincount(caption_image, minlength=n_images).tolist()
+    out = {}
+    for k in ks:
+        out[f"s2i_r{k}"] = round(100.0 * min(k, n_images) / n_images, 2)
+        miss = [math.comb(n - c, k) / math.comb(n, k) if k <= n else 0.0 for c in counts]
+        out[f"i2s_r{k}"] = round(100.0 * (1.0 - sum(miss) / n_images), 2)
     return out
 
 
@@ -98,6 +113,7 @@ def main(argv=None) -> None:
         "captions": len(speech),
         "images": len(images),
         **recall_at_k(speech, images, caption_image),
+        "chance": chance_recall(caption_image, len(images)),
     }
     report_result(result, a.json)
 

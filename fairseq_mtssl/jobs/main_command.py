@@ -36,8 +36,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     )
     parser.add_argument(
         "--retrieval",
-        action="store_true",
-        help="also speech<->image retrieval of the VGS models (at chance in the default budget; see --profile study)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="speech<->image retrieval (R@1/5/10 both ways, test split, chance beside it) of every VGS model",
     )
     parser.add_argument("--av-weight", type=float, default=0.5, help="VGS+: weight of the audio-visual loss (alpha)")
     parser.add_argument(

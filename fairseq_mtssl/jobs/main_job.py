@@ -1,13 +1,13 @@
 """The main job: every method of the plugin on the embedded corpus, evaluated, with a report.
 
     mtssl-main-job --out runs/main                      # about 19 minutes on 2 cores, 2.8 GB
-    mtssl-main-job --out runs/main --hours 2 --updates 3000 --pr-updates 1000 --retrieval --jobs 1   # longer
+    mtssl-main-job --out runs/main --hours 2 --updates 3000 --pr-updates 1000 --jobs 1   # longer
     mtssl-main-job --profile study --out runs/study     # the papers' claims over 3 seeds (jobs/study.py)
 
 Stages (each a set of ordinary command lines, recorded in ``{out}/commands.sh``):
 
   corpus, manifests, image_features, labels_mfcc, abx_items     data: espeak-ng corpus, fairseq
-                        manifests, scene features, MFCC k-means labels (``.km`` + ``dict.km.txt``)
+                        manifests, object-region image features, MFCC k-means labels (``.km`` + ``dict.km.txt``)
   train_hubert          HuBERT iteration 1 on the MFCC labels (the base model)
   train_mt4ssl_both / _offline_only / _online_only            MT4SSL and its two ablations
   train_vgs_plus        wav2vec 2.0 + VGS trained simultaneously (alpha ``--av-weight``)
@@ -15,9 +15,9 @@ Stages (each a set of ordinary command lines, recorded in ``{out}/commands.sh``)
   train_score           SCORE fine-tuning of the HuBERT
   train_<arch>_untrained   each architecture (hubert, mt4ssl, vgs) at its seed's initial weights: the
                         baseline every trained row is read against
-  eval_<model>          ABX per layer, the frame-level phone probe and QbE at ``--layer``; SUPERB-style PR
-                        with ``--pr-updates``, retrieval with ``--retrieval`` (both at their floor in the
-                        default budget, so off by default)
+  eval_<model>          ABX per layer, the frame-level phone probe and QbE at ``--layer``; speech <-> image
+                        retrieval of every VGS model (R@1/5/10 both ways, chance beside it; ``--no-retrieval``
+                        to skip); SUPERB-style PR with ``--pr-updates`` (at its floor in the default budget)
   eval_mfcc             the MFCC baseline (ABX, probe, QbE)
   labels_iter2          (``--iter2``) HuBERT iteration-2 labels from the base model's layer features
   report                ``report.md``: every model x metric, PNG plots, the commands

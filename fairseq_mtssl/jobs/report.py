@@ -86,6 +86,11 @@ def summary_table(rows: Dict[str, dict]) -> List[str]:
             for d in ("s2i", "i2s"):
                 cells.append(" / ".join(_fmt(ret.get(f"{d}_r{k}"), 1) for k in KS) if ret else "-")
         lines.append("| " + " | ".join(cells) + " |")
+    chance = next((e["retrieval"]["chance"] for e in evals if "chance" in (e.get("retrieval") or {})), None)
+    if chance:  # a scorer that ranks at random, on the same test split
+        cells = ["chance (random ranking)", "-", "-", "-", "-"] + ["-"] * has_pr + ["-"]
+        cells += [" / ".join(_fmt(chance[f"{d}_r{k}"], 1) for k in KS) for d in ("s2i", "i2s")]
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
@@ -161,13 +166,14 @@ def plot_all(rows: Dict[str, dict], plots: Path) -> List[str]:
             ret = r["eval"]["retrieval"]
             vals = [ret[f"{d}_r{k}"] for d in ("s2i", "i2s") for k in KS]
             ax.bar([i + j * width for i in range(len(names))], vals, width, label=r["label"])
-        images = vgs[0][1]["eval"]["retrieval"].get("images")
-        if images:
-            for i, k in enumerate(KS):  # chance level of speech -> image recall@k
-                ax.hlines(100.0 * min(k, images) / images, i - 0.1, i + 0.9, colors="grey", linestyles=":")
+        chance = vgs[0][1]["eval"]["retrieval"].get("chance")
+        if chance:
+            levels = [chance[f"{d}_r{k}"] for d in ("s2i", "i2s") for k in KS]
+            for i, level in enumerate(levels):
+                ax.hlines(level, i - 0.1, i + 0.9, colors="grey", linestyles=":")
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names, fontsize=8)
         ax.set_ylabel("recall (%)")
-        ax.set_title("retrieval on the test split (dotted: chance, speech -> image)", fontsize=9)
+        ax.set_title("retrieval on the test split (dotted: chance)", fontsize=9)
         ax.legend(fontsize=7)
         fig.tight_layout()
         written.append(_save(fig, plots / "retrieval.png"))

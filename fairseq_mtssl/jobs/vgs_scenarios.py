@@ -11,6 +11,9 @@ new optimiser, learning-rate schedule and data iterator (fairseq's ``reset_*``).
 run with its own schedule: ``optimization.max_update`` is the stage's updates, and a warm-up given as
 ``lr_scheduler.warmup_fraction`` (scheduler ``polynomial_decay_fraction``, as the packaged configs do) is
 that fraction of the stage's own updates, as the authors' BertAdam warms up over 10 % of each run.
+``--handover last`` (default; the paper: "the model trained for 20 epochs") hands over A's last
+checkpoint; ``--handover best-r1`` (the authors' code: ``best_bundle.pth``) keeps every checkpoint A saves
+and hands over the one with the best mean valid R@1 of the two directions (``handover_choice.json``).
 ``--config-name-b`` gives stage B its own config, ``--override-a`` / ``--override-b`` its own overrides. Every parameter is
 handed over (the model is the same in all scenarios); ``handover.json`` reports, for each part of the
 model, whether stage A trained it, whether stage B changed it, and whether B froze it
@@ -60,6 +63,27 @@ def parameter_group(name: str, vgs_layer: int, n_layers: int) -> str:
     if name.startswith("w2v."):
         return "SSL heads (quantiser, projections)"
     return "VGS audio head" if name.startswith("audio_") else "VGS image head"
+
+
+def best_r1_checkpoint(checkpoints: List[Path], split: str = "valid") -> Dict:
+    """The checkpoint with the best mean R@1 of speech -> image and image -> speech on ``split`` (the
+    authors' ``(A_r1 + I_r1) / 2``; the first of equals, so the earliest), with every candidate's recall."""
+    from ..evaluation.retrieval import embed_split, recall_at_k
+
+    if not checkpoints:
+        raise ScenarioError("--handover best-r1: stage A saved no checkpoint to choose from")
+    scores = {}
+    for ck in checkpoints:
+        r = recall_at_k(*embed_split(str(ck), split))
+        scores[str(ck)] = (r["s2i_r1"] + r["i2s_r1"]) / 2
+    best = max(scores, key=lambda k: scores[k])  # dicts keep order: ties go to the earliest
+    return {"split": split, "mean_r1": scores, "chosen": best}
+
+
+def _update_of(path: Path) -> int:
+    """Update count in fairseq's ``checkpoint_{epoch}_{updates}.pt`` names (``checkpoint_last``: largest)."""
+    parts = path.stem.split("_")
+    return int(parts[-1]) if parts[-1].isdigit() else 1 << 62
 
 
 def trained_by(group: str, av_weight: float) -> bool:
@@ -145,7 +169,15 @@ class ScenarioRunner:
         elif len(methods) == 2:
             first, second = methods
             n_a = round(self.args.updates * 20 / 70)
-            ckpt_a = self.stage("stage1_" + _slug(first), first, n_a, list(self.args.override_a))
+            keep = ["checkpoint.keep_interval_updates=-1"] if self.args.handover == "best-r1" else []
+            ckpt_a = self.stage("stage1_" + _slug(first), first, n_a, keep + list(self.args.override_a))
+            if self.args.handover == "best-r1":
+                saved = sorted(ckpt_a.parent.glob("checkpoint_*_*.pt"), key=_update_of) + [ckpt_a]
+                choice = best_r1_checkpoint(saved)
+                with atomic_write(self.out / "handover_choice.json") as f:
+                    json.dump(choice, f, indent=1)
+                ckpt_a = Path(choice["chosen"])
+                print(f"  handing over {ckpt_a.name} (best mean valid R@1 {choice['mean_r1'][str(ckpt_a)]:.2f})")
             stage_b = "stage2_" + _slug(second)
             resume = (self.out / stage_b / "checkpoints" / "checkpoint_last.pt").exists()
             extra = (
@@ -195,6 +227,13 @@ def main(argv=None) -> None:
         type=float,
         default=0.5,
         help="VGS+: the paper's alpha, weight of the audio-visual loss (1 - it weighs the wav2vec 2.0 loss)",
+    )
+    parser.add_argument(
+        "--handover",
+        choices=["last", "best-r1"],
+        default="last",
+        help="A,B: hand stage A's last checkpoint to B (the paper) or the one with the best mean valid R@1 (the "
+        "authors' code)",
     )
     parser.add_argument("--freeze-shared", type=int, default=0, help="stage B: freeze the front end and layers 1..n")
     parser.add_argument(

@@ -47,6 +47,8 @@ from ..upstream.layers import record_layers
 POOLING = ChoiceEnum(["cls", "attention"])
 FEATURE_NORM = ChoiceEnum(["none", "instance", "batch"])
 VGS_ARCH = ChoiceEnum(["fast_vgs_plus", "light"])
+TRUNK_INIT = ChoiceEnum(["fairseq", "bert"])
+VGS_INPUT = ChoiceEnum(["masked", "unmasked"])
 
 
 @dataclass
@@ -97,6 +99,23 @@ class Wav2Vec2VgsConfig(Wav2Vec2Config):
     vgs_dropout: float = field(default=0.1, metadata={"help": "dropout in the heads"})
     freeze_shared_layers: int = field(
         default=0, metadata={"help": "freeze the conv front end and wav2vec 2.0 layers 1..n (sequential stage 2)"}
+    )
+    vgs_input: VGS_INPUT = field(
+        default="masked",
+        metadata={
+            "help": "with the SSL loss on (VGS+): the audio head reads layer vgs_layer of the masked forward the SSL "
+            "loss uses (masked: FaST-VGS+, one forward) or of a second, unmasked forward up to vgs_layer "
+            "(unmasked: the caption the head sees is the one retrieval embeds; costs that forward)"
+        },
+    )
+    trunk_init: TRUNK_INIT = field(
+        default="fairseq",
+        metadata={
+            "help": "fairseq: wav2vec 2.0 as fairseq initialises it (quantiser projection N(0, 1), torch's default for "
+            "post_extract_proj, project_q, final_proj); bert: every nn.Linear of the trunk N(0, 0.02) with zero bias "
+            "and LayerNorms 1 / 0, as FaST-VGS's DualEncoder.apply(init_weights) (convolutions, mask embedding, "
+            "codebook and CLS token keep theirs)"
+        },
     )
 
 
@@ -260,7 +279,8 @@ class ResDavenetBranch(nn.Module):
 
 
 def _bert_init(module: nn.Module) -> None:
-    """FaST-VGS's ``init_weights`` for its heads: Linear N(0, 0.02) with zero bias, LayerNorm 1 / 0."""
+    """FaST-VGS's ``init_weights`` (heads, and the trunk with ``trunk_init=bert``): Linear N(0, 0.02) with
+    zero bias, LayerNorm 1 / 0."""
     if isinstance(module, nn.Linear):
         module.weight.data.normal_(0.0, 0.02)
         if module.bias is not None:
@@ -284,6 +304,8 @@ class Wav2Vec2VgsModel(BaseFairseqModel):
             self._build_fast_vgs_plus(cfg)
         else:
             self._build_light(cfg)
+        if cfg.trunk_init == "bert":
+            self.w2v.apply(_bert_init)
         self.freeze_shared(cfg.freeze_shared_layers)
 
     def _build_fast_vgs_plus(self, cfg: Wav2Vec2VgsConfig) -> None:
@@ -453,14 +475,15 @@ class Wav2Vec2VgsModel(BaseFairseqModel):
     ) -> dict:
         """With ``ssl``: wav2vec 2.0's masked forward (its output dict) plus ``speech_emb``; without:
         an unmasked forward to ``vgs_layer`` only. ``image_emb`` when ``image_feats`` are given."""
-        if ssl:
+        if ssl and self.cfg.vgs_input == "masked":
             out, h, cls = self._layer_output(lambda: self.w2v(source, padding_mask=padding_mask, mask=True, **kwargs))
             frame_mask = out.get("padding_mask")
         else:
+            out = self.w2v(source, padding_mask=padding_mask, mask=True, **kwargs) if ssl else {}
             feats, h, cls = self._layer_output(
                 lambda: self.w2v.extract_features(source, padding_mask, mask=False, layer=self.cfg.vgs_layer - 1)
             )
-            out, frame_mask = {}, feats["padding_mask"]
+            frame_mask = feats["padding_mask"]
         out = dict(out)
         out["speech_emb"] = self._audio_embedding(h, frame_mask, cls)
         if image_feats is not None:

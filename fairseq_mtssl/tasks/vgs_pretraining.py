@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from fairseq.data import BaseWrapperDataset, ConcatDataset, FileAudioDataset
@@ -60,6 +61,22 @@ class VgsSslPretrainingConfig(AudioPretrainingConfig):
     max_sample_size_valid: Optional[int] = field(
         default=None, metadata={"help": "max_sample_size of the other splits (FaST-VGS: 10 s); default max_sample_size"}
     )
+    pad_to_max_sample_size: bool = field(
+        default=False,
+        metadata={
+            "help": "zero-pad every caption of a batch to max_sample_size (FaST-VGS pads each training caption to "
+            "8 s), with its padding mask, instead of to the batch's longest. Not the same result with a group-norm "
+            "front end (extractor_mode: default), whose first GroupNorm normalises over the padded frames too"
+        },
+    )
+    random_batches: bool = field(
+        default=False,
+        metadata={
+            "help": "training batches of captions drawn at random, anew every epoch (FaST-VGS: a shuffled DataLoader "
+            "of 64 captions), instead of fairseq's length-sorted batches, whose members are the same every epoch "
+            "(each caption then meets the same few negatives). Set dataset.batch_size for a fixed caption count"
+        },
+    )
 
 
 def read_image_ids(data: str, split: str, n_audio: int) -> List[str]:
@@ -86,13 +103,43 @@ def read_image_ids(data: str, split: str, n_audio: int) -> List[str]:
     return names
 
 
+def pad_waveforms(net_input: dict, length: int) -> None:
+    """Zero-pad ``source (B, T)`` to ``(B, length)`` in place of ``net_input``, ``padding_mask`` True beyond
+    ``T`` (created all False when the batch had none)."""
+    source = net_input["source"]
+    extra = length - source.size(1)
+    if extra <= 0:
+        return
+    mask = net_input.get("padding_mask")
+    if mask is None:
+        mask = torch.zeros_like(source, dtype=torch.bool)
+    net_input["source"] = F.pad(source, (0, extra))
+    net_input["padding_mask"] = F.pad(mask, (0, extra), value=True)
+
+
+class RandomOrderDataset(BaseWrapperDataset):
+    """Orders its items at random instead of by length, so fairseq's ``batch_by_size`` makes random batches.
+    fairseq calls ``ordered_indices`` under ``numpy_seed(seed + epoch)`` and, with the audio tasks'
+    ``rebuild_batches``, once per epoch: batches are new every epoch and the same on every rerun."""
+
+    def ordered_indices(self):
+        return np.random.permutation(len(self))
+
+
 class ImagePairedAudioDataset(BaseWrapperDataset):
     """Adds ``image_feats (B, R, D)``, ``image_padding_mask (B, R)`` to ``net_input`` and
     ``image_ids (B,)`` (-1: no image) to each batch of a wav2vec 2.0 audio dataset."""
 
-    def __init__(self, dataset, image_names: Optional[List[str]], store: Optional[ImageFeatureStore], dim: int):
+    def __init__(
+        self,
+        dataset,
+        image_names: Optional[List[str]],
+        store: Optional[ImageFeatureStore],
+        dim: int,
+        pad_to: Optional[int] = None,
+    ):
         super().__init__(dataset)
-        self.names, self.store, self.dim = image_names, store, dim
+        self.names, self.store, self.dim, self.pad_to = image_names, store, dim, pad_to
         self.ids = None
         if image_names is not None:
             vocab = {n: i for i, n in enumerate(sorted(set(image_names)))}
@@ -109,6 +156,8 @@ class ImagePairedAudioDataset(BaseWrapperDataset):
         batch = self.dataset.collater(samples)
         if not batch:
             return batch
+        if self.pad_to:
+            pad_waveforms(batch["net_input"], self.pad_to)
         kept = [s for s in samples if s["source"] is not None]
         regions = max([len(s["image"]) for s in kept if "image" in s], default=1)
         feats = torch.zeros(len(kept), regions, self.dim)
@@ -176,10 +225,13 @@ class VgsSslPretrainingTask(AudioPretrainingTask):
                 )
         skipped = set(audio.skipped_indices)  # lines FileAudioDataset dropped (shorter than min_sample_size)
         names = [n for i, n in enumerate(names) if i not in skipped]
-        dataset = ImagePairedAudioDataset(audio, names, store, store.dim)
+        pad_to = audio.max_sample_size if self.cfg.pad_to_max_sample_size else None
+        dataset = ImagePairedAudioDataset(audio, names, store, store.dim, pad_to)
         if self.cfg.audio_only_manifest and split == self.cfg.train_subset:
-            speech = ImagePairedAudioDataset(self._audio(self.cfg.audio_only_manifest), None, None, store.dim)
+            speech = ImagePairedAudioDataset(self._audio(self.cfg.audio_only_manifest), None, None, store.dim, pad_to)
             dataset = ConcatDataset(
                 [dataset, speech]
             )  # collates with the first dataset's collater, which knows both kinds
+        if self.cfg.random_batches and split == self.cfg.train_subset:
+            dataset = RandomOrderDataset(dataset)
         self.datasets[split] = dataset
