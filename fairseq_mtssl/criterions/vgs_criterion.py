@@ -10,22 +10,46 @@ image needed), ``av_weight = 1`` VGS only (unmasked forward, no SSL heads run). 
 ``alpha`` before with the opposite meaning (the wav2vec 2.0 weight); ``criterion.alpha`` is now an
 error, so an old command cannot silently train the other mix.
 
-Normalisation: fairseq divides gradients by ``sample_size`` (masked frames when the SSL loss is on,
-else the number of pairs); the speech-image loss is added as its per-pair mean times
-``sample_size`` so that after that division the two parts mix exactly by ``av_weight``.
+Normalisation (data parallel included). fairseq sums the workers' gradients and divides by the summed
+``sample_size``. Worker ``w`` holds ``S_w`` units of ``sample_size`` (masked frames when the SSL loss is
+on, else its pairs) and ``P_w`` speech-image pairs (rows with an image; possibly none); ``S = sum_w S_w``,
+``P = sum_w P_w`` come from one ``all_reduce`` of the two counts, which every worker reaches on every
+step. With ``V_w`` the sum over worker ``w``'s pairs of the per-pair speech-image loss (``loss_s2i +
+loss_i2s``, candidates gathered from every worker) and ``A_w`` its summed wav2vec 2.0 loss, worker ``w``
+returns::
+
+    loss_w = (1 - av_weight) * A_w + av_weight * V_w * S / P     (+ 0 * sum of its two heads' outputs)
+
+so that after fairseq's all-reduce and division::
+
+    sum_w loss_w / S = (1 - av_weight) * (sum_w A_w / S) + av_weight * (sum_w V_w / P)
+                     = (1 - av_weight) * L_AUD per masked frame + av_weight * L_AV mean over the global pairs,
+
+the authors' one mean over the global batch of pairs (FaST-VGS+ / scheduled_SSL_XSL), whatever the
+split of frames and pairs over workers; with one worker ``S / P`` is just the local ratio. A worker
+without a pair still runs the speech-image loss (a 0-row batch in its collectives) and adds ``0 x`` the
+sum of the image and audio heads' outputs, so every trained parameter gets a (zero) gradient on every
+worker, as c10d DDP requires. Only when no worker has a pair does the VGS part drop out (every worker
+knows it from ``P``); with ``av_weight = 1`` that is an error, raised by every worker alike. Every
+worker logs the same keys: ``vgs_loss`` (``V_w``) and ``vgs_pairs`` (``P_w``), 0 when it has none.
+``av_weight = 0`` is fairseq's wav2vec 2.0 loss alone (no collective).
+
+Precision: the speech-image similarity, logits and loss are float32 even when the model runs in
+fp16 (as fairseq's wav2vec criterion casts its logits); the returned loss is float32.
 """
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
+import torch.distributed as dist
 from fairseq import metrics, utils
 from fairseq.criterions import register_criterion
 from fairseq.criterions.wav2vec_criterion import Wav2vecCriterion, Wav2VecCriterionConfig
 from fairseq.dataclass import ChoiceEnum
 
-from ..losses.speech_image import LOSSES, SIMILARITIES, speech_image_loss
+from ..losses.speech_image import LOSSES, SIMILARITIES, _world, speech_image_loss
 
 VGS_LOSSES = ChoiceEnum(list(LOSSES))
 SIMILARITY = ChoiceEnum(list(SIMILARITIES))
@@ -73,6 +97,17 @@ class _Recording:
         return getattr(self.model, name)
 
 
+def _global_counts(sample_size, pairs: int, device) -> Tuple[float, int]:
+    """``(S, P)``: ``sample_size`` and speech-image pairs summed over data-parallel workers (one
+    ``all_reduce``; every worker must call it on every step)."""
+    size = float(sample_size)
+    if _world()[1] == 1:
+        return size, pairs
+    counts = torch.tensor([size, float(pairs)], dtype=torch.float64, device=device)
+    dist.all_reduce(counts)
+    return float(counts[0]), int(round(float(counts[1])))
+
+
 @register_criterion("vgs_ssl", dataclass=VgsSslCriterionConfig)
 class VgsSslCriterion(Wav2vecCriterion):
     def __init__(
@@ -102,44 +137,53 @@ class VgsSslCriterion(Wav2vecCriterion):
 
     def forward(self, model, sample, reduce=True):
         net_input = sample["net_input"]
-        has_image = sample["image_ids"] >= 0
+        rows = (sample["image_ids"] >= 0).nonzero().squeeze(1)
+        pairs = len(rows)
         if self.av_weight < 1:
             recorder = _Recording(model)
             ssl_loss, sample_size, log = super().forward(recorder, sample, reduce)
             net_output = recorder.net_output
+            log["ssl_loss"] = log.pop("loss")
         else:
-            if not bool(has_image.any()):
-                raise ValueError(
-                    f"batch of ids {sample['id'].tolist()[:5]}... has no images, and av_weight=1 leaves no wav2vec 2.0 "
-                    "loss to train it"
-                )
             net_output = model(**net_input, ssl=False)
-            ssl_loss, sample_size = None, int(has_image.sum())
+            ssl_loss, sample_size = None, pairs
             log = {"ntokens": sample_size, "nsentences": sample["id"].numel(), "sample_size": sample_size}
-        vgs = None
-        if self.av_weight > 0 and bool(has_image.any()):
-            rows = has_image.nonzero().squeeze(1)
+        if self.av_weight == 0:
+            log["loss"] = utils.item(ssl_loss.data)
+            return ssl_loss, sample_size, log
+
+        speech_emb, image_emb = net_output["speech_emb"], net_output["image_emb"]
+        total_size, total_pairs = _global_counts(sample_size, pairs, speech_emb.device)
+        if total_pairs == 0:  # no worker has a pair: every worker takes this branch
+            if ssl_loss is None:
+                _, world = _world()
+                raise ValueError(
+                    f"batch of ids {sample['id'].tolist()[:5]}... has no images"
+                    + (f" (nor have the other {world - 1} workers' batches)" if world > 1 else "")
+                    + ", and av_weight=1 leaves no wav2vec 2.0 loss to train it"
+                )
+            vgs_sum = speech_emb.new_zeros((), dtype=torch.float32)
+        else:  # every worker, with its pairs or none (its collectives then carry 0 rows)
             vgs_sum = speech_image_loss(
-                net_output["speech_emb"][rows],
-                net_output["image_emb"][rows],
+                speech_emb[rows],
+                image_emb[rows],
                 sample["image_ids"][rows],
                 self.vgs_loss,
                 self.margin,
                 self.temperature,
                 self.gather,
                 self.similarity,
-            )
-            vgs = vgs_sum / len(rows)
-            log["vgs_loss"] = utils.item(vgs.data) * len(rows)
-            log["vgs_pairs"] = len(rows)
-        loss = (1 - self.av_weight) * ssl_loss if ssl_loss is not None else 0.0
-        if vgs is not None:
-            loss = loss + self.av_weight * vgs * sample_size
-        elif self.av_weight > 0 and ssl_loss is None:
-            raise ValueError("no speech-image pairs and no wav2vec 2.0 loss in this batch")
+            )  # float32 (float64 stays float64), also from fp16 embeddings
+        # every parameter of the two heads (and what feeds them) in the graph, with a zero gradient where
+        # this worker has no pair: c10d DDP needs the same parameters to get gradients on every worker
+        touch = (speech_emb.float().sum() + image_emb.float().sum()) * 0.0
+        vgs = vgs_sum * (total_size / total_pairs) if total_pairs else vgs_sum
+        loss = self.av_weight * vgs + touch
         if ssl_loss is not None:
-            log["ssl_loss"] = log.pop("loss")
-        log["loss"] = utils.item(loss.data) if torch.is_tensor(loss) else float(loss)
+            loss = loss + (1 - self.av_weight) * ssl_loss  # float32: fairseq casts the logits
+        log["vgs_loss"] = utils.item(vgs_sum.data)
+        log["vgs_pairs"] = pairs
+        log["loss"] = utils.item(loss.data)
         return loss, sample_size, log
 
     @staticmethod

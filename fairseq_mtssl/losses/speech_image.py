@@ -14,7 +14,14 @@ over pairs therefore equals FaST-VGS's ``I2C_loss + C2I_loss`` (two batch means,
 
 With ``torch.distributed`` initialised and more than one worker, candidates come from every worker
 (``torch.distributed.nn.functional.all_gather`` carries gradients back to their owner), so the sum
-of the workers' losses, and of their gradients, equals one process on the joined batch.
+of the workers' losses, and of their gradients, equals one process on the joined batch. A worker may
+hold no pair at all (speech without images, uneven splits): it still takes part in every collective,
+forward and backward, with a 0-row batch, and its loss is a zero that depends on the gathered
+candidates (so the backward of ``all_gather`` runs on every worker).
+
+Precision: half (or bfloat16) embeddings are cast to float32 before anything else (L2 norm, dot
+products, logits, cross-entropy), as fairseq's wav2vec criterion casts its logits: dot products of
+768-d embeddings easily exceed float16's 65504. The loss is float32 (float64 inputs stay float64).
 """
 
 from typing import Tuple
@@ -45,7 +52,7 @@ def gather_batches(*tensors: torch.Tensor) -> Tuple[Tuple[torch.Tensor, ...], in
     sizes = [torch.zeros_like(n) for _ in range(world)]
     dist.all_gather(sizes, n)
     sizes = [int(s) for s in sizes]
-    most = max(sizes)
+    most = max(max(sizes), 1)  # never an empty collective, even when every worker holds 0 rows
     out = []
     for t in tensors:
         padded = F.pad(t, (0, 0) * (t.dim() - 1) + (0, most - t.size(0)))
@@ -68,11 +75,14 @@ def speech_image_loss(
     gather: bool = True,
     similarity: str = "dot",
 ) -> torch.Tensor:
-    """Summed loss over this worker's ``B`` pairs, ``loss_s2i + loss_i2s`` per pair (see the module doc)."""
+    """Summed loss over this worker's ``B`` pairs (``B`` may be 0), ``loss_s2i + loss_i2s`` per pair (see the
+    module doc), in float32 at least."""
     if kind not in LOSSES:
         raise ValueError(f"unknown speech-image loss {kind!r} (one of {', '.join(LOSSES)})")
     if similarity not in SIMILARITIES:
         raise ValueError(f"unknown speech-image similarity {similarity!r} (one of {', '.join(SIMILARITIES)})")
+    dtype = torch.promote_types(speech.dtype, torch.float32)  # float16 / bfloat16 -> float32; float64 kept
+    speech, image = speech.to(dtype), image.to(dtype)
     if similarity == "cosine":
         speech, image = F.normalize(speech, dim=-1), F.normalize(image, dim=-1)
     b = speech.size(0)
@@ -80,6 +90,8 @@ def speech_image_loss(
         (all_speech, all_image, all_ids), offset = gather_batches(speech, image, image_ids)
     else:
         all_speech, all_image, all_ids, offset = speech, image, image_ids, 0
+    if len(all_ids) == 0:  # no pair on any worker (every worker knows it): nothing to score
+        return (speech.sum() + image.sum()) * 0.0
     positive = torch.arange(b, device=speech.device) + offset
     # other captions of the same image are neither positives nor negatives
     same_image = image_ids[:, None] == all_ids[None, :]
@@ -94,4 +106,7 @@ def speech_image_loss(
         logits = logits.masked_fill(excluded, float("-inf"))
         return F.cross_entropy(logits, positive, reduction="sum")
 
-    return directional(speech, all_image) + directional(image, all_speech)
+    loss = directional(speech, all_image) + directional(image, all_speech)
+    if b == 0:  # keep the gathered candidates in the graph: their all_gather's backward is a collective too
+        loss = loss + (all_speech.sum() + all_image.sum()) * 0.0
+    return loss
