@@ -3,11 +3,13 @@ backends (numba CPU kernels, numba CUDA kernels under numba's CUDA simulator) ag
 
 import importlib.util
 import json
+import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -234,6 +236,136 @@ def test_cuda_kernels_under_numbas_simulator_match_the_torch_loop():
     assert max(errors.values()) < 1e-9, errors
 
 
+_CUDASIM_SMALL_BLOCK = r"""
+import json
+import torch
+from fairseq_mtssl.losses import soft_dtw as S
+from fairseq_mtssl.losses import soft_dtw_kernels as K
+assert K.simulator_enabled()
+simulated_limit = K.kernel_thread_limit(K.forward_cuda, ())  # no registers in the simulator: CUDA's 1024
+K.kernel_thread_limit = lambda kernel, args: 32  # a GPU whose compiled kernels allow 32 threads a block
+lx, ly = torch.tensor([70, 41]), torch.tensor([66, 70])  # longest diagonals 66 and 41: 3 and 2 strides
+g = torch.Generator().manual_seed(9)
+D = torch.rand(2, 70, 70, generator=g, dtype=torch.float64) * 3
+w = torch.tensor([1.0, 2.5], dtype=torch.float64)
+res = {}
+for backend in ["torch", "cuda"]:
+    Dg = D.clone().requires_grad_(True)
+    v = S.soft_dtw(Dg, lx, ly, 0.1, backend=backend)
+    (v * w).sum().backward()
+    res[backend] = (v.detach(), Dg.grad)
+rel = lambda a, b: float(((a - b).abs() / b.abs().clamp(min=1e-12)).max())
+print(json.dumps({
+    "simulated_limit": simulated_limit,
+    "blocks": [K.forward_cuda.block_dim[0], K.backward_cuda.block_dim[0]],
+    "value": rel(res["cuda"][0], res["torch"][0]),
+    "grad": float((res["cuda"][1] - res["torch"][1]).abs().max() / res["torch"][1].abs().max()),
+}))
+"""
+
+
+def _run_under_cudasim(script: str, *args: str) -> dict:
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", NUMBA_DISABLE_JIT="0")
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@needs_numba
+@pytest.mark.slow
+def test_cuda_kernels_with_a_block_smaller_than_the_sequence_match_the_torch_loop():
+    """A GPU whose compiled kernels allow 32 threads a block (registers), 70-frame sequences: the block is
+    capped at 32 threads, which stride over each diagonal, and the value and gradient equal the torch loop's."""
+    got = _run_under_cudasim(_CUDASIM_SMALL_BLOCK)
+    assert got["simulated_limit"] == 1024 and got["blocks"] == [32, 32], got
+    assert got["value"] < 1e-12 and got["grad"] < 1e-12, got
+
+
+@needs_numba
+def test_cuda_block_size_is_capped_by_the_compiled_kernels_limit():
+    k = sdtw_module._kernels()
+    long, short = np.array([1300, 1100]), np.array([1300, 1500])
+    assert k.cuda_block_size(long, short) == 1024  # the hardware's limit, whatever the kernel
+    assert k.cuda_block_size(long, short, limit=640) == 640  # e.g. 96 registers a thread
+    assert k.cuda_block_size(long, short, limit=700) == 672  # whole warps
+    assert k.cuda_block_size(np.array([70]), np.array([66]), limit=1024) == 96  # the longest diagonal, in warps
+    assert k.cuda_block_size(np.array([70]), np.array([66]), limit=32) == 32
+
+
+@needs_numba
+def test_auto_says_once_when_it_falls_back_to_the_torch_loop(monkeypatch, caplog):
+    """No usable CUDA kernel (here: numba sees no GPU), then no numba at all: ``auto`` runs the torch loop
+    and logs one warning per kind of kernel and process, with the reason and the cost."""
+    monkeypatch.delenv(sdtw_module.BACKEND_ENV, raising=False)
+    monkeypatch.setattr(sdtw_module, "_FALLBACKS_LOGGED", set())
+    monkeypatch.setattr(sdtw_module._kernels().cuda, "is_available", lambda: False)
+    gpu = torch.device("cuda", 0)
+    sdtw_module._cuda_unavailable.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger=sdtw_module.logger.name):
+            assert resolve_backend("auto", gpu) == "torch"
+            assert resolve_backend(None, gpu) == "torch"
+            assert resolve_backend("torch", gpu) == "torch"  # asked for: nothing to say
+            monkeypatch.setattr(sdtw_module, "_kernels", lambda: None)
+            assert resolve_backend("auto", torch.device("cpu")) == "torch"
+            assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    finally:
+        sdtw_module._cuda_unavailable.cache_clear()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("soft-DTW:")]
+    assert lines == [
+        "soft-DTW: CUDA kernel unavailable (numba sees no CUDA GPU, on cuda:0); using the torch anti-diagonal "
+        f"loop, about 9x slower (benchmarks/README.md; set {sdtw_module.BACKEND_ENV}=torch to silence this)",
+        "soft-DTW: numba kernel unavailable (numba does not import); using the torch anti-diagonal loop, about 9x "
+        f"slower (benchmarks/README.md; set {sdtw_module.BACKEND_ENV}=torch to silence this)",
+    ], lines
+    assert all(r.levelno == logging.WARNING for r in caplog.records if r.getMessage().startswith("soft-DTW:"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_under_bfloat16_autocast_soft_dtw_stays_in_float32(backend):
+    """Costs from a matmul under autocast are bfloat16: soft-DTW casts them to float32, runs with autocast off,
+    returns float32 values equal to the float32 computation (1e-5 relative), and the gradient reaches them."""
+    torch.manual_seed(10)
+    x, y = torch.randn(3, 40, 16), torch.randn(3, 45, 16)
+    lx, ly = torch.tensor([40, 25, 33]), torch.tensor([45, 45, 20])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        D = (x @ y.transpose(1, 2)).abs()  # costs from a matmul: what a caller under autocast hands over
+        assert D.dtype == torch.bfloat16
+        D = D.detach().requires_grad_(True)
+        got = soft_dtw(D, lx, ly, 0.1, backend=backend)
+        got.sum().backward()
+    assert got.dtype == torch.float32
+    D32 = D.detach().float().requires_grad_(True)
+    ref = soft_dtw(D32, lx, ly, 0.1, backend=backend)
+    ref.sum().backward()
+    torch.testing.assert_close(got.detach(), ref.detach(), rtol=1e-5, atol=0)
+    assert D.grad is not None and D.grad.dtype == torch.bfloat16 and torch.isfinite(D.grad.float()).all()
+    torch.testing.assert_close(D.grad, D32.grad.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_under_bfloat16_autocast_the_divergence_stays_in_float32(backend):
+    """The divergence builds its cost matrices inside: under autocast they too stay float32, so value and
+    gradients equal the float32 computation (forward under the autocast, backward after it, as fairseq does)."""
+    x, y, lx, ly = _pairs(torch.float32, dim=16)
+    w = torch.linspace(0.5, 2.0, len(lx))
+    ref = _divergence_and_grads(x, y, lx, ly, 0.1, backend, w)
+    xg, yg = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        div = soft_dtw_divergence(xg, yg, lx, ly, gamma=0.1, backend=backend)
+    (div * w).sum().backward()
+    got = (div.detach(), xg.grad, yg.grad)
+    assert got[0].dtype == torch.float32
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=0)
+    for a, b in zip(got[1:], ref[1:]):
+        assert a.dtype == torch.float32 and torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    # half inputs (a model's output under autocast): computed, and returned, in float32
+    half = soft_dtw_divergence(x.bfloat16(), y.bfloat16(), lx, ly, gamma=0.1, backend=backend)
+    assert half.dtype == torch.float32
+
+
 @needs_numba
 def test_backend_resolution_and_errors(monkeypatch):
     cpu = torch.device("cpu")
@@ -252,11 +384,11 @@ def test_backend_resolution_and_errors(monkeypatch):
     # a GPU that numba cannot run its kernels on (here: torch has no CUDA at all): auto keeps the torch loop
     k = sdtw_module._kernels()
     monkeypatch.setattr(k.cuda, "is_available", lambda: True)
-    sdtw_module._cuda_usable.cache_clear()
+    sdtw_module._cuda_unavailable.cache_clear()
     try:
         assert resolve_backend("auto", torch.device("cuda", 0)) == ("cuda" if torch.cuda.is_available() else "torch")
     finally:
-        sdtw_module._cuda_usable.cache_clear()
+        sdtw_module._cuda_unavailable.cache_clear()
     # without numba: auto falls back to the torch loop, an explicit numba says what is missing
     monkeypatch.setattr(sdtw_module, "_kernels", lambda: None)
     assert resolve_backend("auto", cpu) == "torch"

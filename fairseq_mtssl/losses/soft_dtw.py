@@ -22,13 +22,18 @@ else ``auto``):
 - ``cuda``: numba CUDA kernels, one launch per pass for the whole batch (CUDA tensors; CPU tensors only under
   numba's CUDA simulator, for testing).
 - ``auto``: ``cuda`` for CUDA tensors and ``numba`` for CPU tensors when numba imports (and, for CUDA, sees
-  a GPU), else ``torch``.
+  a GPU), else ``torch``, with one warning per process that says why and what it costs.
+
+Both functions compute in float32 at least, with ``torch.autocast`` off inside (forward and backward): half or
+bfloat16 inputs are cast to float32 and the values come back in float32 (or float64 for float64 inputs).
 
 With a compiled backend the divergence also builds its three cost matrices per item at the item's own lengths
 (no padding to the longest sequence) and differentiates them in closed form:
 ``d/dx_i sum_j E_ij |x_i - y_j|^2 = 2 (sum_j E_ij) x_i - 2 (E y)_i``.
 """
 
+import contextlib
+import functools
 import logging
 import os
 from functools import lru_cache
@@ -46,6 +51,34 @@ BACKEND_ENV = "MTSSL_SOFT_DTW_BACKEND"
 
 class SoftDTWBackendError(ValueError):
     """A soft-DTW backend that does not exist or cannot run here."""
+
+
+def _full_precision(device: torch.device):
+    """A context with ``torch.autocast`` off for ``device``'s type (nothing where autocast does not exist): the
+    recursion's exp, log and long sums, and the divergence's cost matrices, must not run in half precision."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _at_least_float32(*tensors: torch.Tensor):
+    """The tensors in their promoted floating dtype, float32 at the least (half and bfloat16 become float32)."""
+    dtype = functools.reduce(torch.promote_types, [t.dtype for t in tensors])
+    if dtype not in (torch.float32, torch.float64):
+        dtype = torch.float32
+    return tuple(t.to(dtype) for t in tensors)
+
+
+def _without_autocast(backward):
+    """Wraps an autograd ``backward(ctx, grad_out)`` so that it runs with autocast off: on the CPU the backward
+    runs in the thread, and so under the autocast, of whoever called ``.backward()``."""
+
+    @functools.wraps(backward)
+    def wrapped(ctx, grad_out):
+        with _full_precision(grad_out.device):
+            return backward(ctx, grad_out)
+
+    return wrapped
 
 
 def _diagonal_cells(d: int, n: int, m: int, device):
@@ -105,6 +138,7 @@ class SoftDTW(torch.autograd.Function):
         return R[torch.arange(D.size(0), device=D.device), len_x, len_y]
 
     @staticmethod
+    @_without_autocast
     def backward(ctx, grad_out):
         D, R, len_x, len_y = ctx.saved_tensors
         with torch.no_grad():
@@ -123,28 +157,48 @@ def _kernels():
 
 
 @lru_cache(maxsize=None)
-def _cuda_usable(device: torch.device) -> bool:
-    """Whether numba sees a GPU and can compile and run the kernels there (it needs CUDA's NVVM); checked once
-    per device with a one-cell problem, so that ``auto`` falls back to the torch loop instead of failing."""
+def _cuda_unavailable(device: torch.device) -> Optional[str]:
+    """Why numba's CUDA kernels cannot run on ``device``, or None when they can: numba must import, see a GPU and
+    compile and run the kernels there (it needs CUDA's NVVM). Checked once per device with a one-cell problem,
+    so that ``auto`` falls back to the torch loop instead of failing."""
     k = _kernels()
     if k is None:
-        return False
+        return "numba does not import"
     try:
         if not k.cuda.is_available():
-            return False
+            return "numba sees no CUDA GPU"
         D = torch.ones(1, 1, 1, device=device, dtype=torch.float64)
         one = torch.ones(1, dtype=torch.int64)
         values, _ = _compiled_forward(D, one, one, 1.0, "cuda")
-        return bool(torch.isclose(values, torch.ones_like(values)).all())
+        if not bool(torch.isclose(values, torch.ones_like(values)).all()):
+            return f"a one-cell test gave {values.tolist()} instead of [1.0]"
     except Exception as e:  # numba's CUDA driver or compiler missing or broken: the torch loop runs instead
-        logger.warning(
-            f"soft-DTW: numba's CUDA kernels cannot run on {device} ({type(e).__name__}: {e}); using the torch loop"
-        )
-        return False
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+# The torch loop's cost against the compiled kernel: benchmarks/README.md, batch 8 x 300-600 frames, forward and
+# backward of the divergence, 2 CPU threads: the numba kernel 0.287 s, the torch anti-diagonal loop 2.48 s (8.6x).
+# Not measured on a GPU, where the loop's ~10 small kernel launches per diagonal weigh more (benchmarks/gpu_check.py
+# prints the ratio there).
+TORCH_LOOP_SLOWDOWN = 8.6
+_FALLBACKS_LOGGED = set()  # kinds of kernel ("CUDA", "numba") whose fallback was logged by this process
+
+
+def _log_fallback(kind: str, reason: str) -> None:
+    """One warning per process and kind of kernel: ``auto`` runs the slow torch loop instead, and why."""
+    if kind in _FALLBACKS_LOGGED:
+        return
+    _FALLBACKS_LOGGED.add(kind)
+    logger.warning(
+        f"soft-DTW: {kind} kernel unavailable ({reason}); using the torch anti-diagonal loop, "
+        f"about {TORCH_LOOP_SLOWDOWN:.0f}x slower (benchmarks/README.md; set {BACKEND_ENV}=torch to silence this)"
+    )
 
 
 def resolve_backend(backend: Optional[str], device: torch.device) -> str:
-    """The backend that runs for tensors on ``device``: ``torch``, ``numba`` or ``cuda``."""
+    """The backend that runs for tensors on ``device``: ``torch``, ``numba`` or ``cuda``. When ``auto`` falls
+    back to the torch loop because a compiled kernel cannot run, it logs why, once per process."""
     name = backend or os.environ.get(BACKEND_ENV) or "auto"
     if name not in BACKENDS:
         raise SoftDTWBackendError(
@@ -152,9 +206,16 @@ def resolve_backend(backend: Optional[str], device: torch.device) -> str:
         )
     if name == "auto":
         if device.type == "cpu":
-            return "numba" if _kernels() is not None else "torch"
+            if _kernels() is None:
+                _log_fallback("numba", "numba does not import")
+                return "torch"
+            return "numba"
         if device.type == "cuda":
-            return "cuda" if _cuda_usable(device) else "torch"
+            reason = _cuda_unavailable(device)
+            if reason is not None:
+                _log_fallback("CUDA", f"{reason}, on {device}")
+                return "torch"
+            return "cuda"
         return "torch"
     if name in ("numba", "cuda") and _kernels() is None:
         raise SoftDTWBackendError(f"soft-DTW backend {name!r} needs numba (pip install numba), which does not import")
@@ -186,10 +247,8 @@ def _compiled_forward(D: torch.Tensor, len_x: torch.Tensor, len_y: torch.Tensor,
         return values.to(D.dtype), W
     R = torch.empty(B, N + 2, M + 2, dtype=torch.float64, device=D.device)
     lx, ly = len_x.to(D.device), len_y.to(D.device)
-    threads = k.cuda_block_size(len_x.numpy(), len_y.numpy())
-    k.forward_cuda[B, threads, _cuda_stream(k, D)](
-        _as_kernel_array(D), _as_kernel_array(lx), _as_kernel_array(ly), gamma, _as_kernel_array(R)
-    )
+    args = (_as_kernel_array(D), _as_kernel_array(lx), _as_kernel_array(ly), gamma, _as_kernel_array(R))
+    _launch_cuda(k, k.forward_cuda, args, len_x, len_y, D)
     return R[torch.arange(B, device=D.device), lx, ly].to(D.dtype), R
 
 
@@ -204,12 +263,19 @@ def _compiled_backward(D, state, len_x, len_y, gamma: float, backend: str, seeds
             k.backward_cpu(state.numpy(), lx, ly, _largest_first(lx, ly), seeds.numpy(), E.numpy())
         return E
     lx, ly = len_x.to(D.device), len_y.to(D.device)
-    threads = k.cuda_block_size(len_x.numpy(), len_y.numpy())
-    k.backward_cuda[D.size(0), threads, _cuda_stream(k, D)](
+    args = (
         _as_kernel_array(D), _as_kernel_array(state), _as_kernel_array(lx), _as_kernel_array(ly), gamma,
         _as_kernel_array(E),
     )  # fmt: skip
+    _launch_cuda(k, k.backward_cuda, args, len_x, len_y, D)
     return E.mul_(seeds.to(E.dtype)[:, None, None])
+
+
+def _launch_cuda(k, kernel, args, len_x: torch.Tensor, len_y: torch.Tensor, D: torch.Tensor) -> None:
+    """Launch ``kernel`` on ``args``: one block per item (``len_x``, ``len_y`` (B,) int64 on CPU), as many threads
+    as the longest diagonal needs and the compiled kernel allows on this GPU, on torch's stream for ``D``."""
+    threads = k.cuda_block_size(len_x.numpy(), len_y.numpy(), k.kernel_thread_limit(kernel, args))
+    kernel[len_x.size(0), threads, _cuda_stream(k, D)](*args)
 
 
 class _numba_threads:
@@ -253,6 +319,7 @@ class CompiledSoftDTW(torch.autograd.Function):
         return values.to(D.dtype)
 
     @staticmethod
+    @_without_autocast
     def backward(ctx, grad_out):
         Dk, state, lx, ly = ctx.saved_tensors
         E = _compiled_backward(Dk, state, lx, ly, ctx.gamma, ctx.backend, grad_out)
@@ -282,6 +349,7 @@ def soft_dtw(
 ) -> torch.Tensor:
     """Soft-DTW values ``(B,)`` of costs ``D (B, N, M)``; items use ``D[b, :len_x[b], :len_y[b]]``.
 
+    Computed in float32 at least, with autocast off (half or bfloat16 costs are cast, the values are float32).
     ``backend``: see the module docstring (None: ``$MTSSL_SOFT_DTW_BACKEND``, else ``auto``).
     """
     if gamma <= 0:
@@ -290,9 +358,11 @@ def soft_dtw(
     len_y = _lengths(D.transpose(1, 2), len_y)
     _check_lengths(len_x, len_y, D.size(1), D.size(2))
     name = resolve_backend(backend, D.device)
-    if name == "torch":
-        return SoftDTW.apply(D, len_x, len_y, float(gamma))
-    return CompiledSoftDTW.apply(D, len_x, len_y, float(gamma), name)
+    (D,) = _at_least_float32(D)
+    with _full_precision(D.device):
+        if name == "torch":
+            return SoftDTW.apply(D, len_x, len_y, float(gamma))
+        return CompiledSoftDTW.apply(D, len_x, len_y, float(gamma), name)
 
 
 def squared_euclidean(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -353,6 +423,7 @@ class CompiledSoftDTWDivergence(torch.autograd.Function):
         return values
 
     @staticmethod
+    @_without_autocast
     def backward(ctx, grad_out):
         x, y, lx, ly, D, state = ctx.saved_tensors
         B = x.size(0)
@@ -399,21 +470,28 @@ def soft_dtw_divergence(
     ``x (B, N, C)``, ``y (B, M, C)``. With the ``torch`` backend the three soft-DTWs run as one ``3B``
     batch (both sides padded to ``max(N, M)`` frames; per-item lengths keep the padding out), so the
     anti-diagonal loop runs once rather than three times. With a compiled backend see
-    :class:`CompiledSoftDTWDivergence`. ``backend``: see the module docstring.
+    :class:`CompiledSoftDTWDivergence`. In float32 at least, autocast off (see the module docstring).
+    ``backend``: see the module docstring.
     """
     if gamma <= 0:
         raise ValueError(f"gamma must be > 0, got {gamma}")
     len_x, len_y = _lengths(x, len_x), _lengths(y, len_y)
     _check_lengths(len_x, len_y, x.size(1), y.size(1))
     name = resolve_backend(backend, x.device)
+    x, y = _at_least_float32(x, y)
+    with _full_precision(x.device):
+        div = _divergence(x, y, len_x, len_y, float(gamma), name)
+    return div / (len_x + len_y).to(div.dtype) if normalize else div
+
+
+def _divergence(x: torch.Tensor, y: torch.Tensor, len_x: torch.Tensor, len_y: torch.Tensor, gamma: float, name: str):
+    """Unnormalised divergences ``(B,)`` of ``x (B, N, C)``, ``y (B, M, C)`` (same dtype, float32/64) with backend
+    ``name``."""
+    b = x.size(0)
     if name != "torch":
-        if x.dtype not in (torch.float32, torch.float64):
-            x, y = x.float(), y.float()
-        sdtw = CompiledSoftDTWDivergence.apply(x, y.to(x.dtype), len_x, len_y, float(gamma), name)
-        b = x.size(0)
-        div = sdtw[:b] - 0.5 * (sdtw[b : 2 * b] + sdtw[2 * b :])
-        return div / (len_x + len_y).to(div.dtype) if normalize else div
-    b, frames = x.size(0), max(x.size(1), y.size(1))
+        sdtw = CompiledSoftDTWDivergence.apply(x, y, len_x, len_y, gamma, name)
+        return sdtw[:b] - 0.5 * (sdtw[b : 2 * b] + sdtw[2 * b :])
+    frames = max(x.size(1), y.size(1))
     x = F.pad(x, (0, 0, 0, frames - x.size(1)))
     y = F.pad(y, (0, 0, 0, frames - y.size(1)))
     left, right = torch.cat([x, x, y]), torch.cat([y, x, y])
@@ -424,6 +502,4 @@ def soft_dtw_divergence(
         gamma,
         backend="torch",
     )
-    xy, xx, yy = sdtw[:b], sdtw[b : 2 * b], sdtw[2 * b :]
-    div = xy - 0.5 * (xx + yy)
-    return div / (len_x + len_y).to(div.dtype) if normalize else div
+    return sdtw[:b] - 0.5 * (sdtw[b : 2 * b] + sdtw[2 * b :])

@@ -23,9 +23,12 @@ the three softmin weights of every cell (``a``, ``b``, ``c`` above, as computed 
 backward pass is multiply-adds only.
 
 CUDA (:func:`forward_cuda`, :func:`backward_cuda`): one block per item, its threads over the cells of an
-anti-diagonal (a thread takes every ``blockDim``-th cell, so any length works), ``syncthreads`` between
-diagonals: one launch for the whole recursion instead of one per diagonal. Tested without a GPU through
-numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``).
+anti-diagonal (a thread takes every ``blockDim``-th cell, so a diagonal longer than the block is swept in
+several strides), ``syncthreads`` between diagonals: one launch for the whole recursion instead of one per
+diagonal. The block size (:func:`cuda_block_size`) is the longest diagonal capped by what the compiled
+kernel allows (:func:`kernel_thread_limit`): float64 with exp and log takes more than the 64 registers a thread
+that a 1024-thread block may use on many GPUs, and such a launch fails with ``CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES``.
+Tested without a GPU through numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``).
 
 This module imports numba at import time; :mod:`..soft_dtw` imports it only when a numba backend is used.
 """
@@ -325,10 +328,29 @@ def backward_cuda(D, R, len_x, len_y, gamma, E):
         cuda.syncthreads()
 
 
-def cuda_block_size(len_x: np.ndarray, len_y: np.ndarray) -> int:
-    """Threads per block: the longest diagonal (``min(n, m)``) rounded up to a warp, at most 1024."""
+WARP = 32
+MAX_BLOCK = 1024  # CUDA's limit on threads per block, whatever the kernel
+
+
+def kernel_thread_limit(kernel, args) -> int:
+    """Most threads a block of ``kernel`` (a ``cuda.jit`` dispatcher) may have when launched with ``args`` on
+    numba's current device: the limit of the code compiled for these argument types (``cuFuncGetAttribute``'s
+    ``MAX_THREADS_PER_BLOCK``, which counts the registers a thread uses), compiling it now if need be (the
+    launch then reuses it). ``MAX_BLOCK`` under the simulator, which has no registers."""
+    if simulator_enabled():
+        return MAX_BLOCK
+    argtypes = tuple(kernel.typeof_pyval(a) for a in args)
+    return int(kernel.compile(argtypes).max_threads_per_block)
+
+
+def cuda_block_size(len_x: np.ndarray, len_y: np.ndarray, limit: int = MAX_BLOCK) -> int:
+    """Threads per block: the longest diagonal (``min(n, m)`` over the items ``(B,)``) rounded up to a warp,
+    capped by ``limit`` (:func:`kernel_thread_limit`) rounded down to a warp; the threads of a block smaller
+    than a diagonal stride over its cells."""
     longest = int(np.minimum(len_x, len_y).max())
-    return int(min(1024, max(32, -(-longest // 32) * 32)))
+    cap = min(MAX_BLOCK, int(limit))
+    cap = cap - cap % WARP if cap >= WARP else max(1, cap)
+    return int(min(cap, max(WARP, -(-longest // WARP) * WARP)))
 
 
 def simulator_enabled() -> bool:
