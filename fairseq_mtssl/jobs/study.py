@@ -187,21 +187,30 @@ class Study:
     def declare(self) -> None:
         """Declaration order is scheduling priority: the longest chain first (seed-1 MT4SSL -> SCORE)."""
         self.job.declare_data()
-        stages, first = self.pipeline, self.args.seeds[0]
+        stages, first, parts = self.pipeline, self.args.seeds[0], self.parts
         for seed in self.args.seeds:
-            for variant in MT4SSL_VARIANTS:
-                name, train, curve = self.mt4ssl(variant, seed)
-                stages.add(f"train_{name}", train, after=["labels_mfcc"])
-                stages.add(f"curve_{name}", curve, after=[f"train_{name}", "abx_items"])
-            if seed == first:
+            if "mt4ssl" in parts:
+                for variant in MT4SSL_VARIANTS:
+                    name, train, curve = self.mt4ssl(variant, seed)
+                    stages.add(f"train_{name}", train, after=["labels_mfcc"])
+                    stages.add(f"curve_{name}", curve, after=[f"train_{name}", "abx_items"])
+            if seed == first and "score" in parts:
                 curves = [f"curve_mt4ssl_{v}_seed{seed}" for v in MT4SSL_VARIANTS]
                 stages.add("score_evidence", self.score, after=curves)
-            for model in STUDY_SCENARIOS:
-                name, train, evaluate = self.vgs(model, seed)
-                stages.add(f"train_{name}", train, after=["image_features"])
-                stages.add(f"eval_{name}", evaluate, after=[f"train_{name}", "abx_items"])
-        evaluations = [n for n in stages.specs if n.startswith(("curve_", "eval_"))]
-        stages.add("verdicts", self.verdicts, after=evaluations + ["score_evidence"])
+            if "vgs" in parts:
+                for model in STUDY_SCENARIOS:
+                    name, train, evaluate = self.vgs(model, seed)
+                    stages.add(f"train_{name}", train, after=["image_features"])
+                    stages.add(f"eval_{name}", evaluate, after=[f"train_{name}", "abx_items"])
+        evaluations = [n for n in stages.specs if n.startswith(("curve_", "eval_", "score_evidence"))]
+        stages.add("verdicts", self.verdicts, after=evaluations)
+
+    @property
+    def parts(self) -> List[str]:
+        parts = list(self.args.study_parts)
+        if "score" in parts and "mt4ssl" not in parts:  # SCORE starts from the strongest MT4SSL run
+            parts.append("mt4ssl")
+        return parts
 
     def claims(self) -> List[Claim]:
         res, seeds = self.pipeline.results, self.args.seeds
@@ -213,42 +222,49 @@ class Study:
         def vgs(model, key):
             return [res[f"eval_{model}_seed{s}"][key] for s in seeds]
 
-        mt4ssl = Claim(
-            "MT4SSL (Ma et al., Interspeech 2023)",
-            "with both targets the model converges faster than with either alone",
-            [
-                Claim.comparison("both", area("both"), alone, area(alone), "probe test accuracy, curve mean (%)", True)
-                for alone in ("offline_only", "online_only")
-            ],
-        )
-        retrieval = Claim(
-            "VGS+SSL (Khorrami et al., EUSIPCO 2023)",
-            "sequential W2V2 -> VGS retrieves better than simultaneous VGS+",
-            [
-                Claim.comparison(
-                    "W2V2 -> VGS",
-                    vgs("w2v2_then_vgs", "mean_recall"),
-                    "VGS+",
-                    vgs("vgs_plus", "mean_recall"),
-                    "mean of R@1/5/10 both ways, test (%)",
-                    True,
-                )
-            ],
-        )
-        forgetting = Claim(
-            "VGS+SSL (Khorrami et al., EUSIPCO 2023)",
-            "VGS+ keeps more phonetic structure than a sequential switch to VGS (forgets less)",
-            [
-                Claim.comparison(
-                    "VGS+",
-                    vgs("vgs_plus", "abx_across_final"),
-                    "W2V2 -> VGS",
-                    vgs("w2v2_then_vgs", "abx_across_final"),
-                    "ABX across speakers, best layer (%)",
-                    False,
-                )
-            ],
-        )
+        def mt4ssl():
+            return Claim(
+                "MT4SSL (Ma et al., Interspeech 2023)",
+                "with both targets the model converges faster than with either alone",
+                [
+                    Claim.comparison("both", area("both"), alone, area(alone), "probe test accuracy, curve mean (%)", True)
+                    for alone in ("offline_only", "online_only")
+                ],
+            )
+        def vgs_claims():
+            retrieval = Claim(
+                "VGS+SSL (Khorrami et al., EUSIPCO 2023)",
+                "sequential W2V2 -> VGS retrieves better than simultaneous VGS+",
+                [
+                    Claim.comparison(
+                        "W2V2 -> VGS",
+                        vgs("w2v2_then_vgs", "mean_recall"),
+                        "VGS+",
+                        vgs("vgs_plus", "mean_recall"),
+                        "mean of R@1/5/10 both ways, test (%)",
+                        True,
+                    )
+                ],
+            )
+            forgetting = Claim(
+                "VGS+SSL (Khorrami et al., EUSIPCO 2023)",
+                "VGS+ keeps more phonetic structure than a sequential switch to VGS (forgets less)",
+                [
+                    Claim.comparison(
+                        "VGS+",
+                        vgs("vgs_plus", "abx_across_final"),
+                        "W2V2 -> VGS",
+                        vgs("w2v2_then_vgs", "abx_across_final"),
+                        "ABX across speakers, best layer (%)",
+                        False,
+                    )
+                ],
+            )
+            return [retrieval, forgetting]
+
+        claims = ([mt4ssl()] if "mt4ssl" in self.parts else []) + (vgs_claims() if "vgs" in self.parts else [])
+        if "score" not in self.parts:
+            return claims
         metrics = res["score_evidence"]["summary"]["metrics"]
 
         def value(key, v):  # gaps as magnitudes (SCORE should bring them towards 0), the probe in %
@@ -295,7 +311,7 @@ class Study:
                 ),  # fmt: skip
             ],
         )
-        return [mt4ssl, retrieval, forgetting, score_gap, score_clean]
+        return claims + [score_gap, score_clean]
 
     def verdicts(self) -> Dict:
         claims = [c.as_dict() for c in self.claims()]
@@ -314,7 +330,8 @@ class Study:
                 if k.startswith("curve_")
             },
             "vgs": {k[len("eval_") :]: v for k, v in self.pipeline.results.items() if k.startswith("eval_")},
-            "score": self.pipeline.results["score_evidence"],
+            "score": self.pipeline.results.get("score_evidence"),
+            "parts": self.parts,
         }
         with atomic_write(self.out / "study.json") as f:
             json.dump(study, f, indent=1)
@@ -333,7 +350,8 @@ def study_markdown(study: Dict, args) -> str:
         f"{study['date']}, {study['machine']}; seeds {seeds}; "
         f"`mtssl-main-job --profile study --out {args.out} --seeds {' '.join(map(str, seeds))} "
         f"--updates {args.updates} --vgs-updates {args.vgs_updates} "
-        f"--vgs-recipe {args.vgs_recipe} --score-updates {args.score_updates}`.",
+        f"--vgs-recipe {args.vgs_recipe} --score-updates {args.score_updates} "
+        f"--study-parts {' '.join(study.get('parts', ['mt4ssl', 'vgs', 'score']))}`.",
         "Intervals: mean +- one standard deviation over seeds; overlapping intervals are inconclusive.",
         "",
         "## Verdicts",
@@ -349,9 +367,10 @@ def study_markdown(study: Dict, args) -> str:
         lines.append(f"| {c['paper']} | {c['claim']} | **{c['verdict']}** | {comps} |")
     curves = study["mt4ssl_curves"]
     points = sorted({p["updates"] for v in curves.values() for p in v})
-    lines += ["", "## MT4SSL learning curves (phone probe, test accuracy %, mean +- std over seeds)", ""]
-    lines += ["| variant | " + " | ".join(f"{u} updates" for u in points) + " |", "| --- |" + " --- |" * len(points)]
-    for variant in MT4SSL_VARIANTS:
+    if curves:
+        lines += ["", "## MT4SSL learning curves (phone probe, test accuracy %, mean +- std over seeds)", ""]
+        lines += ["| variant | " + " | ".join(f"{u} updates" for u in points) + " |", "| --- |" + " --- |" * len(points)]
+    for variant in MT4SSL_VARIANTS if curves else []:
         cells = []
         for u in points:
             vals = [p["test_acc"] * 100 for s in seeds for p in curves.get(f"mt4ssl_{variant}_seed{s}", [])
@@ -387,6 +406,8 @@ def study_markdown(study: Dict, args) -> str:
         s2i, i2s = (" / ".join(f"{chance[f'{d}_r{k}']:.1f}" for k in (1, 5, 10)) for d in ("s2i", "i2s"))
         lines.append(f"| chance (random ranking) | - | {s2i} | {i2s} | - | - |")
     score = study["score"]
+    if not score:
+        return "\n".join(lines) + "\n"
     lines += ["", f"## SCORE from {score['start']} ({len(seeds)} SCORE seeds)", ""]
     lines += ["| metric | start | SCORE mean +- std |", "| --- | --- | --- |"]
     for k, m in score["summary"]["metrics"].items():
@@ -398,6 +419,13 @@ def study_markdown(study: Dict, args) -> str:
 def add_study_arguments(parser) -> None:
     g = parser.add_argument_group("study profile (--profile study)")
     g.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="training seeds of every condition")
+    g.add_argument(
+        "--study-parts",
+        nargs="+",
+        choices=["mt4ssl", "vgs", "score"],
+        default=["mt4ssl", "vgs", "score"],
+        help="which papers' claims to test (score needs the mt4ssl runs: it starts from the strongest)",
+    )
     g.add_argument("--curve-points", type=int, default=3, help="MT4SSL checkpoints probed along each run")
     g.add_argument(
         "--vgs-updates",
