@@ -165,3 +165,22 @@ def test_documented_vgs_overrides_are_in_the_configs():
             "model.vgs_input=unmasked",
         )  # fmt: skip
         assert cfg.task.audio_only_manifest == "/a/train.tsv" and cfg.task.image_features == "/f"
+
+
+def test_best_r1_handover_picks_the_best_mean_valid_r1_and_the_earliest_of_equals(monkeypatch, tmp_path):
+    from fairseq_mtssl.evaluation import retrieval
+    from fairseq_mtssl.jobs.vgs_scenarios import _update_of, best_r1_checkpoint
+
+    r1 = {"checkpoint_1_10.pt": (10, 30), "checkpoint_2_20.pt": (30, 20), "checkpoint_3_30.pt": (20, 30)}
+    asked = []
+
+    def embed(ck, split):
+        asked.append(split)
+        return (ck,)
+
+    monkeypatch.setattr(retrieval, "embed_split", embed)
+    monkeypatch.setattr(retrieval, "recall_at_k", lambda ck: dict(zip(("s2i_r1", "i2s_r1"), r1[ck.split("/")[-1]])))
+    paths = sorted((tmp_path / n for n in r1), key=_update_of)
+    choice = best_r1_checkpoint(paths)
+    assert choice["chosen"] == str(tmp_path / "checkpoint_2_20.pt") and set(asked) == {"valid"}  # 25 ties 25: first
+    assert _update_of(tmp_path / "checkpoint_last.pt") > _update_of(tmp_path / "checkpoint_9_1000.pt")
