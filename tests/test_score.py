@@ -137,7 +137,8 @@ def test_score_finetunes_the_authors_set_and_exports_the_upstreams_format(upstre
     start = {k: v for k, v in torch.load(start_ckpt)["model"].items() if k != "_ema"}
     tuned = torch.load(run / "checkpoints" / "checkpoint_last.pt")["model"]
     # the authors' set on a 2-layer model: both layers and the two LayerNorms learn; the conv front end,
-    # post_extract_proj and pos_conv stay; final_proj, mask_emb (label_embs_concat) train but get no gradient
+    # post_extract_proj and pos_conv stay; final_proj, mask_emb (label_embs_concat) are named but get no
+    # gradient, so they stay frozen
     learns = ("encoder.layers.", "encoder.layer_norm.", "layer_norm.")
     for k, v in start.items():
         assert torch.equal(tuned[f"teacher.{k}"], v), f"teacher changed: {k}"
@@ -217,8 +218,9 @@ def _grad_names(module) -> set:
 
 def test_paper_config_trains_the_authors_set_and_gradients_reach_what_theirs_reach():
     """HuBERT Base's architecture: the trainable set of score_base_librispeech.yaml is, by name, what the
-    authors' positional rule leaves trainable; the parameters that receive a gradient from the SCORE loss
-    are those that receive one in a plain fairseq HuBERT frozen their way (feature_grad_mult 0, as s3prl)."""
+    authors' positional rule leaves trainable; of it, final_proj, mask_emb and label_embs_concat get no
+    gradient and stay frozen; the parameters that receive a gradient from the SCORE loss are those that
+    receive one in a plain fairseq HuBERT frozen their way (feature_grad_mult 0, as s3prl)."""
     from omegaconf import OmegaConf
 
     from fairseq_mtssl.criterions.score_criterion import ScoreCriterion
@@ -232,8 +234,10 @@ def test_paper_config_trains_the_authors_set_and_gradients_reach_what_theirs_rea
     detach_weight_norm_weights(hubert)  # torch >= 2.1 deep-copies weight-normed modules only so
     reference = copy.deepcopy(hubert)
     model = ScoreModel(ScoreConfig(upstream_path="-", trainable=list(paper.trainable), proj_dim=256), hubert).train()
+    gradless = {"final_proj.weight", "final_proj.bias", "mask_emb", "label_embs_concat"}
+    assert set(model.gradless) == gradless and gradless <= authors
     ours = {n for n, p in model.student.named_parameters() if p.requires_grad}
-    assert ours == authors, sorted(ours ^ authors)
+    assert ours == authors - gradless, sorted(ours ^ (authors - gradless))
     assert model.student.encoder.layerdrop == 0 and model.teacher.encoder.layerdrop == 0
 
     x, y = torch.randn(16000), torch.randn(17600)

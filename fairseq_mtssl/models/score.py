@@ -13,11 +13,15 @@ authors' set, read off their freeze-by-position code (``runner_part_freeze_layer
 ``hubert_base``): the top 2 transformer layers, ``encoder.layer_norm`` (which a post-LN model such as
 HuBERT Base applies *before* its first layer) and the front end's ``layer_norm`` (after the conv
 features) -- both reached by gradients through the frozen layers -- plus ``final_proj`` and
-``mask_emb`` (and HuBERT's ``label_embs_concat``), which feature extraction never uses, so they get no
-gradient. The conv feature extractor runs without a graph unless one of its parameters trains (s3prl
-sets ``feature_grad_mult = 0``); the frozen bottom runs without a graph up to the lowest trainable
-layer when nothing below that layer trains. LayerDrop is ``layerdrop`` (default 0, as s3prl sets it)
-in both student and teacher.
+``mask_emb`` (and HuBERT's ``label_embs_concat``), which feature extraction never uses. A named
+parameter that SCORE's loss cannot reach would not change in training, and torch's DDP (fairseq's
+default ``c10d`` backend, no ``find_unused_parameters``) stops at the second update on it; so a dry
+forward and backward at build time (:meth:`ScoreModel.unreached_parameters`, a few frames of a
+fixed input) finds them, they stay frozen (``requires_grad`` False), and one log line names them
+(:attr:`ScoreModel.gradless`). The conv feature extractor runs without a graph unless one of its
+parameters trains (s3prl sets ``feature_grad_mult = 0``); the frozen bottom runs without a graph up
+to the lowest trainable layer when nothing below that layer trains. LayerDrop is ``layerdrop``
+(default 0, as s3prl sets it) in both student and teacher.
 
 ``score_hubert`` (the earlier name: ``hubert_path``, top ``trainable_layers`` layers only) is kept so
 older checkpoints still load.
@@ -28,6 +32,7 @@ every frame, each utterance runs on its own.
 """
 
 import copy
+import logging
 import re
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
@@ -41,8 +46,11 @@ from fairseq.models import BaseFairseqModel, register_model
 from omegaconf import MISSING
 
 from .. import upstream
+from ..errors import MtsslError
 from ..upstream.layers import run_encoder
 from .weight_norm import detach_weight_norm_weights
+
+logger = logging.getLogger(__name__)
 
 # The authors' trainable set in names that every supported upstream has (HuBERT adds label_embs_concat).
 AUTHORS_TRAINABLE = [
@@ -58,8 +66,8 @@ NOT_IN_FEATURE_PATH = ("mask_emb", "final_proj", "label_embs_concat", "quantizer
                        "target_glu", "offline_heads")  # fmt: skip
 
 
-class TrainableSetError(ValueError):
-    """A ``model.trainable`` entry that names nothing, or an empty set."""
+class TrainableSetError(MtsslError, ValueError):
+    """A ``model.trainable`` entry that names nothing, or a set of which nothing would learn."""
 
 
 @dataclass
@@ -74,7 +82,8 @@ class ScoreConfig(FairseqDataclass):
         default_factory=lambda: list(AUTHORS_TRAINABLE),
         metadata={
             "help": "parameter names / prefixes of the upstream that train (encoder.layers.-1 = the top layer); "
-            "default: the authors' set (top 2 layers, encoder.layer_norm, layer_norm, final_proj, mask_emb)"
+            "default: the authors' set (top 2 layers, encoder.layer_norm, layer_norm, final_proj, mask_emb); "
+            "named parameters that SCORE's loss cannot reach (final_proj, mask_emb) stay frozen and are logged"
         },
     )
     proj_dim: int = field(default=256, metadata={"help": "projection size before L2 normalisation"})
@@ -133,7 +142,22 @@ def graph_start(model: nn.Module, trainable: Sequence[str]) -> Tuple[bool, Optio
     return conv, None if front else lowest
 
 
-class UpstreamMismatch(ValueError):
+def dry_run_samples(model: nn.Module, frames: int = 4) -> int:
+    """The fewest samples from which ``model``'s conv front end makes ``frames`` frames (720 for 2 frames
+    of the 50 Hz, 400-sample-receptive-field front end)."""
+    n = frames
+    for _, kernel, stride in reversed(upstream.conv_layers_of(model)):
+        n = (n - 1) * stride + kernel
+    return n
+
+
+def module_names(names: Sequence[str]) -> List[str]:
+    """Parameter names shortened to their modules, in order, once each (``final_proj.weight``,
+    ``final_proj.bias``, ``mask_emb`` -> ``final_proj``, ``mask_emb``)."""
+    return list(dict.fromkeys(n.rsplit(".", 1)[0] if "." in n else n for n in names))
+
+
+class UpstreamMismatch(MtsslError, ValueError):
     """The SCORE task would feed the upstream differently from how it was trained."""
 
 
@@ -158,17 +182,59 @@ class ScoreModel(BaseFairseqModel):
         detach_weight_norm_weights(student)
         student.encoder.layerdrop = cfg.layerdrop
         self.teacher = copy.deepcopy(student).requires_grad_(False).eval()
-        self.trainable = resolve_trainable(student, self.trainable_entries())
-        chosen = set(self.trainable)
-        for name, p in student.named_parameters():
-            p.requires_grad_(name in chosen)
-        conv, self.first_graph_layer = graph_start(student, self.trainable)
-        if not conv:
-            student.feature_grad_mult = 0.0  # the conv front end runs under no_grad (as s3prl sets it)
-        elif student.feature_grad_mult <= 0:
-            student.feature_grad_mult = 1.0
+        named = resolve_trainable(student, self.trainable_entries())
+        self._set_trainable(named)
         self.proj = nn.Linear(student.encoder.embedding_dim, cfg.proj_dim)
         self.batchable = upstream.front_end_batchable(student)
+        # named in model.trainable but out of reach of SCORE's loss: left frozen (DDP refuses them)
+        self.gradless: List[str] = self.unreached_parameters()
+        if self.gradless:
+            logger.info(
+                "model.trainable names %s, which get no gradient in SCORE's forward: left frozen",
+                ", ".join(module_names(self.gradless)),
+            )
+            unreached = set(self.gradless)
+            named = [n for n in named if n not in unreached]
+            if not named:
+                raise TrainableSetError(
+                    f"model.trainable {self.trainable_entries()}: none of it gets a gradient in SCORE's forward"
+                )
+            self._set_trainable(named)
+        self.trainable: List[str] = named
+
+    def _set_trainable(self, names: Sequence[str]) -> None:
+        """Exactly ``names`` of the student learn; where its autograd graph starts follows from them."""
+        chosen = set(names)
+        for name, p in self.student.named_parameters():
+            p.requires_grad_(name in chosen)
+        conv, self.first_graph_layer = graph_start(self.student, names)
+        if not conv:
+            self.student.feature_grad_mult = 0.0  # the conv front end runs under no_grad (as s3prl sets it)
+        elif self.student.feature_grad_mult <= 0:
+            self.student.feature_grad_mult = 1.0
+
+    def unreached_parameters(self) -> List[str]:
+        """Names of the student's parameters with ``requires_grad`` that SCORE's loss does not reach, in
+        model order: a dry forward of a fixed ``(dry_run_samples,)`` input through the student and the
+        projection, then ``autograd.grad(..., allow_unused=True)``, which gives None for a parameter outside
+        the graph. Run in eval mode (no dropout, no LayerDrop); every module's mode and numpy's random state
+        are left as they were, and no ``.grad`` is written."""
+        params = [(n, p) for n, p in self.student.named_parameters() if p.requires_grad]
+        if not params:
+            return []
+        ref = self.proj.weight
+        x = torch.randn(dry_run_samples(self.student), generator=torch.Generator().manual_seed(0))
+        modes, np_state = [(m, m.training) for m in self.modules()], np.random.get_state()
+        try:
+            self.eval()
+            with torch.enable_grad():
+                feats, _ = self._encode(self.student, [x.to(device=ref.device, dtype=ref.dtype)])
+                grads = torch.autograd.grad(self.project(feats).sum(), [p for _, p in params], allow_unused=True)
+        finally:
+            for m, mode in modes:
+                m.training = mode
+            np.random.set_state(np_state)
+        return [n for (n, _), g in zip(params, grads) if g is None]
 
     def trainable_entries(self) -> List[str]:
         return list(self.cfg.trainable)

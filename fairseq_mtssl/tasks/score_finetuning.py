@@ -5,8 +5,16 @@ Each item reads an utterance of ``{data}/{split}.tsv`` (checked against the mani
 then pitch +2 or -2 semitones (50/50; a phase vocoder as the authors' torchaudio ``PitchShift``, or
 WSOLA with ``pitch_method=wsola``); additive noise and reverberation are available but off. The
 pair comes in random order: ``source`` goes through the trainable student, ``target_source`` through
-the frozen teacher. Every random choice is a function of (seed, epoch, index), so a resumed run
-sees the same pairs.
+the frozen teacher. Every random choice is drawn from a generator seeded by (seed, epoch, index), so
+each epoch perturbs an utterance anew and a resumed run sees the same pairs.
+
+The epoch has to reach the DataLoader workers. fairseq's ``EpochBatchIterator`` keeps one DataLoader with
+persistent workers across epochs when the task may reuse it, and each worker holds the copy of the
+dataset made when it started: ``set_epoch`` in the main process would never reach it, and every epoch
+would repeat epoch 1's perturbations. The dataset therefore says it cannot be reused across epochs
+(``can_reuse_epoch_itr_across_epochs``, fairseq's ``EpochListening`` switch for datasets that rely on
+``set_epoch``): fairseq's training loop then builds a new iterator, and new workers, each epoch after
+``set_epoch``.
 """
 
 import sys
@@ -58,6 +66,11 @@ class PerturbedPairDataset(FairseqDataset):
         self.sizes = np.array([min(self.manifest.entries[i].num_samples, cfg.max_sample_size) for i in self.keep])
         self.shuffle = shuffle
         self.epoch = 1
+
+    @property
+    def can_reuse_epoch_itr_across_epochs(self) -> bool:
+        """False: the pairs depend on the epoch, which persistent DataLoader workers would not see."""
+        return False
 
     def set_epoch(self, epoch):
         self.epoch = epoch

@@ -6,6 +6,12 @@ whether it refuses a checkpoint that pickles code depends on torch's default and
 with ``weights_only=True`` explicitly (:func:`~fairseq_mtssl.checkpoint_safety.load_checkpoint_safely`),
 then applies fairseq's own upgrade of old checkpoints; :func:`load_speech_model` hands that state to
 ``load_model_ensemble_and_task``, so fairseq never opens the file itself.
+
+A data2vec-audio (or the plugin's MT4SSL) checkpoint carries its EMA teacher (``_ema``), a second copy
+of the model that only pre-training uses. A loaded model is an upstream (SCORE, SUPERB, features), so
+the teacher is never built: its entries are left out of the state, and :func:`drop_ema_teachers` keeps
+it from being built later (fairseq's trainer calls ``set_num_updates`` on every module of the model it
+trains, which makes data2vec build one) and lets a state that still holds ``_ema`` load.
 """
 
 import contextlib
@@ -33,22 +39,48 @@ def read_checkpoint(path) -> dict:
     return checkpoint_utils._upgrade_state_dict(state)
 
 
-@contextlib.contextmanager
-def _copyable_ema_teachers():
-    """While loading: fairseq's data2vec deep-copies itself into its EMA teacher (``set_num_updates`` at
-    load), which torch >= 2.1 refuses for weight-normed convolutions; detach their weights first, as
-    MT4SSL does for itself (:mod:`fairseq_mtssl.models.weight_norm`). Restored on exit."""
+EMA_KEY = "_ema"  # data2vec's state_dict entry of its EMA teacher
+
+
+def _no_ema_teacher() -> None:
+    """An upstream's ``make_ema_teacher``: there is nothing to build (see :func:`drop_ema_teachers`)."""
+
+
+def _ignore_ema_entry(module, state_dict, prefix, *args) -> None:
+    """Load-state-dict pre-hook: an upstream without EMA teacher ignores the ``_ema`` a state may hold."""
+    state_dict.pop(prefix + EMA_KEY, None)
+
+
+def drop_ema_teachers(model: nn.Module) -> int:
+    """Drop the EMA teacher of every data2vec-audio module inside ``model`` and keep it from coming back:
+    ``make_ema_teacher`` does nothing on these instances (data2vec's ``set_num_updates`` calls it when it has
+    none), and their ``load_state_dict`` ignores an ``_ema`` entry. Returns how many modules were changed."""
     from fairseq.examples.data2vec.models.data2vec_audio import Data2VecAudioModel
 
-    from ..models.weight_norm import detach_weight_norm_weights
+    found = [m for m in model.modules() if isinstance(m, Data2VecAudioModel)]
+    for m in found:
+        m.ema = None
+        if vars(m).get("make_ema_teacher") is not _no_ema_teacher:  # once per module
+            m.make_ema_teacher = _no_ema_teacher
+            m.register_load_state_dict_pre_hook(_ignore_ema_entry)
+    return len(found)
+
+
+def without_ema_entries(weights: dict) -> dict:
+    """A model state without data2vec's EMA teacher entries (``_ema``, ``<prefix>._ema``)."""
+    return {k: v for k, v in weights.items() if k.rsplit(".", 1)[-1] != EMA_KEY}
+
+
+@contextlib.contextmanager
+def _no_ema_teachers_built():
+    """While loading: fairseq's data2vec builds its EMA teacher (a deep copy of itself) when the loader
+    calls ``set_num_updates``; an upstream has no use for it, so none is built (and torch >= 2.1's refusal
+    to deep-copy weight-normed convolutions does not arise). Restored on exit."""
+    from fairseq.examples.data2vec.models.data2vec_audio import Data2VecAudioModel
 
     original = Data2VecAudioModel.make_ema_teacher
 
-    def make_ema_teacher(self):
-        detach_weight_norm_weights(self)
-        original(self)
-
-    Data2VecAudioModel.make_ema_teacher = make_ema_teacher
+    Data2VecAudioModel.make_ema_teacher = lambda self: None
     try:
         yield
     finally:
@@ -56,14 +88,17 @@ def _copyable_ema_teachers():
 
 
 def load_model_and_task(path):
-    """``(model in eval mode, cfg, task)`` of a fairseq or plugin checkpoint, read safely."""
+    """``(model in eval mode, cfg, task)`` of a fairseq or plugin checkpoint, read safely; a data2vec-audio
+    inside it has no EMA teacher (:func:`drop_ema_teachers`)."""
     from fairseq import checkpoint_utils
 
     import fairseq_mtssl  # noqa: F401  (registers the plugin's classes and the checkpoint allowlist)
 
     state = read_checkpoint(path)
-    with _copyable_ema_teachers():
+    state["model"] = without_ema_entries(state["model"])
+    with _no_ema_teachers_built():
         models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([str(path)], state=state)
+    drop_ema_teachers(models[0])
     return models[0].eval(), cfg, task
 
 
