@@ -184,3 +184,43 @@ def test_best_r1_handover_picks_the_best_mean_valid_r1_and_the_earliest_of_equal
     choice = best_r1_checkpoint(paths)
     assert choice["chosen"] == str(tmp_path / "checkpoint_2_20.pt") and set(asked) == {"valid"}  # 25 ties 25: first
     assert _update_of(tmp_path / "checkpoint_last.pt") > _update_of(tmp_path / "checkpoint_9_1000.pt")
+
+
+def test_unmasked_pass_reuses_the_conv_features_exactly(vgs_data, monkeypatch):
+    """The second (unmasked) pass takes the masked pass's conv features: same values and gradients as
+    running the front end twice."""
+    import contextlib
+
+    from fairseq.models import build_model
+
+    from fairseq_mtssl.models import wav2vec2_vgs
+
+    cfg, task = _setup(vgs_data, vgs_input="unmasked")
+    torch.manual_seed(0)
+    model = build_model(cfg.model, task).eval()
+    batch = _batch(task)
+    with torch.no_grad():
+        frames = model.w2v.feature_extractor(batch["net_input"]["source"]).size(-1)
+    mask = torch.zeros(len(batch["id"]), frames, dtype=torch.bool)
+    mask[:, 3:13] = mask[:, 20:30] = True  # one fixed mask for both runs
+    calls = []
+    model.w2v.feature_extractor.register_forward_hook(lambda m, a, y: calls.append(1))
+
+    def run():
+        model.zero_grad()
+        torch.manual_seed(0)  # the negatives
+        out = model(**batch["net_input"], mask_indices=mask)
+        (out["speech_emb"].sum() + out["x"].float().sum() + out["image_emb"].sum()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return out["speech_emb"].detach(), grads
+
+    shared, shared_grads = run()
+    assert len(calls) == 1  # one conv front end pass for both
+    monkeypatch.setattr(wav2vec2_vgs, "_reusing_conv_features", lambda w2v, f: contextlib.nullcontext())
+    twice, twice_grads = run()
+    assert len(calls) == 3
+    torch.testing.assert_close(shared, twice)
+    assert shared_grads.keys() == twice_grads.keys() and any("feature_extractor" in n for n in shared_grads)
+    for n, g in twice_grads.items():  # summed in another order: float32 rounding, relative to the tensor's scale
+        scale = float(g.abs().max())
+        torch.testing.assert_close(shared_grads[n], g, rtol=1e-3, atol=1e-5 * scale, msg=lambda m: f"{n}: {m}")

@@ -26,6 +26,7 @@ SSL loss off (VGS only), the forward is unmasked and stops at ``vgs_layer``. Ret
 evaluation use :meth:`embed_speech` / :meth:`embed_images` and :meth:`speech_encoder`.
 """
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -104,8 +105,8 @@ class Wav2Vec2VgsConfig(Wav2Vec2Config):
         default="masked",
         metadata={
             "help": "with the SSL loss on (VGS+): the audio head reads layer vgs_layer of the masked forward the SSL "
-            "loss uses (masked: FaST-VGS+, one forward) or of a second, unmasked forward up to vgs_layer "
-            "(unmasked: the caption the head sees is the one retrieval embeds; costs that forward)"
+            "loss uses (masked: FaST-VGS+, one forward) or of a second, unmasked pass up to vgs_layer on the same conv "
+            "features (unmasked: the caption the head sees is the one retrieval embeds; costs layers 1..vgs_layer again)"
         },
     )
     trunk_init: TRUNK_INIT = field(
@@ -276,6 +277,33 @@ class ResDavenetBranch(nn.Module):
         for _ in range(self.stages):
             lengths = _strided_lengths(lengths, self.kernel, 2)
         return lengths
+
+
+class _Precomputed(nn.Module):
+    """Stands in for a conv front end whose output ``(B, C, T)`` is already computed (and in the graph)."""
+
+    def __init__(self, features: torch.Tensor):
+        super().__init__()
+        self.features = features
+
+    def forward(self, source: torch.Tensor) -> torch.Tensor:
+        return self.features
+
+
+@contextlib.contextmanager
+def _reusing_conv_features(w2v: nn.Module, features: Optional[torch.Tensor]):
+    """Within the block, ``w2v``'s conv front end returns ``features`` instead of recomputing them (the same
+    values: the front end has no dropout), so a second pass over the same audio costs only the transformer;
+    its gradient reaches the front end through ``features``. ``None``: the front end runs as usual."""
+    if features is None:
+        yield
+        return
+    extractor = w2v.feature_extractor
+    w2v.feature_extractor = _Precomputed(features)
+    try:
+        yield
+    finally:
+        w2v.feature_extractor = extractor
 
 
 def _bert_init(module: nn.Module) -> None:
@@ -479,10 +507,18 @@ class Wav2Vec2VgsModel(BaseFairseqModel):
             out, h, cls = self._layer_output(lambda: self.w2v(source, padding_mask=padding_mask, mask=True, **kwargs))
             frame_mask = out.get("padding_mask")
         else:
-            out = self.w2v(source, padding_mask=padding_mask, mask=True, **kwargs) if ssl else {}
-            feats, h, cls = self._layer_output(
-                lambda: self.w2v.extract_features(source, padding_mask, mask=False, layer=self.cfg.vgs_layer - 1)
-            )
+            conv: List[torch.Tensor] = []
+            out = {}
+            if ssl:  # the masked forward for the SSL loss; its conv features serve the unmasked pass too
+                hook = self.w2v.feature_extractor.register_forward_hook(lambda m, args, y: conv.append(y))
+                try:
+                    out = self.w2v(source, padding_mask=padding_mask, mask=True, **kwargs)
+                finally:
+                    hook.remove()
+            with _reusing_conv_features(self.w2v, conv[0] if conv else None):
+                feats, h, cls = self._layer_output(
+                    lambda: self.w2v.extract_features(source, padding_mask, mask=False, layer=self.cfg.vgs_layer - 1)
+                )
             frame_mask = feats["padding_mask"]
         out = dict(out)
         out["speech_emb"] = self._audio_embedding(h, frame_mask, cls)
