@@ -135,6 +135,14 @@ class MT4SSLModel(Data2VecAudioModel):
         self._mask_indices: Optional[torch.Tensor] = None
         if self.online_weight == 0 and not any(self.offline_weights):
             raise ValueError("online_weight and every offline weight are 0: nothing to learn")
+        # an ablation's unused head gets no gradient: frozen, so torch DDP (c10d) accepts the model and its
+        # optimizer holds only what learns (weight decay would otherwise shrink the head on some paths only)
+        unused = [] if self.online_weight else ["final_proj"]
+        unused += [f"offline_heads.{i}" for i, w in enumerate(self.offline_weights) if w == 0]
+        for name in unused:
+            self.get_submodule(name).requires_grad_(False)
+        if unused:
+            logger.info(f"MT4SSL ablation: {', '.join(unused)} take no part in the loss: left frozen")
 
     @property
     def online_weight(self) -> float:

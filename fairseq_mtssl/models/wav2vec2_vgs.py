@@ -400,6 +400,30 @@ class Wav2Vec2VgsModel(BaseFairseqModel):
             self.w2v.encoder.cls_token.requires_grad_(False)
         self.w2v.feature_grad_mult = 0.0
 
+    def unreached_by(self, av_weight: float) -> List[str]:
+        """Names of the trainable parameters that the ``vgs_ssl`` loss at ``av_weight`` cannot reach: at 0 the
+        two heads, at 1 what only the SSL loss uses (wav2vec 2.0 layers above ``vgs_layer``, a pre-LN model's
+        final LayerNorm, ``final_proj``, ``project_q``, the quantiser, ``mask_emb``)."""
+        names = [n for n, p in self.named_parameters() if p.requires_grad]
+        if av_weight == 0:
+            return [n for n in names if not n.startswith("w2v.")]
+        if av_weight == 1:
+            above = tuple(f"w2v.encoder.layers.{i}." for i in range(self.cfg.vgs_layer, len(self.w2v.encoder.layers)))
+            ssl_only = above + ("w2v.final_proj.", "w2v.project_q.", "w2v.quantizer.", "w2v.mask_emb")
+            if self.w2v.encoder.layer_norm_first:
+                ssl_only += ("w2v.encoder.layer_norm.",)
+            return [n for n in names if n.startswith(ssl_only)]
+        return []
+
+    def freeze_unreached(self, av_weight: float) -> List[str]:
+        """Freeze :meth:`unreached_by` (torch DDP's c10d refuses a trainable parameter without a gradient; a
+        frozen one is also left alone by weight decay, so one GPU and several train the same); returns them."""
+        names = self.unreached_by(av_weight)
+        params = dict(self.named_parameters())
+        for n in names:
+            params[n].requires_grad_(False)
+        return names
+
     # ------------------------------------------------------------------ speech side
 
     def _layer_output(self, run):

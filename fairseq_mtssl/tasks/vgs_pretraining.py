@@ -11,6 +11,7 @@ A caption whose image has no feature row, an ``.img`` line count that does not m
 or an index outside ``.images`` is an error naming the file and line.
 """
 
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -27,6 +28,7 @@ from ..data.image_features import ImageFeatureError, ImageFeatureStore
 from ..data.manifest import check_task_dirs
 
 CROP = ChoiceEnum(["random", "start"])
+logger = logging.getLogger(__name__)
 
 
 class StartCropAudioDataset(FileAudioDataset):
@@ -187,6 +189,24 @@ class VgsSslPretrainingTask(AudioPretrainingTask):
     def __init__(self, cfg: VgsSslPretrainingConfig):
         super().__init__(cfg)
         self.image_feature_dim = None
+
+    def build_model(self, cfg, from_checkpoint=False):
+        model = super().build_model(cfg, from_checkpoint)
+        self._model = model  # build_criterion freezes what its av_weight leaves unreached
+        return model
+
+    def build_criterion(self, cfg, from_checkpoint=False):
+        """fairseq builds the criterion after the model and before the trainer wraps it in DDP: the parameters
+        the loss cannot reach at ``criterion.av_weight`` (the heads at 0, the SSL-only parts at 1) are frozen
+        here, with one line, so torch DDP (c10d) accepts every scenario and its stages."""
+        criterion = super().build_criterion(cfg, from_checkpoint)
+        model, av_weight = getattr(self, "_model", None), getattr(criterion, "av_weight", None)
+        if model is not None and av_weight is not None and hasattr(model, "freeze_unreached"):
+            frozen = model.freeze_unreached(av_weight)
+            if frozen:
+                groups = sorted({".".join(n.split(".")[:4 if ".layers." in n else 2]) for n in frozen})
+                logger.info(f"av_weight={av_weight}: {', '.join(groups)} take no part in the loss: left frozen")
+        return criterion
 
     def _store(self, split: str) -> ImageFeatureStore:
         store = ImageFeatureStore(os.path.join(self.cfg.image_features or self.cfg.data, split))
