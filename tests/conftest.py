@@ -74,7 +74,7 @@ def tiny_hubert_checkpoint(manifest_dir, mfcc_labels, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def vgs_data(manifest_dir, corpus_dir, tmp_path_factory):
-    """The session manifests with scene image features for every split."""
+    """The session manifests with object-region image features (mtssl-image-features default) for every split."""
     import shutil
 
     data = tmp_path_factory.mktemp("vgs_data")

@@ -264,7 +264,7 @@ def test_bad_image_inputs_are_named(vgs_data, tmp_path):
     )
     with pytest.raises(ImageFeatureError, match=rf"valid.img:{first}: image {missing} has no feature row"):
         _setup(data)
-    with pytest.raises(ValueError, match="image_dim=32 but the task's image features have 64"):
+    with pytest.raises(ValueError, match="image_dim=32 but the task.s image features have 72"):
         cfg, task = _setup(vgs_data, image_dim=32)
         task.build_model(cfg.model)
 
@@ -406,6 +406,11 @@ def test_image_features_from_a_torchscript_backbone_and_the_scene_feature(corpus
     a, b = ImageFeatureStore(tmp_path / "s1"), ImageFeatureStore(tmp_path / "s2")
     assert all(np.array_equal(a[n], b[n]) for n in names)  # deterministic
     assert not np.array_equal(a[names[0]], a[names[1]])  # and it sees the pixels
+    assert a.dim == 72 and all(len(a[n]) == 2 for n in names)  # the default: two object regions per scene
+    run_cli(*("mtssl-image-features", "--images", manifest_dir / "valid.images", "--root", corpus_dir),
+            *("--out", tmp_path / "grid", "--backbone", "scene"))  # fmt: skip
+    grid = ImageFeatureStore(tmp_path / "grid")
+    assert grid.dim == 64 and grid[names[0]].shape == (16, 64)  # the 4 x 4 grid option
     (tmp_path / "broken.images").write_text(names[0] + "\nimages/missing.png\n")
     with pytest.raises(AssertionError, match="broken.images:2: cannot read image"):
         run_cli(
