@@ -61,14 +61,14 @@ import torch
 
 from ..atomic import atomic_write
 from ..corpus.alignment import SILENCE, read_ctm
-from ..errors import cli
+from ..errors import MtsslError, cli
 
 logger = logging.getLogger(__name__)
 ITEM_HEADER = "#file onset offset #phone prev-phone next-phone speaker"
 ITEM_FRAME_RULES = ("libri-light", "fastabx", "centre")
 
 
-class AbxInputError(ValueError):
+class AbxInputError(MtsslError, ValueError):
     """Bad ABX input (item file, feature files): the message names the file (and line)."""
 
 
@@ -614,14 +614,11 @@ def main(argv=None) -> None:
     if a.features is not None and not a.frame_rate:
         p.error("--features needs --frame-rate (frames per second)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    try:
-        items = read_items(a.items)
-        if a.features is not None:
-            feats, rate = read_feature_dir(a.features, [it.file for it in items]), a.frame_rate
-        else:
-            feats, rate = layer_features(a.checkpoint, a.manifest)
-    except AbxInputError as err:
-        raise SystemExit(f"mtssl-abx: {err}") from None
+    items = read_items(a.items)  # an AbxInputError is one line from @cli, exit code 1
+    if a.features is not None:
+        feats, rate = read_feature_dir(a.features, [it.file for it in items]), a.frame_rate
+    else:
+        feats, rate = layer_features(a.checkpoint, a.manifest)
     layers = None if a.layers == "all" else [int(x) for x in a.layers.split(",")]
     rows = abx_per_layer(items, feats, rate, layers, a.context, a.item_frames)
     print("layer  within  across  items  dropped")

@@ -43,13 +43,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import MtsslError
+
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "numba", "cuda")
 BACKEND_ENV = "MTSSL_SOFT_DTW_BACKEND"
 
 
-class SoftDTWBackendError(ValueError):
+class SoftDTWBackendError(MtsslError, ValueError):
     """A soft-DTW backend that does not exist or cannot run here."""
 
 
