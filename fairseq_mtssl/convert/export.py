@@ -6,6 +6,7 @@
 |---------------------------------------|----------------------------------|-----------------------|-----------------|
 | ``hubert`` (plugin task or fairseq's) | ``hubert``                       | ``HubertModel``       | hubert_local    |
 | ``score_hubert`` (SCORE)              | ``hubert`` (the student)         | ``HubertModel``       | hubert_local    |
+| ``score``, ``laser`` (any upstream)   | the upstream's (the student)     | the upstream's        | the upstream's  |
 | ``wav2vec2``                          | ``wav2vec2``                     | ``Wav2Vec2Model``     | wav2vec2_local  |
 | ``wav2vec2_vgs`` (VGS+SSL)            | ``wav2vec2`` (+ ``vgs_heads.pt``) | ``Wav2Vec2Model``     | wav2vec2_local  |
 | ``mt4ssl``, ``data2vec_audio``        | ``data2vec_audio``               | ``Data2VecAudioModel`` (``pos_conv_depth > 1``) or ``Wav2Vec2Model`` (1) | data2vec_local |
@@ -36,6 +37,7 @@ ARCHITECTURES = {
     "hubert": "hubert",
     "score_hubert": "hubert",
     "score": "its upstream's",  # SCORE on any upstream: the student leaves in its start's own format
+    "laser": "its upstream's",  # LASER: SCORE's layout (student + projection), no teacher
     "wav2vec2": "wav2vec2",
     "wav2vec2_vgs": "wav2vec2",
     "data2vec_audio": "data2vec_audio",
@@ -70,7 +72,7 @@ def export_fairseq(checkpoint, out, hubert_path: Optional[str] = None, heads_out
 
         model, state = load_hubert(checkpoint)
         save_vanilla_hubert(model, state, out)
-    elif arch in ("score_hubert", "score"):
+    elif arch in ("score_hubert", "score", "laser"):
         from .score_export import export_score_student
 
         written = export_score_student(checkpoint, out, hubert_path)

@@ -55,8 +55,8 @@ def export_score_student(score_checkpoint, out, start_path=None) -> str:
     """Write the student of ``score_checkpoint`` to ``out``; returns the written model's name."""
     state = load_checkpoint_safely(score_checkpoint)
     model_cfg = (state.get("cfg") or {}).get("model") or {}
-    if model_cfg.get("_name") not in ("score", "score_hubert"):
-        raise ExportError(f"{score_checkpoint}: model is {model_cfg.get('_name')!r}, not a SCORE checkpoint")
+    if model_cfg.get("_name") not in ("score", "score_hubert", "laser"):
+        raise ExportError(f"{score_checkpoint}: model is {model_cfg.get('_name')!r}, not a SCORE (or LASER) checkpoint")
     start = start_path or model_cfg.get("upstream_path") or model_cfg.get("hubert_path")
     if not start or not Path(start).is_file():
         raise ExportError(f"{score_checkpoint}: its starting checkpoint {start!r} is not a file (give --start)")

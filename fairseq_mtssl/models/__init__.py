@@ -1,3 +1,3 @@
 """fairseq models registered by the plugin."""
 
-from . import mt4ssl, score, superb, wav2vec2_vgs  # noqa: F401
+from . import laser, mt4ssl, score, superb, wav2vec2_vgs  # noqa: F401
