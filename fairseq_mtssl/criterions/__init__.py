@@ -1,3 +1,3 @@
 """fairseq criterions registered by the plugin."""
 
-from . import laser_criterion, mt4ssl_criterion, score_criterion, superb_ctc, vgs_criterion  # noqa: F401
+from . import laser_criterion, mt4ssl_criterion, score_criterion, spin_criterion, superb_ctc, vgs_criterion  # noqa: F401

@@ -1,3 +1,3 @@
 """fairseq models registered by the plugin."""
 
-from . import laser, mt4ssl, score, superb, wav2vec2_vgs  # noqa: F401
+from . import laser, mt4ssl, score, spin, superb, wav2vec2_vgs  # noqa: F401
