@@ -75,7 +75,8 @@ def test_study_claims_read_the_right_numbers():
             }
         }
     }
-    job = SimpleNamespace(args=SimpleNamespace(seeds=seeds), out=None, pipeline=SimpleNamespace(results=results))
+    args = SimpleNamespace(seeds=seeds, study_parts=["mt4ssl", "vgs", "score"])
+    job = SimpleNamespace(args=args, out=None, pipeline=SimpleNamespace(results=results))
     claims = {c.text: c for c in Study(job).claims()}
     mt4ssl = claims["with both targets the model converges faster than with either alone"]
     assert [c["verdict"] for c in mt4ssl.comparisons] == [REPRODUCED, REPRODUCED]
@@ -87,3 +88,22 @@ def test_study_claims_read_the_right_numbers():
     gap = claims["fine-tuning narrows the gap between perturbed and clean test audio"]
     assert [c["verdict"] for c in gap.comparisons] == [REPRODUCED, CONTRADICTED] and gap.verdict == CONTRADICTED
     assert claims["without losing on clean audio"].verdict == REPRODUCED
+
+
+def test_study_parts_judge_only_the_claims_they_ran():
+    """``--study-parts vgs`` (a rerun of the VGS part): the two VGS+SSL claims, nothing that needs other runs."""
+    from types import SimpleNamespace
+
+    from fairseq_mtssl.jobs.study import Study
+
+    results = {}
+    for s in (1, 2):
+        results[f"eval_vgs_plus_seed{s}"] = {"mean_recall": 20.0 + s, "abx_across_final": 30.0 + s}
+        results[f"eval_w2v2_then_vgs_seed{s}"] = {"mean_recall": 30.0 + s, "abx_across_final": 40.0 + s}
+    args = SimpleNamespace(seeds=[1, 2], study_parts=["vgs"])
+    claims = Study(SimpleNamespace(args=args, out=None, pipeline=SimpleNamespace(results=results))).claims()
+    assert [c.paper for c in claims] == ["VGS+SSL (Khorrami et al., EUSIPCO 2023)"] * 2
+    assert Study(SimpleNamespace(args=SimpleNamespace(study_parts=["score"]), out=None, pipeline=None)).parts == [
+        "score",
+        "mt4ssl",
+    ]  # SCORE starts from the strongest MT4SSL run
