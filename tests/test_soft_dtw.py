@@ -443,3 +443,19 @@ def test_without_numba_the_torch_loop_runs():
     )
     ref = soft_dtw_divergence(x, y, torch.tensor([5, 2]), torch.tensor([3, 4]), backend="torch")
     torch.testing.assert_close(got, ref)
+
+
+def test_the_numba_kernels_leave_torchs_thread_count_alone():
+    """numba's thread pool starts at the first parallel call and used to raise torch's intra-op threads to
+    every core: a fresh process set to 1 thread must still run 1 after soft-DTW's numba kernels."""
+    code = (
+        "import torch; torch.set_num_threads(1)\n"
+        "from fairseq_mtssl.losses.soft_dtw import soft_dtw_divergence\n"
+        "x = torch.randn(2, 30, 8, requires_grad=True); y = torch.randn(2, 25, 8)\n"
+        "soft_dtw_divergence(x, y, torch.tensor([30, 20]), torch.tensor([25, 25]), backend='numba').sum().backward()\n"
+        "print(torch.get_num_threads())\n"
+    )
+    env = dict(os.environ, NUMBA_NUM_THREADS="2", OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "1"

@@ -281,18 +281,24 @@ def _launch_cuda(k, kernel, args, len_x: torch.Tensor, len_y: torch.Tensor, D: t
 
 
 class _numba_threads:
-    """As many numba threads as torch uses (``torch.set_num_threads``), one item handed out at a time."""
+    """As many numba threads as torch uses (``torch.set_num_threads``), one item handed out at a time. The
+    first parallel call starts numba's thread pool, which sets the OpenMP runtime's thread count to every
+    core and so torch's too: torch's count is put back on the way out (a 1-thread training otherwise runs on
+    every core from its first soft-DTW call on, 10x slower on a shared machine)."""
 
     def __init__(self, k):
         self.numba = k.numba
 
     def __enter__(self):
-        self.numba.set_num_threads(max(1, min(torch.get_num_threads(), self.numba.config.NUMBA_NUM_THREADS)))
+        self.torch_threads = torch.get_num_threads()
+        self.numba.set_num_threads(max(1, min(self.torch_threads, self.numba.config.NUMBA_NUM_THREADS)))
         self.chunks = self.numba.parallel_chunksize(1)
         self.chunks.__enter__()
 
     def __exit__(self, *exc):
         self.chunks.__exit__(*exc)
+        if torch.get_num_threads() != self.torch_threads:
+            torch.set_num_threads(self.torch_threads)
 
 
 def _cuda_stream(k, t: torch.Tensor):
