@@ -7,6 +7,7 @@
 | ``hubert`` (plugin task or fairseq's) | ``hubert``                       | ``HubertModel``       | hubert_local    |
 | ``score_hubert`` (SCORE)              | ``hubert`` (the student)         | ``HubertModel``       | hubert_local    |
 | ``score``, ``laser`` (any upstream)   | the upstream's (the student)     | the upstream's        | the upstream's  |
+| ``spin`` (any upstream)               | the upstream's (the student)     | the upstream's        | the upstream's  |
 | ``wav2vec2``                          | ``wav2vec2``                     | ``Wav2Vec2Model``     | wav2vec2_local  |
 | ``wav2vec2_vgs`` (VGS+SSL)            | ``wav2vec2`` (+ ``vgs_heads.pt``) | ``Wav2Vec2Model``     | wav2vec2_local  |
 | ``mt4ssl``, ``data2vec_audio``        | ``data2vec_audio``               | ``Data2VecAudioModel`` (``pos_conv_depth > 1``) or ``Wav2Vec2Model`` (1) | data2vec_local |
@@ -38,6 +39,7 @@ ARCHITECTURES = {
     "score_hubert": "hubert",
     "score": "its upstream's",  # SCORE on any upstream: the student leaves in its start's own format
     "laser": "its upstream's",  # LASER: SCORE's layout (student + projection), no teacher
+    "spin": "its upstream's",  # SPIN: student + head + codebook; the head and codebook are dropped
     "wav2vec2": "wav2vec2",
     "wav2vec2_vgs": "wav2vec2",
     "data2vec_audio": "data2vec_audio",
@@ -72,7 +74,7 @@ def export_fairseq(checkpoint, out, hubert_path: Optional[str] = None, heads_out
 
         model, state = load_hubert(checkpoint)
         save_vanilla_hubert(model, state, out)
-    elif arch in ("score_hubert", "score", "laser"):
+    elif arch in ("score_hubert", "score", "laser", "spin"):
         from .score_export import export_score_student
 
         written = export_score_student(checkpoint, out, hubert_path)
@@ -130,7 +132,9 @@ def main(argv=None) -> None:
     p.add_argument(
         "--formats", nargs="+", default=list(FORMATS), choices=FORMATS, help="fairseq.pt is written in any case"
     )
-    p.add_argument("--hubert", help="SCORE only: the starting HuBERT checkpoint (default: the run's model.hubert_path)")
+    p.add_argument(
+        "--hubert", help="SCORE, LASER, SPIN only: the starting checkpoint (default: the run's model.upstream_path)"
+    )
     p.add_argument("--no-verify", action="store_true", help="skip the fairseq/transformers hidden-state check")
     a = p.parse_args(argv)
     print(json.dumps(export_all(a.checkpoint, a.output_dir, a.formats, a.hubert, not a.no_verify)))
@@ -144,7 +148,7 @@ def transformers_main(argv=None) -> None:
     p = argparse.ArgumentParser(description="Export any plugin or fairseq checkpoint as a transformers directory.")
     p.add_argument("checkpoint")
     p.add_argument("output_dir")
-    p.add_argument("--hubert", help="SCORE only: the starting HuBERT checkpoint")
+    p.add_argument("--hubert", help="SCORE, LASER, SPIN only: the starting checkpoint")
     a = p.parse_args(argv)
     parent = Path(a.output_dir).resolve().parent
     parent.mkdir(parents=True, exist_ok=True)

@@ -1,10 +1,11 @@
-"""Export a SCORE-fine-tuned student in its upstream's own fairseq format.
+"""Export a SCORE-, LASER- or SPIN-fine-tuned student in its upstream's own fairseq format.
 
     mtssl-export-score runs/score/checkpoints/checkpoint_last.pt exported/score_student.pt [--start START.pt]
 
 The student's weights go under the starting checkpoint's config and task state, so plain fairseq (no
-``user_dir``) loads the result with ``checkpoint_utils``; the projection head and the frozen teacher
-are dropped. By the start's model:
+``user_dir``) loads the result with ``checkpoint_utils``; what only the fine-tuning used is dropped: SCORE's
+projection and frozen teacher, LASER's projection, SPIN's head and codebook. All three keep the upstream
+under ``student.``, so one function reads them. By the start's model:
 
 - ``hubert`` -> a fairseq HuBERT checkpoint (task ``hubert_pretraining`` with its dictionaries);
 - ``wav2vec2``, ``data2vec_audio`` -> the same model and task as the start (a data2vec keeps the
@@ -13,7 +14,7 @@ are dropped. By the start's model:
   offline heads dropped, the start's ``_ema`` kept).
 
 ``--start`` defaults to the ``model.upstream_path`` (``model.hubert_path`` for ``score_hubert``) that
-the SCORE run started from. ``mtssl-export-hubert`` is the same command.
+the run started from. ``mtssl-export-hubert`` is the same command.
 """
 
 import argparse
@@ -51,12 +52,19 @@ def _same_format(source: dict, student: dict, start) -> dict:
     }
 
 
+# models that keep the fine-tuned upstream under ``student.`` (beside parts the export drops)
+STUDENT_MODELS = ("score", "score_hubert", "laser", "spin")
+
+
 def export_score_student(score_checkpoint, out, start_path=None) -> str:
-    """Write the student of ``score_checkpoint`` to ``out``; returns the written model's name."""
+    """Write the student of ``score_checkpoint`` (a SCORE, LASER or SPIN checkpoint) to ``out``; returns the
+    written model's name."""
     state = load_checkpoint_safely(score_checkpoint)
     model_cfg = (state.get("cfg") or {}).get("model") or {}
-    if model_cfg.get("_name") not in ("score", "score_hubert", "laser"):
-        raise ExportError(f"{score_checkpoint}: model is {model_cfg.get('_name')!r}, not a SCORE (or LASER) checkpoint")
+    if model_cfg.get("_name") not in STUDENT_MODELS:
+        raise ExportError(
+            f"{score_checkpoint}: model is {model_cfg.get('_name')!r}, not a SCORE (or LASER, SPIN) checkpoint"
+        )
     start = start_path or model_cfg.get("upstream_path") or model_cfg.get("hubert_path")
     if not start or not Path(start).is_file():
         raise ExportError(f"{score_checkpoint}: its starting checkpoint {start!r} is not a file (give --start)")
