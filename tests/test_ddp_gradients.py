@@ -121,8 +121,6 @@ def upstreams(manifest_dir, mfcc_labels, tmp_path_factory):
     }  # fmt: skip
 
 
-
-
 def _check(name: str, cfg, model, missing):
     """Every trainable parameter got a gradient: what c10d DDP needs."""
     _report(name, cfg, model, missing)
@@ -147,7 +145,9 @@ def test_mt4ssl(label_overrides, ablation):
     cfg, model, missing = _one_step(CONFIG_ROOT / "mt4ssl/pretrain/mt4ssl_tiny_cpu.yaml", overrides)
     unused = {None: (), "model.online_weight=0": ("final_proj.",), "model.offline_weights=[0]": ("offline_heads.",)}
     frozen = sorted(n for n, p in model.named_parameters() if not p.requires_grad)
-    assert frozen == sorted(n for n, _ in model.named_parameters() if unused[ablation] and n.startswith(unused[ablation]))
+    assert frozen == sorted(
+        n for n, _ in model.named_parameters() if unused[ablation] and n.startswith(unused[ablation])
+    )
     _check(f"mt4ssl {ablation or 'both targets'}", cfg, model, missing)
 
 

@@ -227,10 +227,13 @@ class Study:
                 "MT4SSL (Ma et al., Interspeech 2023)",
                 "with both targets the model converges faster than with either alone",
                 [
-                    Claim.comparison("both", area("both"), alone, area(alone), "probe test accuracy, curve mean (%)", True)
+                    Claim.comparison(
+                        "both", area("both"), alone, area(alone), "probe test accuracy, curve mean (%)", True
+                    )
                     for alone in ("offline_only", "online_only")
                 ],
             )
+
         def vgs_claims():
             retrieval = Claim(
                 "VGS+SSL (Khorrami et al., EUSIPCO 2023)",
@@ -369,7 +372,10 @@ def study_markdown(study: Dict, args) -> str:
     points = sorted({p["updates"] for v in curves.values() for p in v})
     if curves:
         lines += ["", "## MT4SSL learning curves (phone probe, test accuracy %, mean +- std over seeds)", ""]
-        lines += ["| variant | " + " | ".join(f"{u} updates" for u in points) + " |", "| --- |" + " --- |" * len(points)]
+        lines += [
+            "| variant | " + " | ".join(f"{u} updates" for u in points) + " |",
+            "| --- |" + " --- |" * len(points),
+        ]
     for variant in MT4SSL_VARIANTS if curves else []:
         cells = []
         for u in points:

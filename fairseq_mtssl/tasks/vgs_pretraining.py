@@ -204,7 +204,7 @@ class VgsSslPretrainingTask(AudioPretrainingTask):
         if model is not None and av_weight is not None and hasattr(model, "freeze_unreached"):
             frozen = model.freeze_unreached(av_weight)
             if frozen:
-                groups = sorted({".".join(n.split(".")[:4 if ".layers." in n else 2]) for n in frozen})
+                groups = sorted({".".join(n.split(".")[: 4 if ".layers." in n else 2]) for n in frozen})
                 logger.info(f"av_weight={av_weight}: {', '.join(groups)} take no part in the loss: left frozen")
         return criterion
 
