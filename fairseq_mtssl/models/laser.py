@@ -25,12 +25,10 @@ from typing import List
 import torch
 import torch.nn as nn
 from fairseq.dataclass import FairseqDataclass
-from fairseq.models import BaseFairseqModel, register_model
+from fairseq.models import register_model
 from omegaconf import MISSING
 
-from .. import upstream
-from .score import ScoreModel, TrainableSetError, module_names, resolve_trainable
-from .weight_norm import detach_weight_norm_weights
+from .score import ScoreModel
 
 logger = logging.getLogger(__name__)
 
@@ -62,33 +60,8 @@ class LaserConfig(FairseqDataclass):
 class LaserModel(ScoreModel):
     """SCORE's model without the teacher: both sides of a pair go through the trainable upstream."""
 
-    teacher = None  # read by ScoreModel._extract: no module is a teacher here
-
-    def __init__(self, cfg: LaserConfig, student: nn.Module):
-        BaseFairseqModel.__init__(self)
-        self.cfg = cfg
-        self.student = student
-        detach_weight_norm_weights(student)
-        student.encoder.layerdrop = cfg.layerdrop
-        named = resolve_trainable(student, self.trainable_entries())
-        self._set_trainable(named)
-        self.proj = nn.Linear(student.encoder.embedding_dim, cfg.proj_dim)
-        self.batchable = upstream.front_end_batchable(student)
-        # named in model.trainable but out of reach of LASER's loss: left frozen (c10d DDP refuses them)
-        self.gradless: List[str] = self.unreached_parameters()
-        if self.gradless:
-            logger.info(
-                "model.trainable names %s, which get no gradient in LASER's forward: left frozen",
-                ", ".join(module_names(self.gradless)),
-            )
-            unreached = set(self.gradless)
-            named = [n for n in named if n not in unreached]
-            if not named:
-                raise TrainableSetError(
-                    f"model.trainable {self.trainable_entries()}: none of it gets a gradient in LASER's forward"
-                )
-            self._set_trainable(named)
-        self.trainable: List[str] = named
+    method = "LASER"
+    with_teacher = False  # ScoreModel.__init__ builds no teacher: self.teacher is None
 
     def train(self, mode: bool = True):
         return nn.Module.train(self, mode)

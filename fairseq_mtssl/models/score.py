@@ -175,29 +175,33 @@ features_after = run_encoder
 
 @register_model("score", dataclass=ScoreConfig)
 class ScoreModel(BaseFairseqModel):
+    method = "SCORE"  # in messages
+    with_teacher = True  # a frozen copy of the start encodes the other side of each pair
+
     def __init__(self, cfg: ScoreConfig, student: nn.Module):
         super().__init__()
         self.cfg = cfg
         self.student = student
         detach_weight_norm_weights(student)
         student.encoder.layerdrop = cfg.layerdrop
-        self.teacher = copy.deepcopy(student).requires_grad_(False).eval()
+        self.teacher = copy.deepcopy(student).requires_grad_(False).eval() if self.with_teacher else None
         named = resolve_trainable(student, self.trainable_entries())
         self._set_trainable(named)
         self.proj = nn.Linear(student.encoder.embedding_dim, cfg.proj_dim)
         self.batchable = upstream.front_end_batchable(student)
-        # named in model.trainable but out of reach of SCORE's loss: left frozen (DDP refuses them)
+        # named in model.trainable but out of reach of the loss: left frozen (DDP refuses them)
         self.gradless: List[str] = self.unreached_parameters()
         if self.gradless:
             logger.info(
-                "model.trainable names %s, which get no gradient in SCORE's forward: left frozen",
+                "model.trainable names %s, which get no gradient in %s's forward: left frozen",
                 ", ".join(module_names(self.gradless)),
+                self.method,
             )
             unreached = set(self.gradless)
             named = [n for n in named if n not in unreached]
             if not named:
                 raise TrainableSetError(
-                    f"model.trainable {self.trainable_entries()}: none of it gets a gradient in SCORE's forward"
+                    f"model.trainable {self.trainable_entries()}: none of it gets a gradient in {self.method}'s forward"
                 )
             self._set_trainable(named)
         self.trainable: List[str] = named
