@@ -78,8 +78,9 @@ class PerturbedPairDataset(FairseqDataset):
     def __len__(self):
         return len(self.keep)
 
-    def make_pair(self, index: int):
-        """``(original crop, perturbed copy, description)`` for item ``index``."""
+    def crop_and_generator(self, index: int):
+        """``(waveform of item index, cropped to max_sample_size, generator)``: the generator is seeded by
+        (seed, epoch, index), so a pair is the same on every rerun and new every epoch; it drew the crop."""
         i = self.keep[index]
         wav = read_audio(
             self.manifest.audio_path(i),
@@ -91,6 +92,11 @@ class PerturbedPairDataset(FairseqDataset):
         if len(wav) > self.cfg.max_sample_size:
             start = int(rng.integers(0, len(wav) - self.cfg.max_sample_size + 1))
             wav = wav[start : start + self.cfg.max_sample_size]
+        return wav, rng
+
+    def make_pair(self, index: int):
+        """``(original crop, perturbed copy, description)`` for item ``index``."""
+        wav, rng = self.crop_and_generator(index)
         factor = float(rng.choice(self.cfg.speed_factors))
         semitones = float(rng.choice(self.cfg.pitch_semitones))
         other = perturb.pitch_shift(

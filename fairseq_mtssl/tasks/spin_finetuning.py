@@ -25,14 +25,12 @@ import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-import numpy as np
 import torch
 from fairseq.dataclass import FairseqDataclass
 from fairseq.tasks import register_task
 from omegaconf import II, MISSING
 
 from ..data import speaker_perturb
-from ..data.audio import read_audio
 from ..errors import MtsslError
 from .score_finetuning import PerturbedPairDataset, ScoreFinetuningTask
 
@@ -103,16 +101,7 @@ class SpeakerPerturbedPairDataset(PerturbedPairDataset):
     def make_pair(self, index: int):
         """``(original crop, speaker-perturbed copy of the same length, what was drawn)`` for item ``index``."""
         i = self.keep[index]
-        wav = read_audio(
-            self.manifest.audio_path(i),
-            self.manifest.where(i),
-            self.manifest.entries[i].num_samples,
-            self.cfg.sample_rate,
-        )
-        rng = np.random.default_rng([int(self.cfg.seed), int(self.epoch), int(index)])
-        if len(wav) > self.cfg.max_sample_size:
-            start = int(rng.integers(0, len(wav) - self.cfg.max_sample_size + 1))
-            wav = wav[start : start + self.cfg.max_sample_size]
+        wav, rng = self.crop_and_generator(index)
         floor, ceiling = speaker_perturb.pitch_range(self.pitch_table, self.speakers[i])
         other, how = speaker_perturb.perturb_speaker(
             wav, self.cfg.sample_rate, rng, floor, ceiling, eq_gain_db=self.cfg.eq_gain_db
