@@ -13,11 +13,13 @@
 | ``mt4ssl``, ``data2vec_audio``        | ``data2vec_audio``               | ``Data2VecAudioModel`` (``pos_conv_depth > 1``) or ``Wav2Vec2Model`` (1) | data2vec_local |
 
 ``fairseq.pt`` is always written (the other formats are made from it). ``transformers/`` is a
-``save_pretrained`` directory (``AutoModel.from_pretrained`` picks the class); ``s3prl.pt`` is in the
+``save_pretrained`` directory (``AutoModel.from_pretrained`` picks the class) with the feature extractor
+that prepares raw audio as the model was trained (``AutoFeatureExtractor``: ``do_normalize`` from the
+task's ``normalize``); ``s3prl.pt`` is in the
 layout s3prl's ``*_local`` upstreams load with no fairseq (``hubert_local`` and ``wav2vec2_local``
 also read ``fairseq.pt`` with ``fairseq=True``). ``vgs_heads.pt`` keeps a VGS+SSL model's audio and
 image heads for retrieval (:func:`fairseq_mtssl.convert.wav2vec2_trunk.load_vgs_export`).
-``export.json`` lists what was written, the transformers class and the largest hidden-state
+``export.json`` lists what was written, the transformers class, its feature extractor's settings and the largest hidden-state
 difference between fairseq and transformers on a test waveform (the export fails above 1e-4).
 """
 

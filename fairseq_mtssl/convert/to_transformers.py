@@ -16,16 +16,21 @@ The transformers class is the one whose network is the checkpoint's:
 ``last_hidden_state`` the encoder output (a pre-LN model's final layer norm applied), as fairseq.
 The pre-training heads (quantiser, projections, label embeddings, EMA teacher) are dropped. Every
 export is checked: the fairseq and transformers models run one random waveform and must agree.
+
+Beside the model, ``preprocessor_config.json`` (a ``Wav2Vec2FeatureExtractor``, what
+``AutoFeatureExtractor`` loads) prepares raw 16 kHz audio as the checkpoint was trained
+(:func:`feature_extractor_config`): ``do_normalize`` is the task's ``normalize`` (a model trained on
+layer-normalised waveforms and fed raw audio gives other hidden states), ``return_attention_mask`` is
+True for a layer-normalised front end only, as in Hugging Face's own wav2vec 2.0 / HuBERT / data2vec
+configs. The directory is written whole or not at all.
 """
 
-import shutil
-import tempfile
 from dataclasses import fields
-from pathlib import Path
 from typing import Dict, Tuple
 
 import torch
 
+from ..atomic import atomic_directory
 from ..checkpoint_safety import load_checkpoint_safely
 from ..errors import ExportError
 
@@ -238,6 +243,32 @@ def transformers_hidden_states(hf, wav: torch.Tensor) -> torch.Tensor:
     return torch.stack([*out.hidden_states, out.last_hidden_state])
 
 
+def feature_extractor_config(model, task_cfg) -> dict:
+    """Keyword arguments of the ``Wav2Vec2FeatureExtractor`` that turns raw audio into what the fairseq
+    ``model`` was trained on, with ``task_cfg`` its checkpoint's task config (a dict or an OmegaConf config).
+
+    - ``do_normalize``: the task's ``normalize``, False when the task has none, as the plugin reads it
+      (:func:`fairseq_mtssl.upstream.load_upstream`) and as s3prl does. transformers then normalises each
+      utterance to zero mean and unit variance (over its own samples in a padded batch), as fairseq's
+      ``F.layer_norm`` of the waveform does (up to the epsilon, 1e-7 against 1e-5: transformers' waveform is
+      larger by a factor ``1 + 5e-6 / variance``).
+    - ``return_attention_mask``: whether padding leaves an utterance's valid frames unchanged
+      (:func:`fairseq_mtssl.upstream.front_end_batchable`): True for a layer-normalised front end
+      (``extractor_mode: layer_norm``: Large models, data2vec), False for a group-normalised one (HuBERT /
+      wav2vec 2.0 Base), which transformers' models are to be given unmasked zero-padded batches.
+    """
+    from ..upstream import front_end_batchable
+    from ..upstream.frontend import SAMPLE_RATE
+
+    return dict(
+        feature_size=1,
+        sampling_rate=SAMPLE_RATE,
+        padding_value=0.0,
+        do_normalize=bool((task_cfg or {}).get("normalize", False)),
+        return_attention_mask=front_end_batchable(model),
+    )
+
+
 def build_transformers(family: str, model, model_cfg):
     """``(transformers model in eval mode, its class name)`` with ``model``'s weights."""
     import transformers
@@ -255,9 +286,12 @@ def build_transformers(family: str, model, model_cfg):
 
 
 def export_transformers(plain_checkpoint, out_dir, verify: bool = True, source=None) -> dict:
-    """Write ``out_dir`` (``config.json`` and weights, via ``save_pretrained``) from a plain fairseq
-    checkpoint; returns ``{"class", "max_abs_diff"}``. The directory appears whole or not at all.
-    Errors name ``source`` (the checkpoint the user gave) when given, else ``plain_checkpoint``."""
+    """Write ``out_dir`` (``config.json`` and weights, via ``save_pretrained``, and the feature extractor's
+    ``preprocessor_config.json``) from a plain fairseq checkpoint; returns ``{"class", "feature_extractor",
+    "max_abs_diff"}``. The directory appears whole or not at all. Errors name ``source`` (the checkpoint
+    the user gave) when given, else ``plain_checkpoint``."""
+    from transformers import Wav2Vec2FeatureExtractor
+
     source = source or plain_checkpoint
     family, model, state = load_plain_trunk(plain_checkpoint)
     model_cfg = state["cfg"]["model"]
@@ -265,7 +299,11 @@ def export_transformers(plain_checkpoint, out_dir, verify: bool = True, source=N
         hf, class_name = build_transformers(family, model, model_cfg)
     except TransformersExportError as err:
         raise TransformersExportError(f"{source}: {err}") from None
-    info = {"class": class_name}
+    extractor = feature_extractor_config(model, state["cfg"].get("task"))
+    info = {
+        "class": class_name,
+        "feature_extractor": {k: extractor[k] for k in ("do_normalize", "return_attention_mask")},
+    }
     if verify:
         wav = torch.randn(1, 16000, generator=torch.Generator().manual_seed(0))
         diff = float((fairseq_hidden_states(model, wav) - transformers_hidden_states(hf, wav)).abs().max())
@@ -274,15 +312,7 @@ def export_transformers(plain_checkpoint, out_dir, verify: bool = True, source=N
                 f"{source}: transformers {class_name} differs from fairseq by {diff:.2e} on a test input"
             )
         info["max_abs_diff"] = diff
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as tmp:
         hf.save_pretrained(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        Wav2Vec2FeatureExtractor(**extractor).save_pretrained(tmp)
     return info
