@@ -63,3 +63,13 @@ def load_checkpoint_safely(path) -> dict:
             pass
         extra = f"; it references globals that are not plain data: {unsafe}" if unsafe else ""
         raise CheckpointLoadError(f"{path}: not a loadable checkpoint ({detail}){extra}") from err
+
+
+def model_name(state: dict) -> str:
+    """The model name a checkpoint's state records: ``cfg.model._name`` (hydra), else ``args.arch``
+    (pre-hydra releases); ``""`` when it records none."""
+    cfg = state.get("cfg") or {}
+    if cfg.get("model") is not None:
+        return str(cfg["model"].get("_name") or "")
+    args = state.get("args")
+    return str(getattr(args, "arch", "") or "")

@@ -30,9 +30,8 @@ from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
 from ..atomic import atomic_write
-from ..checkpoint_safety import load_checkpoint_safely
+from ..checkpoint_safety import load_checkpoint_safely, model_name
 from ..errors import ExportError, cli
-from .hubert_checkpoint import _model_name
 
 FORMATS = ("fairseq", "transformers", "s3prl")
 # checkpoint model name -> plain fairseq model it exports to
@@ -57,7 +56,7 @@ def detect(checkpoint) -> str:
     """The checkpoint's model name, one of :data:`ARCHITECTURES` (a ``hubert*`` name reads as ``hubert``)."""
     if not Path(checkpoint).is_file():
         raise FileNotFoundError(f"{checkpoint}: checkpoint not found")
-    name = _model_name(load_checkpoint_safely(checkpoint))
+    name = model_name(load_checkpoint_safely(checkpoint))
     if name.startswith("hubert"):
         return "hubert"
     if name not in ARCHITECTURES:
@@ -104,7 +103,7 @@ def export_all(
 
     unknown = set(formats) - set(FORMATS)
     if unknown:
-        raise ValueError(f"unknown formats {sorted(unknown)}; choose from {FORMATS}")
+        raise ExportError(f"unknown formats {sorted(unknown)}; choose from {FORMATS}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plain = out_dir / "fairseq.pt"

@@ -21,9 +21,9 @@ import argparse
 from pathlib import Path
 
 from ..atomic import save_torch_atomic
-from ..checkpoint_safety import load_checkpoint_safely
+from ..checkpoint_safety import load_checkpoint_safely, model_name
 from ..errors import ExportError, cli
-from .hubert_checkpoint import _model_name, load_hubert, save_vanilla_hubert
+from .hubert_checkpoint import load_hubert, save_vanilla_hubert
 from .mt4ssl_to_data2vec import data2vec_checkpoint
 
 
@@ -70,7 +70,7 @@ def export_score_student(score_checkpoint, out, start_path=None) -> str:
         raise ExportError(f"{score_checkpoint}: its starting checkpoint {start!r} is not a file (give --start)")
     student = {k[len("student.") :]: v for k, v in state["model"].items() if k.startswith("student.")}
     source = load_checkpoint_safely(start)
-    kind = _model_name(source)
+    kind = model_name(source)
     if kind.startswith("hubert"):
         hubert, source_state = load_hubert(start)
         _check_fits(student, hubert.state_dict(), f"{score_checkpoint}: the student does not fit {start}")

@@ -129,7 +129,7 @@ def load_vgs_export(trunk_path, heads_path):
 
     heads = load_checkpoint_safely(heads_path)
     if "vgs_model_cfg" not in heads:
-        raise ValueError(f"{heads_path}: not a VGS heads file (no vgs_model_cfg)")
+        raise ExportError(f"{heads_path}: not a VGS heads file (no vgs_model_cfg)")
     trunk = load_checkpoint_safely(trunk_path)["model"]
     cfg = {k: v for k, v in heads["vgs_model_cfg"].items() if k in _fields(Wav2Vec2VgsConfig)}
     model = Wav2Vec2VgsModel(Wav2Vec2VgsConfig(**cfg))

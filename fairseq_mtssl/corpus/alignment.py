@@ -11,6 +11,7 @@ espeak's off-glide mark ``;`` is folded into the phone before it.
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Sequence, Tuple
 
+from ..errors import MtsslError
 from .espeak import EVENT_END, EVENT_PHONEME, EVENT_WORD, SynthEvent
 
 SILENCE = "sil"
@@ -99,6 +100,10 @@ def format_ctm(utt_id: str, segments: Iterable[Segment]) -> List[str]:
     return [f"{utt_id} {s.start:.4f} {s.end:.4f} {s.label}" for s in segments]
 
 
+class AlignmentError(MtsslError, ValueError):
+    """An alignment (CTM) file that is malformed or lacks an utterance; the message names file and line."""
+
+
 def read_ctm(path) -> Dict[str, List[Segment]]:
     """Read an alignment file into ``{utt_id: [Segment, ...]}`` (errors name file and line)."""
     out: Dict[str, List[Segment]] = {}
@@ -106,12 +111,12 @@ def read_ctm(path) -> Dict[str, List[Segment]]:
         for lineno, line in enumerate(f, start=1):
             parts = line.split()
             if len(parts) != 4:
-                raise ValueError(f"{path}:{lineno}: expected 'utt_id start end label', got {line.rstrip()!r}")
+                raise AlignmentError(f"{path}:{lineno}: expected 'utt_id start end label', got {line.rstrip()!r}")
             try:
                 seg = Segment(float(parts[1]), float(parts[2]), parts[3])
             except ValueError as err:
-                raise ValueError(f"{path}:{lineno}: bad time in {line.rstrip()!r}") from err
+                raise AlignmentError(f"{path}:{lineno}: bad time in {line.rstrip()!r}") from err
             if seg.end < seg.start:
-                raise ValueError(f"{path}:{lineno}: segment ends before it starts")
+                raise AlignmentError(f"{path}:{lineno}: segment ends before it starts")
             out.setdefault(parts[0], []).append(seg)
     return out

@@ -49,7 +49,7 @@ from fairseq.criterions import register_criterion
 from fairseq.criterions.wav2vec_criterion import Wav2vecCriterion, Wav2VecCriterionConfig
 from fairseq.dataclass import ChoiceEnum
 
-from ..losses.speech_image import LOSSES, SIMILARITIES, _world, speech_image_loss
+from ..losses.speech_image import LOSSES, SIMILARITIES, rank_and_world_size, speech_image_loss
 
 VGS_LOSSES = ChoiceEnum(list(LOSSES))
 SIMILARITY = ChoiceEnum(list(SIMILARITIES))
@@ -101,7 +101,7 @@ def _global_counts(sample_size, pairs: int, device) -> Tuple[float, int]:
     """``(S, P)``: ``sample_size`` and speech-image pairs summed over data-parallel workers (one
     ``all_reduce``; every worker must call it on every step)."""
     size = float(sample_size)
-    if _world()[1] == 1:
+    if rank_and_world_size()[1] == 1:
         return size, pairs
     counts = torch.tensor([size, float(pairs)], dtype=torch.float64, device=device)
     dist.all_reduce(counts)
@@ -156,7 +156,7 @@ class VgsSslCriterion(Wav2vecCriterion):
         total_size, total_pairs = _global_counts(sample_size, pairs, speech_emb.device)
         if total_pairs == 0:  # no worker has a pair: every worker takes this branch
             if ssl_loss is None:
-                _, world = _world()
+                _, world = rank_and_world_size()
                 raise ValueError(
                     f"batch of ids {sample['id'].tolist()[:5]}... has no images"
                     + (f" (nor have the other {world - 1} workers' batches)" if world > 1 else "")

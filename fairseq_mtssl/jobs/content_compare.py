@@ -165,12 +165,11 @@ class ContentCompare:
 
     # -- setup ----------------------------------------------------------------------------------
     def _configs(self) -> Dict[str, str]:
-        from ..checkpoint_safety import load_checkpoint_safely
-        from ..convert.hubert_checkpoint import _model_name
+        from ..checkpoint_safety import load_checkpoint_safely, model_name
 
         if not self.start.is_file():
             raise FileNotFoundError(f"{self.start}: starting checkpoint not found")
-        kind = _model_name(load_checkpoint_safely(self.start))
+        kind = model_name(load_checkpoint_safely(self.start))
         kind = "hubert" if kind.startswith("hubert") else kind
         configs = {m: DEFAULT_CONFIGS.get(m) for m in self.args.methods}
         if "score" in configs:

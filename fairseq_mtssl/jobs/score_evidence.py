@@ -51,7 +51,7 @@ def perturb_split(manifest_path, ctm_path, out_dir, split: str = "test", seed: i
     phase vocoder), its phone segments' times divided by the factor. Returns the draws per utterance."""
     import soundfile as sf
 
-    from ..corpus.alignment import Segment, format_ctm, read_ctm
+    from ..corpus.alignment import AlignmentError, Segment, format_ctm, read_ctm
     from ..data import perturb
     from ..data.audio import read_audio
     from ..data.manifest import read_manifest, write_lines, write_manifest
@@ -64,7 +64,7 @@ def perturb_split(manifest_path, ctm_path, out_dir, split: str = "test", seed: i
     for i, entry in enumerate(manifest.entries):
         utt = Path(entry.path).stem
         if utt not in segments:
-            raise KeyError(f"{manifest.where(i)}: utterance {utt} has no alignment in {ctm_path}")
+            raise AlignmentError(f"{manifest.where(i)}: utterance {utt} has no alignment in {ctm_path}")
         wav = read_audio(manifest.audio_path(i), manifest.where(i), entry.num_samples, sample_rate)
         factor, semitones = float(rng.choice([0.9, 1.0, 1.1])), float(rng.choice([2.0, -2.0]))
         out = perturb.pitch_shift(perturb.speed(wav, factor), semitones, sample_rate)
@@ -224,10 +224,9 @@ class Evidence:
         return res
 
     def evaluate(self) -> Dict:
-        from ..checkpoint_safety import load_checkpoint_safely
-        from ..convert.hubert_checkpoint import _model_name
+        from ..checkpoint_safety import load_checkpoint_safely, model_name
 
-        kind = _model_name(load_checkpoint_safely(self.args.start))
+        kind = model_name(load_checkpoint_safely(self.args.start))
         kind = "hubert" if kind.startswith("hubert") else kind
         config = self.args.config or CONFIG_FOR.get(kind)
         if config is None:

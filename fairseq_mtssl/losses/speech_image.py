@@ -34,7 +34,8 @@ LOSSES = ("margin_infonce", "infonce")
 SIMILARITIES = ("dot", "cosine")
 
 
-def _world() -> Tuple[int, int]:
+def rank_and_world_size() -> Tuple[int, int]:
+    """``(this worker's rank, number of workers)``; ``(0, 1)`` outside ``torch.distributed``."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -43,7 +44,7 @@ def _world() -> Tuple[int, int]:
 def gather_batches(*tensors: torch.Tensor) -> Tuple[Tuple[torch.Tensor, ...], int]:
     """Concatenate each tensor's first dimension over workers (with gradients for float tensors);
     workers may hold different batch sizes. Returns the gathered tensors and this worker's offset."""
-    rank, world = _world()
+    rank, world = rank_and_world_size()
     if world == 1:
         return tensors, 0
     from torch.distributed.nn.functional import all_gather

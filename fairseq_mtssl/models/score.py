@@ -337,7 +337,7 @@ class ScoreHubertModel(ScoreModel):
 
     @classmethod
     def build_model(cls, cfg: ScoreHubertConfig, task=None):
-        from ..convert.hubert_checkpoint import load_hubert
+        from .hubert_checkpoint import load_hubert
 
         student, _ = load_hubert(cfg.hubert_path)
         return cls(cfg, student)

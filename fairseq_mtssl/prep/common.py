@@ -30,10 +30,10 @@ def write_dictionary(path, symbols: Iterable[str], unseen: Iterable[str] = ()) -
 
 def aligned_phones(alignments: Dict[str, list], utt: str, where: str, align_path) -> str:
     """The phone sequence of ``utt`` from an alignment (``sil`` dropped); errors name the manifest line."""
-    from ..corpus.alignment import SILENCE
+    from ..corpus.alignment import SILENCE, AlignmentError
 
     if utt not in alignments:
-        raise KeyError(f"{where}: utterance {utt} has no alignment in {align_path}")
+        raise AlignmentError(f"{where}: utterance {utt} has no alignment in {align_path}")
     return " ".join(s.label for s in alignments[utt] if s.label != SILENCE)
 
 

@@ -16,7 +16,7 @@ import argparse
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from ..corpus.alignment import read_ctm
+from ..corpus.alignment import AlignmentError, read_ctm
 from ..data.manifest import write_lines, write_manifest
 from ..errors import MtsslError, cli
 from .common import aligned_phones, count_samples, letters, write_dictionary, write_phone_transcripts
@@ -116,8 +116,8 @@ def build_librispeech_manifest(
         segs = read_ctm(alignments)
         try:
             phones = [aligned_phones(segs, utt, where, alignments) for _, utt, _, where in rows]
-        except KeyError as err:
-            raise LibriSpeechError(err.args[0]) from None
+        except AlignmentError as err:
+            raise LibriSpeechError(str(err)) from None
     # everything checked: now write
     n = write_manifest(dest / f"{split}.tsv", root, zip([r[0] for r in rows], sizes))
     write_lines(dest / f"{split}.wrd", (r[2] for r in rows))

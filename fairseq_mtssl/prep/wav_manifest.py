@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import List
 
-from ..data.manifest import write_manifest
+from ..data.manifest import ManifestError, write_manifest
 from ..errors import cli
 from .common import count_samples, in_valid_split
 
@@ -38,7 +38,7 @@ def build_wav_manifests(
         raise FileNotFoundError(f"{root}: not a directory")
     rels = find_audio(root, list(extensions), must_contain)
     if not rels:
-        raise ValueError(f"{root}: no files ending in {', '.join(extensions)}")
+        raise ManifestError(f"{root}: no files ending in {', '.join(extensions)}")
     sizes = count_samples([str(root / r) for r in rels], workers=workers)
     rows = list(zip(rels, sizes))
     splits = {"train": [r for r in rows if not in_valid_split(r[0], valid_percent, seed)]}

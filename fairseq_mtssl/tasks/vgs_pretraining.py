@@ -92,15 +92,17 @@ def read_image_ids(data: str, split: str, n_audio: int) -> List[str]:
     with open(img_path, encoding="utf-8") as f:
         lines = f.read().splitlines()
     if len(lines) != n_audio:
-        raise ValueError(f"{img_path}: {len(lines)} lines but {split}.tsv lists {n_audio} utterances")
+        raise ImageFeatureError(f"{img_path}: {len(lines)} lines but {split}.tsv lists {n_audio} utterances")
     names = []
     for lineno, line in enumerate(lines, start=1):
         try:
             k = int(line)
         except ValueError:
-            raise ValueError(f"{img_path}:{lineno}: expected an image index, got {line!r}") from None
+            raise ImageFeatureError(f"{img_path}:{lineno}: expected an image index, got {line!r}") from None
         if not 0 <= k < len(images):
-            raise ValueError(f"{img_path}:{lineno}: image index {k} outside {images_path} ({len(images)} images)")
+            raise ImageFeatureError(
+                f"{img_path}:{lineno}: image index {k} outside {images_path} ({len(images)} images)"
+            )
         names.append(images[k])
     return names
 
