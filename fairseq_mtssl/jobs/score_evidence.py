@@ -34,7 +34,7 @@ import numpy as np
 
 from ..atomic import atomic_write
 from ..config import config_dir
-from ..errors import cli
+from ..errors import MtsslError, cli
 from .commands import CommandRunner
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
@@ -90,14 +90,14 @@ def mean_divergence(checkpoint: str, layer: int, clean_manifest, perturbed_manif
     import torch.nn.functional as F
 
     from ..data.audio import read_audio
-    from ..data.manifest import read_manifest
+    from ..data.manifest import ManifestError, read_manifest
     from ..kmeans.features import make_reader
     from ..losses.soft_dtw import soft_dtw_divergence
 
     reader = make_reader("model", checkpoint, layer)
     clean, pert = read_manifest(clean_manifest), read_manifest(perturbed_manifest)
     if len(clean) != len(pert):
-        raise ValueError(f"{perturbed_manifest}: {len(pert)} utterances but {clean_manifest} has {len(clean)}")
+        raise ManifestError(f"{perturbed_manifest}: {len(pert)} utterances but {clean_manifest} has {len(clean)}")
 
     def feats(m, i):
         wav = read_audio(m.audio_path(i), m.where(i), m.entries[i].num_samples)
@@ -230,7 +230,7 @@ class Evidence:
         kind = "hubert" if kind.startswith("hubert") else kind
         config = self.args.config or CONFIG_FOR.get(kind)
         if config is None:
-            raise ValueError(f"{self.args.start}: model {kind!r}; give --config (one of {sorted(CONFIG_FOR.values())})")
+            raise MtsslError(f"{self.args.start}: model {kind!r}; give --config (one of {sorted(CONFIG_FOR.values())})")
         layer = self.args.layer or _num_layers(self.args.start)
         pert = self.perturbed_data()
         results = {"start": str(self.args.start), "config": config, "layer": layer, "updates": self.args.updates}

@@ -104,7 +104,7 @@ def handover_report(stage_a: Path, stage_b: Path, av_weight_a: float, av_weight_
         entry = groups.setdefault(g, {"tensors": 0, "changed_in_b": False})
         entry["tensors"] += 1
         if name not in a["model"]:
-            raise KeyError(f"{stage_b}: parameter {name} is not in stage A's checkpoint {stage_a}")
+            raise ScenarioError(f"{stage_b}: parameter {name} is not in stage A's checkpoint {stage_a}")
         entry["changed_in_b"] |= not torch.equal(a["model"][name], tensor)
     for g, entry in groups.items():
         entry["trained_in_a"] = trained_by(g, av_weight_a)
