@@ -7,7 +7,7 @@ and the group-normed ``default`` (HuBERT Base's), reads utterances of random len
 noise; the lengths, not the content, decide the shapes), layer 2, one thread, each variant in a fresh
 process with the jobs' malloc tunables:
 
-  reader     what ``mtssl-dump-features`` runs now (:class:`fairseq_mtssl.kmeans.features.ModelLayerReader`):
+  reader     what ``mtssl-dump-features`` runs now (:meth:`fairseq_mtssl.upstream.readers.ModelReader.at_layer`):
              one utterance at a time, zero-padded to its length bucket (8 per octave), a group norm over
              the utterance's own frames
   batched    before, for a ``layer_norm`` front end: consecutive utterances up to 1.6 M samples, padded
@@ -54,10 +54,11 @@ def child(variant: str, ckpt: str, hours: float) -> None:
 
     from fairseq_mtssl import upstream
     from fairseq_mtssl.data.batches import plan_batches
-    from fairseq_mtssl.kmeans.features import ModelLayerReader
+    from fairseq_mtssl.upstream.readers import open_reader
 
     torch.set_num_threads(1)
-    reader = ModelLayerReader(ckpt, 2)
+    model_reader = open_reader(ckpt)
+    reader = model_reader.at_layer(2)
     sizes = lengths(hours)
     groups = plan_batches(sizes, 1_600_000) if variant == "batched" else [[i] for i in range(len(sizes))]
     rng = np.random.default_rng(1)
@@ -69,9 +70,9 @@ def child(variant: str, ckpt: str, hours: float) -> None:
             reader(wavs)
         else:  # the earlier paths: one padded batch, or one utterance at its own length
             with torch.inference_mode():
-                source, _, lens = upstream.batch_waveforms(wavs, reader.normalize)
-                mask = upstream.sample_padding_mask(reader.model, lens) if len(wavs) > 1 else None
-                upstream.layers.run_encoder(reader.model, source, mask, 2)
+                source, _, lens = upstream.batch_waveforms(wavs, model_reader.normalize)
+                mask = upstream.sample_padding_mask(model_reader.encoder, lens) if len(wavs) > 1 else None
+                upstream.layers.run_encoder(model_reader.encoder, source, mask, 2)
         cpu += time.process_time() - start
         before, done = done, done + len(group)
         if before // 10 != done // 10 or done == len(sizes):

@@ -25,9 +25,9 @@ from fairseq_mtssl.corpus.synth import ensure_corpus
 from fairseq_mtssl.data.manifest import read_manifest
 from fairseq_mtssl.kmeans.apply_kmeans import CentroidAssigner, apply_to_audio
 from fairseq_mtssl.kmeans.centroids import save_centroids
-from fairseq_mtssl.kmeans.features import MfccReader
+from fairseq_mtssl.upstream.readers import MfccReader
 from fairseq_mtssl.kmeans.learn_kmeans import fairseq_minibatch_kmeans
-from fairseq_mtssl.kmeans.mfcc import batch_mfcc, deltas
+from fairseq_mtssl.upstream.mfcc import batch_mfcc, deltas
 from fairseq_mtssl.prep.corpus_manifest import build_corpus_manifests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

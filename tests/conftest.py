@@ -109,17 +109,18 @@ def assert_padded_layer_features_match(ckpt, manifest_dir, layer: int, dim: int)
 
     from fairseq_mtssl import upstream
     from fairseq_mtssl.data.manifest import read_manifest
-    from fairseq_mtssl.kmeans.features import ModelLayerReader
+    from fairseq_mtssl.upstream.readers import open_reader
 
-    reader = ModelLayerReader(str(ckpt), layer=layer)
+    model_reader = open_reader(str(ckpt))
+    reader = model_reader.at_layer(layer)
     assert reader.batchable and reader.frame_rate == 50 and reader.dim == dim  # layer_norm front end, tiny configs
     m = read_manifest(manifest_dir / "valid.tsv")
     wavs = [sf.read(m.audio_path(i), dtype="float32")[0] for i in range(4)]
     assert any(upstream.bucket_length(len(w)) > len(w) for w in wavs)  # the padding is exercised
     for wav, feats in zip(wavs, reader(wavs)):
-        source, _, _ = upstream.batch_waveforms([wav], reader.normalize)
+        source, _, _ = upstream.batch_waveforms([wav], model_reader.normalize)
         with torch.inference_mode():
-            alone = upstream.layers.run_encoder(reader.model, source, None, layer)[0][0].numpy()
+            alone = upstream.layers.run_encoder(model_reader.encoder, source, None, layer)[0][0].numpy()
         assert feats.shape == alone.shape == (reader.num_frames(len(wav)), dim)
         assert abs(len(wav) / 320 - len(feats)) <= 2
         np.testing.assert_allclose(feats, alone, atol=1e-4, rtol=1e-4)

@@ -304,15 +304,15 @@ def test_all_layers_equal_single_layer_reads_and_cli_table(tiny_hubert_checkpoin
     import soundfile as sf
 
     from fairseq_mtssl.data.manifest import read_manifest
-    from fairseq_mtssl.kmeans.features import ModelLayerReader
+    from fairseq_mtssl.upstream.readers import layer_reader, open_reader
 
     manifest = read_manifest(manifest_dir / "test.tsv")
     wavs = [sf.read(manifest.audio_path(i), dtype="float32")[0] for i in range(3)]
-    reader = ModelLayerReader(str(tiny_hubert_checkpoint), 1)
-    every = reader.all_layers(wavs)
+    reader = open_reader(str(tiny_hubert_checkpoint))
+    every = [reader.hidden_states(w) for w in wavs]
     assert len(every) == 3 and len(every[0]) == 3  # encoder input + 2 layers
     for layer in (1, 2):
-        single = ModelLayerReader(str(tiny_hubert_checkpoint), layer)(wavs)
+        single = layer_reader(str(tiny_hubert_checkpoint), layer)(wavs)
         for u in range(3):
             np.testing.assert_allclose(every[u][layer], single[u], atol=1e-5)
 

@@ -128,23 +128,24 @@ def test_padded_reader_gives_the_unpadded_forward_also_for_a_group_normed_front_
     from test_interop import _build_checkpoint
 
     from fairseq_mtssl import upstream
-    from fairseq_mtssl.kmeans.features import ModelLayerReader
+    from fairseq_mtssl.upstream.readers import open_reader
 
     ckpt = tmp_path / "hubert.pt"
     _build_checkpoint(ckpt, extractor_mode, layer_norm_first=False)
-    reader = ModelLayerReader(str(ckpt), layer=2)
+    model_reader = open_reader(str(ckpt))
+    reader = model_reader.at_layer(2)
     assert reader.batchable == (extractor_mode == "layer_norm")
     rng = np.random.default_rng(0)
     wavs = [rng.standard_normal(n).astype(np.float32) for n in (8300, 16500, 33000)]
     assert all(upstream.bucket_length(len(w)) > len(w) + 400 for w in wavs)  # padded by more than a frame
-    every = reader.all_layers(wavs)
+    every = [model_reader.hidden_states(w) for w in wavs]
     for wav, feats, layers in zip(wavs, reader(wavs), every):
         with torch.inference_mode():
-            alone, _ = reader.model.extract_features(
+            alone, _ = model_reader.encoder.extract_features(
                 torch.from_numpy(wav)[None], padding_mask=None, mask=False, output_layer=2
             )
         assert feats.shape == (reader.num_frames(len(wav)), reader.dim) == tuple(alone.shape[1:])
         np.testing.assert_allclose(feats, alone[0].numpy(), atol=2e-5, rtol=1e-4)
         np.testing.assert_allclose(layers[2], feats, atol=1e-6)
     # the swap is undone: the model's own group norm is back
-    assert not any(isinstance(m, upstream.frontend.ValidFramesGroupNorm) for m in reader.model.modules())
+    assert not any(isinstance(m, upstream.frontend.ValidFramesGroupNorm) for m in model_reader.encoder.modules())

@@ -7,7 +7,7 @@ import soundfile as sf
 import torch
 
 from fairseq_mtssl.data.manifest import read_manifest
-from fairseq_mtssl.kmeans.mfcc import FEATURE_DIM, batch_mfcc, num_frames
+from fairseq_mtssl.upstream.mfcc import FEATURE_DIM, batch_mfcc, num_frames
 
 
 def _knf_mfcc(wav):

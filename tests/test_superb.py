@@ -68,7 +68,7 @@ def test_upstream_gets_no_gradient_and_stays_in_eval(pr_task, tiny_hubert_checkp
 
 def test_one_hot_layer_weights_give_that_layer(pr_task, tiny_hubert_checkpoint, manifest_dir):
     from fairseq_mtssl.data.manifest import read_manifest
-    from fairseq_mtssl.kmeans.features import ModelLayerReader
+    from fairseq_mtssl.upstream.readers import layer_reader
 
     model = _model(pr_task, tiny_hubert_checkpoint).eval()
     wav, _ = sf.read(read_manifest(manifest_dir / "valid.tsv").audio_path(0), dtype="float32")
@@ -79,7 +79,7 @@ def test_one_hot_layer_weights_give_that_layer(pr_task, tiny_hubert_checkpoint, 
             model.featurizer.weights.copy_(torch.full((3,), -1e4))
             model.featurizer.weights[layer] = 0.0
             mixed = model.featurizer(states)[0].numpy()
-        expected = ModelLayerReader(str(tiny_hubert_checkpoint), layer)([wav])[0]
+        expected = layer_reader(str(tiny_hubert_checkpoint), layer)([wav])[0]
         np.testing.assert_allclose(mixed, expected, atol=1e-5)
 
 

@@ -174,12 +174,11 @@ def test_best_r1_handover_picks_the_best_mean_valid_r1_and_the_earliest_of_equal
     r1 = {"checkpoint_1_10.pt": (10, 30), "checkpoint_2_20.pt": (30, 20), "checkpoint_3_30.pt": (20, 30)}
     asked = []
 
-    def embed(ck, split):
+    def recall(ck, split):
         asked.append(split)
-        return (ck,)
+        return dict(zip(("s2i_r1", "i2s_r1"), r1[ck.split("/")[-1]]))
 
-    monkeypatch.setattr(retrieval, "embed_split", embed)
-    monkeypatch.setattr(retrieval, "recall_at_k", lambda ck: dict(zip(("s2i_r1", "i2s_r1"), r1[ck.split("/")[-1]])))
+    monkeypatch.setattr(retrieval, "retrieval_of_checkpoint", recall)
     paths = sorted((tmp_path / n for n in r1), key=_update_of)
     choice = best_r1_checkpoint(paths)
     assert choice["chosen"] == str(tmp_path / "checkpoint_2_20.pt") and set(asked) == {"valid"}  # 25 ties 25: first

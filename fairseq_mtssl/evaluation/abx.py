@@ -479,26 +479,13 @@ def abx_scores(
 
 
 def layer_features(checkpoint: str, manifest_path, device: str = "cpu") -> Tuple[Dict[str, List[np.ndarray]], float]:
-    """``{utt: [layer 0 (encoder input), layer 1, ..., layer L]}`` for every utterance, and the frame rate.
-    ``checkpoint`` ``"mfcc"`` gives a single-layer MFCC baseline."""
-    from ..data.batches import iter_audio_batches
-    from ..data.manifest import read_manifest
-    from ..kmeans.features import make_reader
+    """``{utt: [layer 0 (encoder input), layer 1, ..., layer L]}`` for every utterance, and the frame rate
+    (:func:`~fairseq_mtssl.evaluation.features.extract_split`); ``"mfcc"`` gives one MFCC layer."""
+    from ..upstream.readers import open_reader
+    from .features import extract_split
 
-    manifest = read_manifest(manifest_path)
-    if checkpoint == "mfcc":
-        reader = make_reader("mfcc")
-        feats = {}
-        for indices, wavs in iter_audio_batches(manifest, list(range(len(manifest))), 1):
-            for i, f in zip(indices, reader(wavs)):
-                feats[Path(manifest.entries[i].path).stem] = [f]
-        return feats, 100.0
-    reader = make_reader("model", checkpoint, 1, device)
-    feats = {}
-    for indices, wavs in iter_audio_batches(manifest, list(range(len(manifest))), 800_000):
-        for i, layers in zip(indices, reader.all_layers(wavs)):
-            feats[Path(manifest.entries[i].path).stem] = layers
-    return feats, reader.frame_rate
+    feats = extract_split(open_reader(checkpoint, device), manifest_path)
+    return feats.by_utterance(), feats.frame_rate
 
 
 def read_feature_dir(directory, utterances: Sequence[str]) -> Dict[str, List[np.ndarray]]:

@@ -19,10 +19,8 @@ import torch
 
 from ..atomic import report_result
 from ..corpus.alignment import Segment, read_ctm
-from ..data.batches import iter_audio_batches
-from ..data.manifest import read_manifest
 from ..errors import cli
-from ..kmeans.features import make_reader
+from .features import SplitFeatures, extract_split
 
 logger = logging.getLogger(__name__)
 
@@ -37,16 +35,15 @@ def frame_phones(
     return [segments[i].label for i in idx]
 
 
-def probe_data(reader, manifest_path, ctm_path, hop: int, window: int) -> Tuple[np.ndarray, List[str]]:
-    manifest, segs = read_manifest(manifest_path), read_ctm(ctm_path)
+def probe_data(features: SplitFeatures, layer: int, ctm_path) -> Tuple[np.ndarray, List[str]]:
+    """``(frames (N, C), the phone of each)`` of hidden state ``layer`` of a split's features."""
+    segs = read_ctm(ctm_path)
     feats, labels = [], []
-    for indices, wavs in iter_audio_batches(manifest, list(range(len(manifest))), 800_000):
-        for i, f in zip(indices, reader(wavs)):
-            utt = Path(manifest.entries[i].path).stem
-            if utt not in segs:
-                raise KeyError(f"{manifest.where(i)}: utterance {utt} has no alignment in {ctm_path}")
-            feats.append(f)
-            labels += frame_phones(segs[utt], len(f), hop, window)
+    for utt, f in features.layer(layer).items():
+        if utt not in segs:
+            raise KeyError(f"{ctm_path}: utterance {utt} of the manifest has no alignment")
+        feats.append(f)
+        labels += frame_phones(segs[utt], len(f), features.hop, features.window)
     return np.concatenate(feats).astype(np.float32), labels
 
 
@@ -68,23 +65,12 @@ def fit_probe(
     return clf
 
 
-def run_probe(
-    checkpoint: str,
-    layer: int,
-    manifests,
-    alignments,
-    splits=("train", "valid", "test"),
-    max_train_frames: int = 200_000,
+def probe_from_features(
+    features: Dict[str, SplitFeatures], layer: int, alignments, max_train_frames: int = 200_000
 ) -> Dict:
-    if checkpoint == "mfcc":
-        reader, hop = make_reader("mfcc"), 160
-    else:
-        reader = make_reader("model", checkpoint, layer)
-        hop = int(16000 / reader.frame_rate)
-    data = {
-        s: probe_data(reader, Path(manifests) / f"{s}.tsv", Path(alignments) / f"{s}.phones.ctm", hop, 400)
-        for s in splits
-    }
+    """Fit on ``features["train"]``'s hidden state ``layer``, score on every split given (``{split}.phones.ctm``
+    in ``alignments``)."""
+    data = {s: probe_data(f, layer, Path(alignments) / f"{s}.phones.ctm") for s, f in features.items()}
     phones = sorted(set(data["train"][1]))
     index = {p: i for i, p in enumerate(phones)}
     x_tr, y_tr = data["train"][0], np.array([index[p] for p in data["train"][1]])
@@ -93,8 +79,8 @@ def run_probe(
         x_tr, y_tr = x_tr[keep], y_tr[keep]
     mean, std = x_tr.mean(0), x_tr.std(0) + 1e-5
     clf = fit_probe((x_tr - mean) / std, y_tr, len(phones))
-    result = {"checkpoint": checkpoint, "layer": layer, "phones": len(phones), "train_frames": int(len(x_tr))}
-    for s in splits:
+    result = {"layer": layer, "phones": len(phones), "train_frames": int(len(x_tr))}
+    for s in features:
         x, labels = data[s]
         y = np.array([index.get(p, -1) for p in labels])
         with torch.no_grad():
@@ -102,6 +88,22 @@ def run_probe(
         result[f"{s}_acc"] = round(float(np.mean(pred == y)), 4)
         result[f"{s}_majority"] = round(float(np.mean(y == np.bincount(y_tr).argmax())), 4)
     return result
+
+
+def run_probe(
+    checkpoint: str,
+    layer: int,
+    manifests,
+    alignments,
+    splits=("train", "valid", "test"),
+    max_train_frames: int = 200_000,
+) -> Dict:
+    from ..upstream.readers import open_reader
+
+    reader = open_reader(checkpoint)
+    layer_id = layer if reader.num_layers > 1 else 0  # single-layer features (MFCC): their one layer
+    feats = {s: extract_split(reader, Path(manifests) / f"{s}.tsv", [layer_id]) for s in splits}
+    return {"checkpoint": checkpoint, **probe_from_features(feats, layer_id, alignments, max_train_frames), "layer": layer}
 
 
 @cli

@@ -135,6 +135,42 @@ def select_queries(
     return [q for w in sorted(by_word) for q in by_word[w][:per_word]]
 
 
+def qbe_from_features(
+    query_feats: Dict[str, np.ndarray],
+    document_feats: Dict[str, np.ndarray],
+    frame_rate: float,
+    alignments,
+    queries_split: str = "valid",
+    documents_split: str = "test",
+    beta: float = NIST_BETA,
+) -> Dict:
+    """QbE from ``{utterance: (T, C)}`` features of the query split and the document split."""
+    doc_words = {
+        u: {s.label for s in segs} for u, segs in read_ctm(Path(alignments) / f"{documents_split}.words.ctm").items()
+    }
+    queries = select_queries(Path(alignments) / f"{queries_split}.words.ctm", doc_words)
+    if not queries:
+        raise ValueError(f"no query words from {queries_split} occur in {documents_split}")
+    docs = sorted(document_feats)
+    q_tensors = []
+    for q in queries:
+        f = query_feats[q.utt]
+        a, b = int(q.start * frame_rate), max(int(q.start * frame_rate) + 1, int(q.end * frame_rate))
+        q_tensors.append(torch.from_numpy(np.ascontiguousarray(f[a:b], dtype=np.float32)))
+    d_tensors = [torch.from_numpy(np.ascontiguousarray(document_feats[u], dtype=np.float32)) for u in docs]
+    scores = znorm(match_scores(q_tensors, d_tensors))
+    truth = np.array([[q.word in doc_words[u] for u in docs] for q in queries])
+    value, threshold = mtwv(scores, truth, beta)
+    return {
+        "queries": len(queries),
+        "documents": len(docs),
+        "true_share": round(float(truth.mean()), 4),  # about the MAP of a random ranking
+        "mtwv": round(value, 4),
+        "threshold": round(threshold, 4),
+        "map": round(mean_average_precision(scores, truth), 4),
+    }
+
+
 def run_qbe(
     checkpoint: str,
     layer: int,
@@ -144,47 +180,16 @@ def run_qbe(
     documents_split: str = "test",
     beta: float = NIST_BETA,
 ) -> Dict:
-    from ..data.batches import iter_audio_batches
-    from ..data.manifest import read_manifest
-    from ..kmeans.features import make_reader
+    from ..upstream.readers import open_reader
+    from .features import extract_split
 
-    reader = make_reader("mfcc") if checkpoint == "mfcc" else make_reader("model", checkpoint, layer)
-    rate = 100.0 if checkpoint == "mfcc" else reader.frame_rate
-
-    def features(split) -> Dict[str, np.ndarray]:
-        manifest = read_manifest(Path(manifests) / f"{split}.tsv")
-        out = {}
-        for indices, wavs in iter_audio_batches(manifest, list(range(len(manifest))), 800_000):
-            for i, f in zip(indices, reader(wavs)):
-                out[Path(manifest.entries[i].path).stem] = f
-        return out
-
-    doc_words = {
-        u: {s.label for s in segs} for u, segs in read_ctm(Path(alignments) / f"{documents_split}.words.ctm").items()
-    }
-    queries = select_queries(Path(alignments) / f"{queries_split}.words.ctm", doc_words)
-    if not queries:
-        raise ValueError(f"no query words from {queries_split} occur in {documents_split}")
-    q_feats, d_feats = features(queries_split), features(documents_split)
-    docs = sorted(d_feats)
-    q_tensors = []
-    for q in queries:
-        f = q_feats[q.utt]
-        a, b = int(q.start * rate), max(int(q.start * rate) + 1, int(q.end * rate))
-        q_tensors.append(torch.from_numpy(np.ascontiguousarray(f[a:b], dtype=np.float32)))
-    scores = znorm(match_scores(q_tensors, [torch.from_numpy(d_feats[u].astype(np.float32)) for u in docs]))
-    truth = np.array([[q.word in doc_words[u] for u in docs] for q in queries])
-    value, threshold = mtwv(scores, truth, beta)
-    return {
-        "checkpoint": checkpoint,
-        "layer": layer,
-        "queries": len(queries),
-        "documents": len(docs),
-        "true_share": round(float(truth.mean()), 4),  # about the MAP of a random ranking
-        "mtwv": round(value, 4),
-        "threshold": round(threshold, 4),
-        "map": round(mean_average_precision(scores, truth), 4),
-    }
+    reader = open_reader(checkpoint)
+    layer_id = layer if reader.num_layers > 1 else 0  # single-layer features (MFCC): their one layer
+    q, d = (extract_split(reader, Path(manifests) / f"{s}.tsv", [layer_id]) for s in (queries_split, documents_split))
+    result = qbe_from_features(
+        q.layer(layer_id), d.layer(layer_id), reader.frame_rate, alignments, queries_split, documents_split, beta
+    )
+    return {"checkpoint": checkpoint, "layer": layer, **result}
 
 
 @cli

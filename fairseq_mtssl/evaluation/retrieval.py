@@ -15,9 +15,9 @@ import math
 import os
 from typing import Dict, Sequence
 
+import numpy as np
 import torch
 
-from .. import upstream
 from ..atomic import report_result
 from ..errors import cli
 
@@ -61,42 +61,46 @@ def chance_recall(caption_image: torch.Tensor, n_images: int, ks: Sequence[int] 
     return out
 
 
-@torch.no_grad()
-def embed_split(checkpoint: str, split: str, max_batch_samples: int = 800_000):
-    """``(caption embeddings (N, E), image embeddings (M, E), caption -> image index (N,))``."""
-    from ..data.batches import iter_audio_batches
+def image_embeddings(reader, manifests, split: str, captions: int):
+    """``(image embeddings (M, E), caption -> image index (N,))`` of a split's ``{split}.images``, each distinct
+    image embedded once from its region features (``task.image_features`` of the checkpoint, else beside the
+    manifests)."""
     from ..data.image_features import ImageFeatureStore
-    from ..data.manifest import read_manifest
     from ..tasks.vgs_pretraining import read_image_ids
 
-    model, cfg, task = upstream.load_model_and_task(checkpoint)
-    task_cfg = task.cfg
-    data = task_cfg.data
-    manifest = read_manifest(os.path.join(data, f"{split}.tsv"))
-    names = read_image_ids(data, split, len(manifest))
-    store = ImageFeatureStore(os.path.join(task_cfg.image_features or data, split))
+    names = read_image_ids(str(manifests), split, captions)
+    store = ImageFeatureStore(os.path.join(reader.task_cfg.image_features or str(manifests), split))
     unique = sorted(set(names))
     index = {name: i for i, name in enumerate(unique)}
-    image_emb = torch.cat(
-        [model.embed_images(torch.tensor(store[u])[None]) for u in unique]
-    )  # a copy: the store is read-only
-    speech = [None] * len(manifest)
-    batchable = upstream.front_end_batchable(model.w2v)
-    for indices, wavs in iter_audio_batches(
-        manifest, list(range(len(manifest))), max_batch_samples if batchable else 1
-    ):
-        source, padding, _ = upstream.batch_waveforms(wavs, task_cfg.normalize)
-        emb = model.embed_speech(source, padding if len(wavs) > 1 else None)
-        for i, e in zip(indices, emb):
-            speech[i] = e
-    speech = torch.stack(speech)
+    return torch.from_numpy(reader.image_embeddings([store[u] for u in unique])), torch.tensor([index[n] for n in names])
+
+
+def retrieval_from_features(reader, features, manifests, split: str = "test") -> Dict:
+    """Recall@1/5/10 both ways (and chance) from the caption embeddings of ``features`` (a split's
+    :class:`~.features.SplitFeatures` extracted with ``embeddings=True``), scored as the model trained."""
+    speech = torch.from_numpy(np.asarray(features.embeddings))
+    images, caption_image = image_embeddings(reader, manifests, split, len(speech))
     # score as the model was trained: checkpoints from before the criterion's similarity field normalised inside
-    if str(cfg.criterion.get("similarity", "cosine")) == "cosine":
-        speech, image_emb = (
-            torch.nn.functional.normalize(speech, dim=1),
-            torch.nn.functional.normalize(image_emb, dim=1),
-        )
-    return speech, image_emb, torch.tensor([index[n] for n in names])
+    if str(reader.cfg.criterion.get("similarity", "cosine")) == "cosine":
+        speech, images = torch.nn.functional.normalize(speech, dim=1), torch.nn.functional.normalize(images, dim=1)
+    return {
+        "split": split,
+        "captions": len(speech),
+        "images": len(images),
+        **recall_at_k(speech, images, caption_image),
+        "chance": chance_recall(caption_image, len(images)),
+    }
+
+
+def retrieval_of_checkpoint(checkpoint: str, split: str = "test") -> Dict:
+    """:func:`retrieval_from_features` of a checkpoint's ``split`` in its own task's data folder."""
+    from ..upstream.readers import open_reader
+    from .features import extract_split
+
+    reader = open_reader(checkpoint)
+    manifests = reader.task_cfg.data
+    feats = extract_split(reader, os.path.join(manifests, f"{split}.tsv"), layers=[0], embeddings=True)
+    return retrieval_from_features(reader, feats, manifests, split)
 
 
 @cli
@@ -106,16 +110,7 @@ def main(argv=None) -> None:
     p.add_argument("--split", default="test")
     p.add_argument("--json")
     a = p.parse_args(argv)
-    speech, images, caption_image = embed_split(a.checkpoint, a.split)
-    result = {
-        "checkpoint": a.checkpoint,
-        "split": a.split,
-        "captions": len(speech),
-        "images": len(images),
-        **recall_at_k(speech, images, caption_image),
-        "chance": chance_recall(caption_image, len(images)),
-    }
-    report_result(result, a.json)
+    report_result({"checkpoint": a.checkpoint, **retrieval_of_checkpoint(a.checkpoint, a.split)}, a.json)
 
 
 if __name__ == "__main__":

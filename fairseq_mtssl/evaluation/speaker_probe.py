@@ -107,24 +107,18 @@ def read_speakers(manifest_path) -> List[str]:
     return [s.strip() for s in speakers]
 
 
-def pooled_features(checkpoint: str, layer: int, manifest_path) -> np.ndarray:
-    """``(N, C)``: each utterance's layer-``layer`` frames (as the phone probe reads them), mean-pooled."""
-    from ..data.batches import iter_audio_batches
-    from ..data.manifest import read_manifest
-    from ..kmeans.features import make_reader
-
-    manifest = read_manifest(manifest_path)
-    reader = make_reader("model", checkpoint, layer)
-    out: List[np.ndarray] = [np.empty(0)] * len(manifest)
-    for indices, wavs in iter_audio_batches(manifest, list(range(len(manifest))), 800_000):
-        for i, f in zip(indices, reader(wavs)):
-            out[i] = np.asarray(f, np.float64).mean(0)
-    return np.stack(out)
+def pooled(features: Dict[str, np.ndarray]) -> np.ndarray:
+    """``(N, C)``: each utterance's frames ``(T, C)`` mean-pooled, in the mapping's (manifest) order."""
+    return np.stack([np.asarray(f, np.float64).mean(0) for f in features.values()])
 
 
 def run_speaker_probe(checkpoint: str, layer: int, manifest_path, test_fraction: float = 0.5, seed: int = 0) -> Dict:
+    from ..upstream.readers import open_reader
+    from .features import extract_split
+
     speakers = read_speakers(manifest_path)
-    result = speaker_probe(pooled_features(checkpoint, layer, manifest_path), speakers, test_fraction, seed)
+    feats = extract_split(open_reader(checkpoint), manifest_path, [layer]).layer(layer)
+    result = speaker_probe(pooled(feats), speakers, test_fraction, seed)
     return {"checkpoint": str(checkpoint), "layer": layer, "manifest": str(manifest_path), **result}
 
 

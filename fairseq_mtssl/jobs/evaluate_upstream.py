@@ -1,23 +1,30 @@
-"""Every frozen-upstream evaluation of one checkpoint on the embedded corpus, in one command.
+"""Every frozen-upstream evaluation of one checkpoint on the embedded corpus, in one process.
 
     mtssl-evaluate-upstream CHECKPOINT --data runs/main/data --out runs/eval/hubert [--layer 2] [--pr-updates 300]
-        [--no-probe] [--retrieval] [--items runs/main/data/test.item]
+        [--no-probe] [--retrieval] [--speaker-probe] [--items runs/main/data/test.item]
+        [--manifests DIR --alignments DIR]   # another copy of the splits (e.g. perturbed audio)
 
-Runs, each as the command a user would type (recorded in ``commands.sh`` of ``--out``, its output in
-``logs/<step>.log``):
-  ABX          mtssl-abx, every layer, triphone items of the test split (held-out speakers)
-  phone probe  mtssl-phone-probe at ``--layer``
-  QbE          mtssl-qbe at ``--layer``: valid-split words as queries, test utterances as documents
-  PR           SUPERB-style phone recognition: fairseq-hydra-train superb/pr_tiny_cpu (packaged config) for
-               ``--pr-updates`` updates, then mtssl-superb-eval on the test split (PER)
-  retrieval    (``--retrieval``, VGS models) mtssl-vgs-retrieval on the test split, recall@1/5/10
-and writes ``results.json``. A finished step leaves ``done/<step>.json`` and is not run again; an
-interrupted PR training resumes from its ``checkpoint_last.pt``. ``CHECKPOINT`` ``mfcc`` evaluates
-MFCC features (ABX, probe, QbE only).
+The checkpoint is loaded once (:func:`~fairseq_mtssl.upstream.readers.open_reader`) and every split it needs
+is forwarded once, every layer kept (:func:`~fairseq_mtssl.evaluation.features.extract_split`); then, from
+those features:
+  ABX           every layer, triphone items of the test split (held-out speakers)       -> abx.json
+  phone probe   at ``--layer``, fitted on train, scored on valid and test               -> phone_probe.json
+  QbE           at ``--layer``: valid-split words as queries, test utterances as documents -> qbe.json
+  speaker probe (``--speaker-probe``) at ``--layer``, mean-pooled test utterances        -> speaker_probe.json
+  retrieval     (``--retrieval``, VGS models) the test captions' embeddings from the same forwards, recall@1/5/10
+                                                                                       -> retrieval.json
+  PR            SUPERB-style phone recognition, a training: fairseq-hydra-train superb/pr_tiny_cpu (packaged
+                config) for ``--pr-updates`` updates, then mtssl-superb-eval on the test split (PER), each a
+                recorded command (``commands.sh``, ``logs/<step>.log``)            -> superb_pr.json
+and ``results.json`` with all of them, ``upstream_loads`` and the ``forwards`` of each split (how many
+utterances went through the model). A metric whose file exists is not computed again (and its split not
+forwarded for it); an interrupted PR training resumes from its ``checkpoint_last.pt``. ``CHECKPOINT``
+``mfcc`` evaluates MFCC features (ABX, probe, QbE, speaker probe).
 """
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Dict, Optional
@@ -25,14 +32,21 @@ from typing import Dict, Optional
 from ..atomic import atomic_write
 from ..config import config_dir
 from ..errors import cli
-from ..evaluation.abx import best_layer
+from ..evaluation.abx import abx_per_layer, best_layer, read_items
+from ..evaluation.features import SplitFeatures, extract_split
+from ..evaluation.phone_probe import probe_from_features
+from ..evaluation.qbe import qbe_from_features
+from ..evaluation.retrieval import retrieval_from_features
+from ..evaluation.speaker_probe import pooled, read_speakers, speaker_probe
+from ..upstream.readers import open_reader
 from .commands import CommandRunner
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # common.user_dir
+logger = logging.getLogger(__name__)
 
 
 class UpstreamEvaluation:
-    """The evaluation steps of one checkpoint, each a recorded command run once."""
+    """The evaluations of one checkpoint from one feature pass (and the PR training, a recorded command)."""
 
     def __init__(
         self,
@@ -44,14 +58,23 @@ class UpstreamEvaluation:
         probe: bool = True,
         retrieval: bool = False,
         items: Optional[Path] = None,
+        speaker: bool = False,
+        manifests: Optional[Path] = None,
+        alignments: Optional[Path] = None,
+        abx_context: str = "triphone",
     ):
-        # absolute paths: the commands run in ``out``
         self.checkpoint = checkpoint if checkpoint == "mfcc" else str(Path(checkpoint).resolve())
         self.data, self.out = Path(data).resolve(), Path(out).resolve()
+        self.manifests = Path(manifests).resolve() if manifests else self.data / "manifests"
+        self.alignments = Path(alignments).resolve() if alignments else self.data / "corpus" / "alignments"
         self.layer, self.pr_updates, self.probe, self.retrieval = layer, pr_updates, probe, retrieval
+        self.speaker, self.abx_context = speaker, abx_context
         self.items = Path(items).resolve() if items else None
         self.out.mkdir(parents=True, exist_ok=True)
         self.commands = CommandRunner(self.out, bin_dir=Path(sys.executable).parent)
+        self.reader = None
+        self.features: Dict[str, SplitFeatures] = {}
+        self.forwards: Dict[str, int] = {}
 
     def step(self, name: str, *cmd) -> None:
         self.commands.step(name, cmd, say=lambda msg: print(msg, flush=True))
@@ -59,45 +82,96 @@ class UpstreamEvaluation:
     def read(self, name: str) -> dict:
         return json.loads((self.out / f"{name}.json").read_text())
 
-    def evaluate(self) -> Dict:
-        manifests, alignments, ck = self.data / "manifests", self.data / "corpus" / "alignments", self.checkpoint
+    def write(self, name: str, result: Dict) -> None:
+        with atomic_write(self.out / f"{name}.json") as f:
+            json.dump(result, f, indent=1)
+
+    def split(self, name: str, embeddings: bool = False) -> SplitFeatures:
+        """Every layer of split ``name``: forwarded the first time it is asked for, then kept."""
+        if self.reader is None:
+            self.reader = open_reader(self.checkpoint)
+        have = self.features.get(name)
+        if have is None or (embeddings and have.embeddings is None):
+            before = self.reader_forwards()
+            self.features[name] = extract_split(self.reader, self.manifests / f"{name}.tsv", embeddings=embeddings)
+            self.forwards[name] = self.forwards.get(name, 0) + self.reader_forwards() - before
+        return self.features[name]
+
+    def reader_forwards(self) -> int:
+        return getattr(self.reader, "forwards", 0)
+
+    def layer_id(self) -> int:
+        """``--layer`` as a hidden-state index: single-layer features (MFCC) have only layer 0."""
+        return self.layer if self.reader.num_layers > 1 else 0
+
+    def metric(self, name: str, compute) -> dict:
+        if not (self.out / f"{name}.json").exists():
+            self.write(name, {"checkpoint": self.checkpoint, **compute()})
+            print(f"{self.out.name}: {name} done", flush=True)
+        return self.read(name)
+
+    def abx(self) -> Dict:
         items = self.items or self.out / "test.item"
         if not items.exists():
             self.step(
                 "abx_items",
-                *("mtssl-abx-items", "--alignments", alignments / "test.phones.ctm"),
-                *("--manifest", manifests / "test.tsv", "--out", items),
+                *("mtssl-abx-items", "--alignments", self.alignments / "test.phones.ctm"),
+                *("--manifest", self.manifests / "test.tsv", "--out", items),
             )
-        self.step(
-            "abx",
-            "mtssl-abx",
-            ck,
-            "--manifest",
-            manifests / "test.tsv",
-            "--items",
-            items,
-            "--json",
-            self.out / "abx.json",
+        test = self.split("test", embeddings=self.retrieval)
+        rows = abx_per_layer(read_items(items), test.by_utterance(), test.frame_rate, context=self.abx_context)
+        return {"items": str(items), "context": self.abx_context, "item_frames": "libri-light", "layers": rows}
+
+    def evaluate(self) -> Dict:
+        ck = self.checkpoint
+        results = {"checkpoint": str(ck), "layer": self.layer, "abx": self.metric("abx", self.abx)["layers"]}
+        if self.probe:
+            results["phone_probe"] = self.metric(
+                "phone_probe",
+                lambda: {
+                    **probe_from_features(
+                        {s: self.split(s) for s in ("train", "valid", "test")}, self.layer_id(), self.alignments
+                    ),
+                    "layer": self.layer,
+                },
+            )
+        results["qbe"] = self.metric(
+            "qbe",
+            lambda: {
+                "layer": self.layer,
+                **qbe_from_features(
+                    self.split("valid").layer(self.layer_id()),
+                    self.split("test").layer(self.layer_id()),
+                    self.split("test").frame_rate,
+                    self.alignments,
+                ),
+            },
         )
-        where = ("--layer", self.layer, "--manifests", manifests, "--alignments", alignments)
-        if self.probe:
-            self.step("phone_probe", "mtssl-phone-probe", ck, *where, "--json", self.out / "phone_probe.json")
-        self.step("qbe", "mtssl-qbe", ck, *where, "--json", self.out / "qbe.json")
-        results = {
-            "checkpoint": str(ck),
-            "layer": self.layer,
-            "abx": self.read("abx")["layers"],
-            "qbe": self.read("qbe"),
-        }
-        if self.probe:
-            results["phone_probe"] = self.read("phone_probe")
+        if self.speaker:
+            manifest = self.manifests / "test.tsv"
+            results["speaker_probe"] = self.metric(
+                "speaker_probe",
+                lambda: {
+                    "layer": self.layer,
+                    "manifest": str(manifest),
+                    **speaker_probe(pooled(self.split("test").layer(self.layer_id())), read_speakers(manifest)),
+                },
+            )
+        if self.retrieval:  # the caption embeddings come from the test split's forwards (ABX's)
+
+            def retrieval() -> Dict:
+                test = self.split("test", embeddings=True)
+                return retrieval_from_features(self.reader, test, self.manifests)
+
+            results["retrieval"] = self.metric("retrieval", retrieval)
+        self.features.clear()  # the PR training below is another process; free the memory first
         if ck != "mfcc" and self.pr_updates > 0:
             run = self.out / "superb_pr"
             self.step(
                 "superb_pr_train",
                 *("fairseq-hydra-train", "--config-dir", config_dir("superb"), "--config-name", "pr_tiny_cpu"),
                 f"common.user_dir={PACKAGE_DIR}",
-                f"task.data={manifests.resolve()}",
+                f"task.data={self.manifests}",
                 f"model.upstream_path={Path(ck).resolve()}",
                 f"optimization.max_update={self.pr_updates}",
                 f"hydra.run.dir={run.resolve()}",
@@ -108,9 +182,8 @@ class UpstreamEvaluation:
                 *("--json", self.out / "superb_pr.json"),
             )
             results["superb_pr"] = self.read("superb_pr")
-        if self.retrieval:
-            self.step("retrieval", "mtssl-vgs-retrieval", ck, "--split", "test", "--json", self.out / "retrieval.json")
-            results["retrieval"] = self.read("retrieval")
+        results["upstream_loads"] = 0 if self.reader is None else 1
+        results["forwards"] = dict(self.forwards)
         with atomic_write(self.out / "results.json") as f:
             json.dump(results, f, indent=1)
         return results
@@ -151,7 +224,12 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--items", type=Path, help="an ABX item file to reuse (default: made from the test alignments in --out)"
     )
+    parser.add_argument("--speaker-probe", action="store_true", help="the speaker probe on the test split too")
+    parser.add_argument("--manifests", type=Path, help="the splits' manifests (default: DATA/manifests)")
+    parser.add_argument("--alignments", type=Path, help="the splits' .ctm alignments (default: DATA/corpus/alignments)")
+    parser.add_argument("--abx-context", choices=["triphone", "none"], default="triphone")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     evaluation = UpstreamEvaluation(
         args.checkpoint,
         Path(args.data),
@@ -161,6 +239,10 @@ def main(argv=None) -> None:
         args.probe,
         args.retrieval,
         args.items,
+        args.speaker_probe,
+        args.manifests,
+        args.alignments,
+        args.abx_context,
     )
     print(json.dumps(summary_row(evaluation.evaluate())))
 

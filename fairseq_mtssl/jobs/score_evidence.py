@@ -91,10 +91,10 @@ def mean_divergence(checkpoint: str, layer: int, clean_manifest, perturbed_manif
 
     from ..data.audio import read_audio
     from ..data.manifest import ManifestError, read_manifest
-    from ..kmeans.features import make_reader
     from ..losses.soft_dtw import soft_dtw_divergence
+    from ..upstream.readers import layer_reader
 
-    reader = make_reader("model", checkpoint, layer)
+    reader = layer_reader(checkpoint, layer)
     clean, pert = read_manifest(clean_manifest), read_manifest(perturbed_manifest)
     if len(clean) != len(pert):
         raise ManifestError(f"{perturbed_manifest}: {len(pert)} utterances but {clean_manifest} has {len(clean)}")

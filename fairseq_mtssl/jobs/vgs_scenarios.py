@@ -68,13 +68,13 @@ def parameter_group(name: str, vgs_layer: int, n_layers: int) -> str:
 def best_r1_checkpoint(checkpoints: List[Path], split: str = "valid") -> Dict:
     """The checkpoint with the best mean R@1 of speech -> image and image -> speech on ``split`` (the
     authors' ``(A_r1 + I_r1) / 2``; the first of equals, so the earliest), with every candidate's recall."""
-    from ..evaluation.retrieval import embed_split, recall_at_k
+    from ..evaluation import retrieval
 
     if not checkpoints:
         raise ScenarioError("--handover best-r1: stage A saved no checkpoint to choose from")
     scores = {}
     for ck in checkpoints:
-        r = recall_at_k(*embed_split(str(ck), split))
+        r = retrieval.retrieval_of_checkpoint(str(ck), split)
         scores[str(ck)] = (r["s2i_r1"] + r["i2s_r1"]) / 2
     best = max(scores, key=lambda k: scores[k])  # dicts keep order: ties go to the earliest
     return {"split": split, "mean_r1": scores, "chosen": best}

@@ -29,7 +29,7 @@ from ..data.manifest import read_manifest, write_lines
 from ..errors import cli
 from .centroids import check_feature, load_centroids
 from .dump_features import add_reader_args, load_features, read_dump_feature, read_rows, row_chunks
-from .features import make_reader
+from ..upstream.readers import make_reader
 
 logger = logging.getLogger(__name__)
 

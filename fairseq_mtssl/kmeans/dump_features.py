@@ -33,7 +33,7 @@ from ..atomic import atomic_write
 from ..data.batches import iter_audio_batches, shard_range
 from ..data.manifest import read_manifest
 from ..errors import MtsslError, cli
-from .features import make_reader
+from ..upstream.readers import make_reader
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ trains, which makes data2vec build one) and lets a state that still holds ``_ema
 
 import contextlib
 from pathlib import Path
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch.nn as nn
 
@@ -87,14 +87,23 @@ def _no_ema_teachers_built():
         Data2VecAudioModel.make_ema_teacher = original
 
 
-def load_model_and_task(path):
-    """``(model in eval mode, cfg, task)`` of a fairseq or plugin checkpoint, read safely; a data2vec-audio
-    inside it has no EMA teacher (:func:`drop_ema_teachers`)."""
+def model_name(state: dict) -> str:
+    """The name a checkpoint's model is registered under in fairseq (``cfg.model._name``, or an old
+    checkpoint's ``args.arch``)."""
+    cfg = state.get("cfg") or {}
+    if cfg.get("model") is not None:
+        return str(cfg["model"].get("_name") or "")
+    return str(getattr(state.get("args"), "arch", "") or "")
+
+
+def load_model_and_task(path, state: Optional[dict] = None):
+    """``(model in eval mode, cfg, task)`` of a fairseq or plugin checkpoint, read safely (or from ``state``,
+    :func:`read_checkpoint`'s); a data2vec-audio inside it has no EMA teacher (:func:`drop_ema_teachers`)."""
     from fairseq import checkpoint_utils
 
     import fairseq_mtssl  # noqa: F401  (registers the plugin's classes and the checkpoint allowlist)
 
-    state = read_checkpoint(path)
+    state = read_checkpoint(path) if state is None else state
     state["model"] = without_ema_entries(state["model"])
     with _no_ema_teachers_built():
         models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([str(path)], state=state)
