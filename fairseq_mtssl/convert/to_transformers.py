@@ -229,11 +229,12 @@ def fairseq_hidden_states(model, wav: torch.Tensor) -> torch.Tensor:
     """``(L + 2, B, T, C)``: the first layer's input, each layer's output, then the encoder output
     (which differs from the last layer's output in a pre-LN model only)."""
     from ..upstream import hidden_states
+    from ..upstream.layers import run_encoder
 
     with torch.no_grad():
-        states, _ = hidden_states(model, wav, None)
-        final = model.encoder.layer_norm(states[-1]) if model.encoder.layer_norm_first else states[-1]
-    return torch.stack([*states, final])
+        states, _ = hidden_states(model, wav, None)  # s3prl's: layer inputs, then the encoder output
+        last, _ = run_encoder(model, wav, None, len(model.encoder.layers))  # the last layer's own output
+    return torch.stack([*states[:-1], last, states[-1]])
 
 
 def transformers_hidden_states(hf, wav: torch.Tensor) -> torch.Tensor:
