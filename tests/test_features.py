@@ -32,7 +32,12 @@ def test_every_registered_model_has_a_reader_and_others_are_named(hubert_ckpt, t
     reader = open_reader(str(hubert_ckpt))
     assert (reader.num_layers, reader.frame_rate, reader.hop, reader.window, reader.dim) == (4, 50.0, 320, 400, 96)
     mfcc = open_reader("mfcc")
-    assert isinstance(mfcc, MfccReader) and (mfcc.num_layers, mfcc.frame_rate, mfcc.hop, mfcc.window) == (1, 100, 160, 400)
+    assert isinstance(mfcc, MfccReader) and (mfcc.num_layers, mfcc.frame_rate, mfcc.hop, mfcc.window) == (
+        1,
+        100,
+        160,
+        400,
+    )
     with pytest.raises(FeatureSpecError, match="layers 1..3"):
         reader.at_layer(4)
     state = torch.load(hubert_ckpt, weights_only=False)

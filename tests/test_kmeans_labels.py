@@ -14,8 +14,8 @@ from fairseq_mtssl.data.label_checks import LabelMismatchError, check_frame_labe
 from fairseq_mtssl.data.manifest import read_manifest
 from fairseq_mtssl.kmeans.apply_kmeans import CentroidAssigner, apply_to_audio, apply_to_dumped
 from fairseq_mtssl.kmeans.dump_features import dump_features, load_features, recover_partial, shard_paths
-from fairseq_mtssl.upstream.readers import MfccReader
 from fairseq_mtssl.kmeans.learn_kmeans import fairseq_minibatch_kmeans, learn_kmeans
+from fairseq_mtssl.upstream.readers import MfccReader
 
 
 @pytest.fixture(scope="module")

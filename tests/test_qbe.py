@@ -61,22 +61,41 @@ def test_mtwv_and_map_on_hand_made_cases():
 
 def test_qbe_cli_on_the_corpus(tiny_hubert_checkpoint, manifest_dir, corpus_dir, tmp_path):
     results = {}
-    for name, ckpt in (("mfcc", "mfcc"), ("hubert", tiny_hubert_checkpoint)):
+    for name, ckpt, method in (
+        ("mfcc", "mfcc", "plugin"),
+        ("mfcc_superb", "mfcc", "superb"),
+        ("hubert", tiny_hubert_checkpoint, "plugin"),
+        ("hubert_superb", tiny_hubert_checkpoint, "superb"),
+    ):
         run_cli(
-            "mtssl-qbe",
-            ckpt,
-            "--layer",
-            "2",
-            "--manifests",
-            manifest_dir,
-            "--alignments",
-            corpus_dir / "alignments",
-            "--json",
-            tmp_path / f"{name}.json",
-        )
+            "mtssl-qbe", ckpt, "--method", method, "--layer", "2", "--manifests", manifest_dir,
+            "--alignments", corpus_dir / "alignments", "--json", tmp_path / f"{name}.json",
+        )  # fmt: skip
         results[name] = json.loads((tmp_path / f"{name}.json").read_text())
     for r in results.values():
-        assert r["queries"] >= 5 and r["documents"] == 10
-        assert 0.0 <= r["mtwv"] <= 1.0 and 0.0 < r["map"] <= 1.0
+        assert r["documents"] == 10 and 0.0 <= r["mtwv"] <= 1.0 and 0.0 < r["map"] <= 1.0
+    assert results["mfcc"]["queries"] >= 5 and results["hubert"]["layer"] == 2
+    assert set(results["hubert_superb"]["dev_mtwv"]) == {"0", "1", "2"}  # every layer tried (json keys)
     # MFCC features of the same words from other speakers rank documents far better than chance
     assert results["mfcc"]["map"] > results["mfcc"]["true_share"] + 0.15, results
+    assert results["mfcc_superb"]["map"] > results["mfcc_superb"]["true_share"] + 0.1, results
+
+
+def test_superb_qbe_chooses_the_layer_that_finds_the_words_on_dev(manifest_dir, corpus_dir):
+    """Two "layers": MFCC, and noise. The dev half of the words picks the MFCC one, whichever slot it is in."""
+    from fairseq_mtssl.evaluation.features import SplitFeatures, extract_split
+    from fairseq_mtssl.evaluation.qbe import qbe_from_features
+    from fairseq_mtssl.upstream.readers import open_reader
+
+    reader = open_reader("mfcc")
+    splits = {s: extract_split(reader, manifest_dir / f"{s}.tsv") for s in ("valid", "test")}
+    rng = np.random.default_rng(0)
+    for good in (0, 1):
+        two = {}
+        for s, f in splits.items():
+            noise = rng.normal(size=f.layers[0].shape).astype(np.float32)
+            layers = [f.layers[0], noise] if good == 0 else [noise, f.layers[0]]
+            two[s] = SplitFeatures(f.utterances, f.offsets, layers, [0, 1], f.frame_rate, f.hop, f.window)
+        r = qbe_from_features(two["valid"], two["test"], corpus_dir / "alignments")
+        assert r["layer"] == good and r["dev_mtwv"][good] >= r["dev_mtwv"][1 - good], r
+        assert r["queries"]["dev"] > 0 and r["queries"]["eval"] > 0

@@ -16,9 +16,9 @@ from conftest import BIN, run_cli
 from fairseq_mtssl.data.label_checks import LabelMismatchError, check_frame_labels
 from fairseq_mtssl.data.manifest import ManifestError, check_task_dirs, read_manifest
 from fairseq_mtssl.kmeans.dump_features import FeatureDumpError, dump_features
-from fairseq_mtssl.upstream.readers import MfccReader
 from fairseq_mtssl.prep.librispeech_manifest import LibriSpeechError, build_librispeech_manifest
 from fairseq_mtssl.prep.spokencoco_manifest import CaptionFileError, read_caption_entries
+from fairseq_mtssl.upstream.readers import MfccReader
 
 
 class _Payload:

@@ -140,8 +140,7 @@ def extract_split(
         cache.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{cache.name}.", dir=cache.parent))
         store = [
-            np.lib.format.open_memmap(work / f"layer_{k}.npy", "w+", np.float32, (total, reader.dim))
-            for k in layer_ids
+            np.lib.format.open_memmap(work / f"layer_{k}.npy", "w+", np.float32, (total, reader.dim)) for k in layer_ids
         ]
     elif size > memory_limit:
         raise FeatureCacheError(

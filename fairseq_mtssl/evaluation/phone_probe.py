@@ -68,9 +68,10 @@ def fit_probe(
 def probe_from_features(
     features: Dict[str, SplitFeatures], layer: int, alignments, max_train_frames: int = 200_000
 ) -> Dict:
-    """Fit on ``features["train"]``'s hidden state ``layer``, score on every split given (``{split}.phones.ctm``
-    in ``alignments``)."""
-    data = {s: probe_data(f, layer, Path(alignments) / f"{s}.phones.ctm") for s, f in features.items()}
+    """Fit on ``features["train"]``'s hidden state ``layer``, score on every split given; ``alignments`` the
+    folder of the ``{split}.phones.ctm`` or ``{split: ctm path}``."""
+    ctm = alignments if isinstance(alignments, dict) else {s: Path(alignments) / f"{s}.phones.ctm" for s in features}
+    data = {s: probe_data(f, layer, ctm[s]) for s, f in features.items()}
     phones = sorted(set(data["train"][1]))
     index = {p: i for i, p in enumerate(phones)}
     x_tr, y_tr = data["train"][0], np.array([index[p] for p in data["train"][1]])
@@ -103,7 +104,11 @@ def run_probe(
     reader = open_reader(checkpoint)
     layer_id = layer if reader.num_layers > 1 else 0  # single-layer features (MFCC): their one layer
     feats = {s: extract_split(reader, Path(manifests) / f"{s}.tsv", [layer_id]) for s in splits}
-    return {"checkpoint": checkpoint, **probe_from_features(feats, layer_id, alignments, max_train_frames), "layer": layer}
+    return {
+        "checkpoint": checkpoint,
+        **probe_from_features(feats, layer_id, alignments, max_train_frames),
+        "layer": layer,
+    }
 
 
 @cli

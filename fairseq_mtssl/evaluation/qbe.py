@@ -1,14 +1,21 @@
-"""Query-by-example spoken term detection on frozen features (SUPERB's QbE task, QUESST-style scoring).
+"""Query-by-example spoken term detection on frozen features: SUPERB's QbE on the embedded corpus.
 
-    mtssl-qbe CHECKPOINT --layer 6 --manifests data/manifests --alignments data/corpus/alignments \\
-        [--queries-split valid --documents-split test] [--json qbe.json]
+    mtssl-qbe CHECKPOINT --manifests data/manifests --alignments data/corpus/alignments \
+        [--method superb | --method plugin --layer 6] [--queries-split valid --documents-split test] [--json qbe.json]
 
 Queries are spoken words cut from one split by its word alignments; documents are the utterances of
-another split (in the embedded corpus: other speakers). A query is scored against a document by
-subsequence DTW: frame-wise angular distance, free start and end in the document, the cheapest
-path's mean cost; the detection score is its negative, z-normalised over the documents of each query.
-Reported: MTWV (maximum term-weighted value over one global threshold, ``beta`` 999.9 as in NIST STD
-2006 and QUESST) and MAP (documents ranked per query).
+another split (in the embedded corpus: other speakers).
+
+- ``superb`` (default): s3prl's ``quesst14_dtw`` as :mod:`.quesst` implements it (standardised features,
+  ``cosine_exp`` distances with row min-max, asymmetric open-begin/open-end subsequence DTW normalised by the
+  query's length, queries under 5 frames at 0, per-query z-norm) on every layer; as QUESST has dev and eval
+  queries over the same documents, the query words are split alternately into a dev and an eval half, the
+  layer is chosen by MTWV on dev and reported on eval. MTWV as the QUESST 2014 scorer (``beta`` 12.49).
+- ``plugin`` (this tool's former method): frame-wise angular distance, subsequence DTW with free start and
+  end, the cheapest path's mean cost; z-normalised per query; one given layer; MTWV with NIST STD 2006's
+  ``beta`` 999.9.
+
+Both report MTWV and MAP (documents ranked per query).
 """
 
 import argparse
@@ -16,18 +23,24 @@ import logging
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from ..atomic import report_result
 from ..corpus.alignment import SILENCE, read_ctm
-from ..errors import cli
+from ..errors import MtsslError, cli
+from . import quesst
 from .abx import angular_distances
+from .features import SplitFeatures, extract_split
 
 logger = logging.getLogger(__name__)
-NIST_BETA = 999.9
+NIST_BETA = 999.9  # NIST STD 2006's beta, of the plugin method (QUESST 2014's is quesst.BETA, 12.49)
+
+
+class QbeError(MtsslError, ValueError):
+    """Alignments that give no usable queries, or an unknown method."""
 
 
 @dataclass(frozen=True)
@@ -135,40 +148,111 @@ def select_queries(
     return [q for w in sorted(by_word) for q in by_word[w][:per_word]]
 
 
-def qbe_from_features(
-    query_feats: Dict[str, np.ndarray],
-    document_feats: Dict[str, np.ndarray],
-    frame_rate: float,
-    alignments,
-    queries_split: str = "valid",
-    documents_split: str = "test",
-    beta: float = NIST_BETA,
-) -> Dict:
-    """QbE from ``{utterance: (T, C)}`` features of the query split and the document split."""
+def corpus_queries(alignments, queries_split: str, documents_split: str) -> Tuple[List[Query], Dict[str, set]]:
+    """The queries (:func:`select_queries`) of ``queries_split`` and the words of each document."""
     doc_words = {
         u: {s.label for s in segs} for u, segs in read_ctm(Path(alignments) / f"{documents_split}.words.ctm").items()
     }
     queries = select_queries(Path(alignments) / f"{queries_split}.words.ctm", doc_words)
     if not queries:
-        raise ValueError(f"no query words from {queries_split} occur in {documents_split}")
-    docs = sorted(document_feats)
-    q_tensors = []
-    for q in queries:
-        f = query_feats[q.utt]
-        a, b = int(q.start * frame_rate), max(int(q.start * frame_rate) + 1, int(q.end * frame_rate))
-        q_tensors.append(torch.from_numpy(np.ascontiguousarray(f[a:b], dtype=np.float32)))
-    d_tensors = [torch.from_numpy(np.ascontiguousarray(document_feats[u], dtype=np.float32)) for u in docs]
-    scores = znorm(match_scores(q_tensors, d_tensors))
-    truth = np.array([[q.word in doc_words[u] for u in docs] for q in queries])
-    value, threshold = mtwv(scores, truth, beta)
+        raise QbeError(f"{alignments}: no query words from {queries_split} occur in {documents_split}")
+    return queries, doc_words
+
+
+def cut_query(features: np.ndarray, query: Query, frame_rate: float) -> np.ndarray:
+    """The frames of ``features (T, C)`` that the query word spans (at least one)."""
+    a = int(query.start * frame_rate)
+    return np.ascontiguousarray(features[a : max(a + 1, int(query.end * frame_rate))], dtype=np.float32)
+
+
+def dev_eval_queries(queries: Sequence[Query]) -> Tuple[List[Query], List[Query]]:
+    """QUESST's two query sets over the same documents: the words alternately (in sorted order) dev, eval."""
+    words = sorted({q.word for q in queries})
+    dev = set(words[0::2])
+    return [q for q in queries if q.word in dev], [q for q in queries if q.word not in dev]
+
+
+def qbe_from_features(
+    query_split: SplitFeatures,
+    document_split: SplitFeatures,
+    alignments,
+    method: str = "superb",
+    layer: Optional[int] = None,
+    queries_split: str = "valid",
+    documents_split: str = "test",
+) -> Dict:
+    """QbE of the words of ``query_split`` (the features of the queries' split) in the utterances of
+    ``document_split``. ``superb``: s3prl's ``quesst14_dtw`` (:mod:`.quesst`) on every layer, the layer chosen
+    by MTWV on the dev half of the query words and reported on the eval half; ``plugin``: this module's
+    angular subsequence DTW at ``layer``, every query, MTWV with NIST's ``beta``."""
+    queries, doc_words = corpus_queries(alignments, queries_split, documents_split)
+    docs = list(document_split.utterances)
+    rate = query_split.frame_rate
+
+    def truth_of(qs):
+        return np.array([[q.word in doc_words[u] for u in docs] for q in qs])
+
+    def feats(k, qs):
+        q_layer, d_layer = query_split.layer(k), document_split.layer(k)
+        return [cut_query(q_layer[q.utt], q, rate) for q in qs], [np.asarray(d_layer[u]) for u in docs]
+
+    if method == "plugin":
+        qf, df = feats(layer, queries)
+        scores = znorm(match_scores([torch.from_numpy(x) for x in qf], [torch.from_numpy(x) for x in df]))
+        truth = truth_of(queries)
+        value, threshold = mtwv(scores, truth, NIST_BETA)
+        return {
+            "method": "plugin",
+            "layer": layer,
+            "queries": len(queries),
+            "documents": len(docs),
+            "true_share": round(float(truth.mean()), 4),  # about the MAP of a random ranking
+            "mtwv": round(value, 4),
+            "threshold": round(threshold, 4),
+            "map": round(mean_average_precision(scores, truth), 4),
+        }
+    if method != "superb":
+        raise QbeError(f"unknown QbE method {method!r} (superb or plugin)")
+    dev, ev = dev_eval_queries(queries)
+    if not dev or not ev:
+        raise QbeError(f"{alignments}: {len(queries)} queries cannot make a dev and an eval set")
+    t_dev, t_eval = truth_of(dev), truth_of(ev)
+    layers = sorted(set(query_split.layer_ids) & set(document_split.layer_ids))
+
+    def eval_metric(scores):
+        return {**quesst.mtwv(scores, t_eval), "map": mean_average_precision(scores, t_eval)}
+
+    chosen = quesst.select_layer(
+        _Lazy(lambda k: feats(k, dev), layers),
+        _Lazy(lambda k: feats(k, ev), layers),
+        lambda scores: quesst.mtwv(scores, t_dev),
+        eval_metric,
+    )
     return {
-        "queries": len(queries),
+        "method": "superb",
+        "layer": chosen["layer"],
+        "dev_mtwv": {k: round(m["mtwv"], 4) for k, m in chosen["dev"].items()},
+        "queries": {"dev": len(dev), "eval": len(ev)},
         "documents": len(docs),
-        "true_share": round(float(truth.mean()), 4),  # about the MAP of a random ranking
-        "mtwv": round(value, 4),
-        "threshold": round(threshold, 4),
-        "map": round(mean_average_precision(scores, truth), 4),
+        "true_share": round(float(t_eval.mean()), 4),
+        "mtwv": round(chosen["eval"]["mtwv"], 4),
+        "threshold": round(chosen["eval"]["threshold"], 4),
+        "map": round(chosen["eval"]["map"], 4),
+        "beta": quesst.BETA,
     }
+
+
+class _Lazy(dict):
+    """``{layer: make(layer)}`` made on first access (so only the chosen eval layer is cut)."""
+
+    def __init__(self, make, keys):
+        super().__init__({k: None for k in keys})
+        self.make = make
+
+    def __getitem__(self, k):
+        if super().__getitem__(k) is None:
+            self[k] = self.make(k)
+        return super().__getitem__(k)
 
 
 def run_qbe(
@@ -178,34 +262,37 @@ def run_qbe(
     alignments,
     queries_split: str = "valid",
     documents_split: str = "test",
-    beta: float = NIST_BETA,
+    method: str = "superb",
 ) -> Dict:
     from ..upstream.readers import open_reader
-    from .features import extract_split
 
     reader = open_reader(checkpoint)
     layer_id = layer if reader.num_layers > 1 else 0  # single-layer features (MFCC): their one layer
-    q, d = (extract_split(reader, Path(manifests) / f"{s}.tsv", [layer_id]) for s in (queries_split, documents_split))
-    result = qbe_from_features(
-        q.layer(layer_id), d.layer(layer_id), reader.frame_rate, alignments, queries_split, documents_split, beta
-    )
-    return {"checkpoint": checkpoint, "layer": layer, **result}
+    layers = None if method == "superb" else [layer_id]
+    q, d = (extract_split(reader, Path(manifests) / f"{s}.tsv", layers) for s in (queries_split, documents_split))
+    result = qbe_from_features(q, d, alignments, method, layer_id, queries_split, documents_split)
+    return {"checkpoint": checkpoint, **result}
 
 
 @cli
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="fairseq / plugin checkpoint, or 'mfcc'")
-    p.add_argument("--layer", type=int, default=1)
+    p.add_argument("--layer", type=int, default=1, help="the layer of --method plugin (superb chooses on dev)")
+    p.add_argument(
+        "--method",
+        choices=["superb", "plugin"],
+        default="superb",
+        help="superb: s3prl's quesst14_dtw, every layer, chosen on dev; plugin: angular DTW at --layer",
+    )
     p.add_argument("--manifests", required=True)
     p.add_argument("--alignments", required=True, help="directory with {split}.words.ctm")
     p.add_argument("--queries-split", default="valid")
     p.add_argument("--documents-split", default="test")
-    p.add_argument("--beta", type=float, default=NIST_BETA)
     p.add_argument("--json")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    result = run_qbe(a.checkpoint, a.layer, a.manifests, a.alignments, a.queries_split, a.documents_split, a.beta)
+    result = run_qbe(a.checkpoint, a.layer, a.manifests, a.alignments, a.queries_split, a.documents_split, a.method)
     report_result(result, a.json)
 
 

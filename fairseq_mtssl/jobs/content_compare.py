@@ -18,13 +18,14 @@ in ``commands.sh``, its output in ``logs/<stage>.log``, a finished stage skipped
    given) with ``optimization.max_update=--updates``, ``common.seed=s`` and ``common.log_interval=1``.
    ``--config METHOD=NAME`` and ``--override METHOD KEY=VALUE`` change a method's config (the LASER and SPIN
    tiny configs are written for a HuBERT start).
-3. ``eval_<model>`` for the start and every run, the measures of ``mtssl-score-evidence``:
-   ``mtssl-phone-probe`` at layer ``L`` (default: the last, the one all three methods train), fitted on clean
-   train, scored on the clean and on the perturbed test split; ``mtssl-abx`` at every layer on both, reported
-   as the across-speaker error at the layer best on clean audio (lowest clean across error; the perturbed
-   value at the same layer); each perturbed-minus-clean gap; and a speaker probe
-   (:mod:`fairseq_mtssl.evaluation.speaker_probe`: mean-pooled layer-``L`` features of the clean test split,
-   a linear classifier trained on some utterances of each speaker and scored on the others).
+3. ``eval_<model>`` for the start and every run: one ``mtssl-evaluate-upstream --perturbed`` (the checkpoint
+   loaded once, each split forwarded once), the measures of ``mtssl-score-evidence``: the phone probe at layer
+   ``L`` (default: the last, the one all three methods train), fitted on clean train, scored on the clean and
+   on the perturbed test split; ABX at every layer on both, reported as the across-speaker error at the layer
+   best on clean audio (lowest clean across error; the perturbed value at the same layer); each
+   perturbed-minus-clean gap; and a speaker probe (:mod:`fairseq_mtssl.evaluation.speaker_probe`: mean-pooled
+   layer-``L`` features of the clean test split, a linear classifier trained on some utterances of each
+   speaker and scored on the others).
 4. ``report``: per trained run, the seconds per update (the median over updates 2.. of 1 / fairseq's ``ups``
    in ``hydra_train.log``, data loading and perturbation included) and the training command's peak memory
    (PSS of its process tree, sampled by the pipeline every 0.5 s; fairseq's and torch's start-up included);
@@ -137,6 +138,31 @@ def summary_markdown(summary: Dict) -> str:
         row = summary["metrics"][model]
         lines.append(f"| {LABELS[model]} | " + " | ".join(cell(row[k], d) for k, _, d in COLUMNS) + " |")
     return "\n".join(lines) + "\n"
+
+
+def metrics_of(results: Dict) -> Dict:
+    """The comparison's measures from ``mtssl-evaluate-upstream``'s ``results.json`` (with ``--perturbed`` and
+    ``--speaker-probe``): probe accuracy clean and perturbed, ABX across at the layer best on clean audio (the
+    perturbed value at the same layer), each gap (perturbed - clean), the speaker probe."""
+    probe, spk = results["phone_probe"], results["speaker_probe"]
+    clean, pert = results["abx"], {r["layer"]: r for r in results["abx_perturbed"]}
+    best = best_across(clean)
+    res = {
+        "probe_clean": probe["test_acc"],
+        "probe_perturbed": probe["test_perturbed_acc"],
+        "abx_layer": best["layer"],
+        "abx_across_clean": best["across"],
+        "abx_across_perturbed": pert[best["layer"]]["across"],
+        "abx_per_layer": {
+            "clean": {r["layer"]: r["across"] for r in clean},
+            "perturbed": {k: r["across"] for k, r in pert.items()},
+        },
+        "speaker_acc": spk["test_acc"],
+        "speaker_chance": spk["chance"],
+    }
+    res["probe_gap"] = res["probe_perturbed"] - res["probe_clean"]
+    res["abx_across_gap"] = res["abx_across_perturbed"] - res["abx_across_clean"]
+    return res
 
 
 class ContentCompare:
@@ -255,52 +281,20 @@ class ContentCompare:
         return fn
 
     def evaluate(self, model: str, checkpoint_of):
-        """``eval_<model>``: probes and ABX of the checkpoint ``checkpoint_of()`` gives (after its training)."""
+        """``eval_<model>``: one ``mtssl-evaluate-upstream`` of the checkpoint ``checkpoint_of()`` gives (after its
+        training): one load, one pass over each split, clean and perturbed test."""
 
         def fn() -> Dict:
             ckpt, layer = checkpoint_of(), self.layer
             d = self.out / "eval" / model
-            d.mkdir(parents=True, exist_ok=True)
-            stage, res = f"eval_{model}", {}
-            for audio, manifests, align in (
-                ("clean", self.m, self.data / "corpus" / "alignments"),
-                ("perturbed", self.pert, self.pert),
-            ):
-                probe, abx = d / f"probe_{audio}.json", d / f"abx_{audio}.json"
-                if not probe.exists():
-                    self.pipeline.run(
-                        stage,
-                        ["mtssl-phone-probe", ckpt, "--layer", layer, "--manifests", manifests,
-                         "--alignments", align, "--json", probe],
-                    )  # fmt: skip
-                if not abx.exists():
-                    self.pipeline.run(
-                        stage,
-                        ["mtssl-abx", ckpt, "--manifest", manifests / "test.tsv", "--items",
-                         self.out / f"test_{audio}.item", "--layers", "all", "--context", self.args.abx_context,
-                         "--json", abx],
-                    )  # fmt: skip
-                res[f"probe_{audio}"] = json.loads(probe.read_text())["test_acc"]
-            clean = json.loads((d / "abx_clean.json").read_text())["layers"]
-            pert = {r["layer"]: r for r in json.loads((d / "abx_perturbed.json").read_text())["layers"]}
-            best = best_across(clean)
-            res["abx_layer"] = best["layer"]
-            res["abx_across_clean"], res["abx_across_perturbed"] = best["across"], pert[best["layer"]]["across"]
-            res["abx_per_layer"] = {
-                "clean": {r["layer"]: r["across"] for r in clean},
-                "perturbed": {k: r["across"] for k, r in pert.items()},
-            }
-            res["probe_gap"] = res["probe_perturbed"] - res["probe_clean"]
-            res["abx_across_gap"] = res["abx_across_perturbed"] - res["abx_across_clean"]
-            spk = d / "speaker_probe.json"
-            if not spk.exists():
-                self.pipeline.run(
-                    stage,
-                    [sys.executable, "-m", "fairseq_mtssl.evaluation.speaker_probe", ckpt, "--layer", layer,
-                     "--manifest", self.m / "test.tsv", "--json", spk],
-                )  # fmt: skip
-            s = json.loads(spk.read_text())
-            res["speaker_acc"], res["speaker_chance"] = s["test_acc"], s["chance"]
+            self.pipeline.run(
+                f"eval_{model}",
+                ["mtssl-evaluate-upstream", ckpt, "--data", self.data, "--out", d, "--layer", layer,
+                 "--items", self.out / "test_clean.item", "--perturbed", self.pert,
+                 "--perturbed-items", self.out / "test_perturbed.item", "--abx-context", self.args.abx_context,
+                 "--pr-updates", 0, "--no-qbe", "--speaker-probe"],
+            )  # fmt: skip
+            res = metrics_of(json.loads((d / "results.json").read_text()))
             with atomic_write(d / "metrics.json") as f:
                 json.dump(res, f, indent=1)
             return {"metrics": str(d / "metrics.json")}

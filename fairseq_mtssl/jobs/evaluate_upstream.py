@@ -9,7 +9,9 @@ is forwarded once, every layer kept (:func:`~fairseq_mtssl.evaluation.features.e
 those features:
   ABX           every layer, triphone items of the test split (held-out speakers)       -> abx.json
   phone probe   at ``--layer``, fitted on train, scored on valid and test               -> phone_probe.json
-  QbE           at ``--layer``: valid-split words as queries, test utterances as documents -> qbe.json
+  QbE           valid-split words as queries, test utterances as documents: s3prl's quesst14_dtw on every
+                layer, chosen on half of the words, reported on the other (``--qbe-method plugin``: the
+                former angular DTW at ``--layer``)                                       -> qbe.json
   speaker probe (``--speaker-probe``) at ``--layer``, mean-pooled test utterances        -> speaker_probe.json
   retrieval     (``--retrieval``, VGS models) the test captions' embeddings from the same forwards, recall@1/5/10
                                                                                        -> retrieval.json
@@ -38,10 +40,11 @@ from ..evaluation.phone_probe import probe_from_features
 from ..evaluation.qbe import qbe_from_features
 from ..evaluation.retrieval import retrieval_from_features
 from ..evaluation.speaker_probe import pooled, read_speakers, speaker_probe
-from ..upstream.readers import open_reader
+from ..upstream.readers import MFCC, open_reader
 from .commands import CommandRunner
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # common.user_dir
+PERTURBED = "test_perturbed"  # the split name of --perturbed's test.tsv
 logger = logging.getLogger(__name__)
 
 
@@ -62,14 +65,21 @@ class UpstreamEvaluation:
         manifests: Optional[Path] = None,
         alignments: Optional[Path] = None,
         abx_context: str = "triphone",
+        qbe_method: str = "superb",
+        qbe: bool = True,
+        perturbed: Optional[Path] = None,
+        perturbed_items: Optional[Path] = None,
     ):
-        self.checkpoint = checkpoint if checkpoint == "mfcc" else str(Path(checkpoint).resolve())
+        self.checkpoint = checkpoint if checkpoint == MFCC else str(Path(checkpoint).resolve())
         self.data, self.out = Path(data).resolve(), Path(out).resolve()
         self.manifests = Path(manifests).resolve() if manifests else self.data / "manifests"
         self.alignments = Path(alignments).resolve() if alignments else self.data / "corpus" / "alignments"
         self.layer, self.pr_updates, self.probe, self.retrieval = layer, pr_updates, probe, retrieval
-        self.speaker, self.abx_context = speaker, abx_context
+        self.speaker, self.abx_context, self.qbe_method = speaker, abx_context, qbe_method
         self.items = Path(items).resolve() if items else None
+        self.qbe = qbe
+        self.perturbed = Path(perturbed).resolve() if perturbed else None
+        self.perturbed_items = Path(perturbed_items).resolve() if perturbed_items else None
         self.out.mkdir(parents=True, exist_ok=True)
         self.commands = CommandRunner(self.out, bin_dir=Path(sys.executable).parent)
         self.reader = None
@@ -93,9 +103,16 @@ class UpstreamEvaluation:
         have = self.features.get(name)
         if have is None or (embeddings and have.embeddings is None):
             before = self.reader_forwards()
-            self.features[name] = extract_split(self.reader, self.manifests / f"{name}.tsv", embeddings=embeddings)
+            self.features[name] = extract_split(self.reader, self.manifest(name), embeddings=embeddings)
             self.forwards[name] = self.forwards.get(name, 0) + self.reader_forwards() - before
         return self.features[name]
+
+    def manifest(self, split: str) -> Path:
+        """``test_perturbed``: the perturbed copy's ``test.tsv``; others in ``--manifests``."""
+        return self.perturbed / "test.tsv" if split == PERTURBED else self.manifests / f"{split}.tsv"
+
+    def ctm(self, split: str) -> Path:
+        return self.perturbed / "test.phones.ctm" if split == PERTURBED else self.alignments / f"{split}.phones.ctm"
 
     def reader_forwards(self) -> int:
         return getattr(self.reader, "forwards", 0)
@@ -110,43 +127,47 @@ class UpstreamEvaluation:
             print(f"{self.out.name}: {name} done", flush=True)
         return self.read(name)
 
-    def abx(self) -> Dict:
-        items = self.items or self.out / "test.item"
+    def abx(self, split: str = "test", items: Optional[Path] = None) -> Dict:
+        items = items or self.out / f"{split}.item"
         if not items.exists():
             self.step(
-                "abx_items",
-                *("mtssl-abx-items", "--alignments", self.alignments / "test.phones.ctm"),
-                *("--manifest", self.manifests / "test.tsv", "--out", items),
+                f"abx_items_{split}",
+                *("mtssl-abx-items", "--alignments", self.ctm(split), "--manifest", self.manifest(split)),
+                *("--out", items),
             )
-        test = self.split("test", embeddings=self.retrieval)
+        test = self.split(split, embeddings=self.retrieval and split == "test")
         rows = abx_per_layer(read_items(items), test.by_utterance(), test.frame_rate, context=self.abx_context)
         return {"items": str(items), "context": self.abx_context, "item_frames": "libri-light", "layers": rows}
 
     def evaluate(self) -> Dict:
         ck = self.checkpoint
-        results = {"checkpoint": str(ck), "layer": self.layer, "abx": self.metric("abx", self.abx)["layers"]}
+        results = {
+            "checkpoint": str(ck),
+            "layer": self.layer,
+            "abx": self.metric("abx", lambda: self.abx("test", self.items))["layers"],
+        }
+        if self.perturbed:
+            results["abx_perturbed"] = self.metric("abx_perturbed", lambda: self.abx(PERTURBED, self.perturbed_items))[
+                "layers"
+            ]
         if self.probe:
+            splits = ("train", "valid", "test") + ((PERTURBED,) if self.perturbed else ())
             results["phone_probe"] = self.metric(
                 "phone_probe",
                 lambda: {
                     **probe_from_features(
-                        {s: self.split(s) for s in ("train", "valid", "test")}, self.layer_id(), self.alignments
+                        {s: self.split(s) for s in splits}, self.layer_id(), {s: self.ctm(s) for s in splits}
                     ),
                     "layer": self.layer,
                 },
             )
-        results["qbe"] = self.metric(
-            "qbe",
-            lambda: {
-                "layer": self.layer,
-                **qbe_from_features(
-                    self.split("valid").layer(self.layer_id()),
-                    self.split("test").layer(self.layer_id()),
-                    self.split("test").frame_rate,
-                    self.alignments,
+        if self.qbe:
+            results["qbe"] = self.metric(
+                "qbe",
+                lambda: qbe_from_features(
+                    self.split("valid"), self.split("test"), self.alignments, self.qbe_method, self.layer_id()
                 ),
-            },
-        )
+            )
         if self.speaker:
             manifest = self.manifests / "test.tsv"
             results["speaker_probe"] = self.metric(
@@ -165,7 +186,7 @@ class UpstreamEvaluation:
 
             results["retrieval"] = self.metric("retrieval", retrieval)
         self.features.clear()  # the PR training below is another process; free the memory first
-        if ck != "mfcc" and self.pr_updates > 0:
+        if ck != MFCC and self.pr_updates > 0:
             run = self.out / "superb_pr"
             self.step(
                 "superb_pr_train",
@@ -197,9 +218,9 @@ def summary_row(results: Dict) -> Dict:
         "abx_within_best": best["within"],
         "abx_across_best": best["across"],
         "abx_best_layer": best["layer"],
-        "qbe_mtwv": results["qbe"]["mtwv"],
-        "qbe_map": results["qbe"]["map"],
     }
+    if "qbe" in results:
+        row.update(qbe_mtwv=results["qbe"]["mtwv"], qbe_map=results["qbe"]["map"])
     if "phone_probe" in results:
         row["probe_test_acc"] = results["phone_probe"].get("test_acc")
     if "superb_pr" in results:
@@ -228,6 +249,15 @@ def main(argv=None) -> None:
     parser.add_argument("--manifests", type=Path, help="the splits' manifests (default: DATA/manifests)")
     parser.add_argument("--alignments", type=Path, help="the splits' .ctm alignments (default: DATA/corpus/alignments)")
     parser.add_argument("--abx-context", choices=["triphone", "none"], default="triphone")
+    parser.add_argument("--qbe-method", choices=["superb", "plugin"], default="superb", help="see mtssl-qbe")
+    parser.add_argument("--no-qbe", dest="qbe", action="store_false", help="skip QbE")
+    parser.add_argument(
+        "--perturbed",
+        type=Path,
+        help="a perturbed copy of the test split (test.tsv, test.spk, test.phones.ctm): ABX on it "
+        "(abx_perturbed.json) and the phone probe scored on it (test_perturbed_acc)",
+    )
+    parser.add_argument("--perturbed-items", type=Path, help="the ABX item file of --perturbed to reuse")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     evaluation = UpstreamEvaluation(
@@ -243,6 +273,10 @@ def main(argv=None) -> None:
         args.manifests,
         args.alignments,
         args.abx_context,
+        args.qbe_method,
+        args.qbe,
+        args.perturbed,
+        args.perturbed_items,
     )
     print(json.dumps(summary_row(evaluation.evaluate())))
 

@@ -62,7 +62,7 @@ def summary_table(rows: Dict[str, dict]) -> List[str]:
     head = (
         "| model | updates | train loss first -> last | ABX within / across, best layer (%) | phone probe test (%) "
         + ("| PR PER (%) " if has_pr else "")
-        + "| QbE MAP "
+        + "| QbE MAP (layer) "
         + ("| s->i R@1/5/10 | i->s R@1/5/10 " if has_ret else "")
         + "|"
     )
@@ -80,7 +80,7 @@ def summary_table(rows: Dict[str, dict]) -> List[str]:
         if has_pr:
             cells.append(_fmt(ev.get("superb_pr", {}).get("per")))
         # MTWV (in report.json) is at its floor, 0.000-0.011, for every model here: the table shows MAP
-        cells.append(f"{ev['qbe']['map']:.3f}" if ev.get("qbe") else "-")
+        cells.append(f"{ev['qbe']['map']:.3f} ({ev['qbe'].get('layer', '-')})" if ev.get("qbe") else "-")
         if has_ret:
             ret = ev.get("retrieval") or {}
             for d in ("s2i", "i2s"):
@@ -207,7 +207,8 @@ def write_report(out: Path, results: Dict[str, dict], models: Sequence[str]) -> 
         "Phone probe: a linear classifier of the frame's phone, fitted on the frozen layer's frames of the "
         "training speakers, accuracy on the held-out test speakers. PR (``--pr-updates``): SUPERB-style phone "
         "recognition (frozen upstream, weighted layer sum, linear CTC head), PER on the test split. QbE: "
-        "spoken-word queries against test utterances, DTW at the chosen layer. Retrieval (``--retrieval``): test "
+        "spoken-word queries against test utterances, s3prl's quesst14_dtw on every layer, the layer chosen on "
+        "half of the words and MAP on the other half. Retrieval (``--retrieval``): test "
         "split, recall (%).",
         "",
         "## Summary",

@@ -96,20 +96,18 @@ class Study:
                 )
                 probe = json.loads(js.read_text())
                 points.append({"updates": u, "valid_acc": probe["valid_acc"], "test_acc": probe["test_acc"]})
-            # the final model's ABX and QbE too: their run-to-run spread, for the default report's metrics
+            # the final model's ABX and QbE too (one evaluation, one feature pass): their run-to-run spread,
+            # for the default report's metrics
             last, d = ckdir / "checkpoint_last.pt", self.out / "eval" / name
-            abx, qbe = d / "abx.json", d / "qbe.json"
             self.pipeline.run(
                 f"curve_{name}",
-                ["mtssl-abx", last, "--manifest", self.job.manifests / "test.tsv", "--items", self.job.items]
-                + ["--json", abx],
+                ["mtssl-evaluate-upstream", last, "--data", self.job.data, "--out", d, "--layer", self.args.layer]
+                + ["--items", self.job.items, "--pr-updates", 0, "--no-probe"],
             )
-            self.pipeline.run(
-                f"curve_{name}",
-                ["mtssl-qbe", last, "--layer", self.args.layer, "--manifests", self.job.manifests]
-                + ["--alignments", self.job.data / "corpus" / "alignments", "--json", qbe],
+            layers, qbe_result = (
+                json.loads((d / "abx.json").read_text())["layers"],
+                json.loads((d / "qbe.json").read_text()),
             )
-            layers, qbe_result = json.loads(abx.read_text())["layers"], json.loads(qbe.read_text())
             best = best_layer(layers)
             final = {
                 "abx_within_best": best["within"],

@@ -27,9 +27,9 @@ from ..atomic import atomic_write
 from ..data.batches import iter_audio_batches, shard_range
 from ..data.manifest import read_manifest, write_lines
 from ..errors import cli
+from ..upstream.readers import make_reader
 from .centroids import check_feature, load_centroids
 from .dump_features import add_reader_args, load_features, read_dump_feature, read_rows, row_chunks
-from ..upstream.readers import make_reader
 
 logger = logging.getLogger(__name__)
 

@@ -245,9 +245,7 @@ def register_reader(*model_names: str):
     return wrap
 
 
-register_reader("hubert", "wav2vec2", "data2vec_audio", "mt4ssl", "score", "score_hubert", "laser", "spin")(
-    ModelReader
-)
+register_reader("hubert", "wav2vec2", "data2vec_audio", "mt4ssl", "score", "score_hubert", "laser", "spin")(ModelReader)
 register_reader("wav2vec2_vgs")(VgsReader)
 
 
