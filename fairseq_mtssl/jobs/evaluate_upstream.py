@@ -16,7 +16,8 @@ those features:
   retrieval     (``--retrieval``, VGS models) the test captions' embeddings from the same forwards, recall@1/5/10
                                                                                        -> retrieval.json
   PR            SUPERB-style phone recognition, a training: fairseq-hydra-train superb/pr_tiny_cpu (packaged
-                config) for ``--pr-updates`` updates, then mtssl-superb-eval on the test split (PER), each a
+                config) for ``--pr-updates`` updates, then mtssl-superb-eval of the checkpoint best on dev
+                (``checkpoint_best.pt``, by UER) on the test split (PER; ``mtssl-superb`` sweeps the lr), each a
                 recorded command (``commands.sh``, ``logs/<step>.log``)            -> superb_pr.json
 and ``results.json`` with all of them, ``upstream_loads`` and the ``forwards`` of each split (how many
 utterances went through the model). A metric whose file exists is not computed again (and its split not
@@ -199,7 +200,8 @@ class UpstreamEvaluation:
             )
             self.step(
                 "superb_pr_eval",
-                *("mtssl-superb-eval", run / "checkpoints" / "checkpoint_last.pt", "--split", "test"),
+                # the checkpoint best on dev (the config's best_checkpoint_metric: uer), as SUPERB selects
+                *("mtssl-superb-eval", run / "checkpoints" / "checkpoint_best.pt", "--split", "test"),
                 *("--json", self.out / "superb_pr.json"),
             )
             results["superb_pr"] = self.read("superb_pr")

@@ -21,6 +21,10 @@ then, for every seed of ``--seeds`` (``common.seed`` of each training):
                           (chosen by *validation* probe accuracy), ``--seeds`` SCORE seeds.
                           Claims: SCORE narrows the perturbed-minus-clean gap (probe accuracy, ABX across);
                           it loses nothing on clean audio.
+  SCORE, LASER, SPIN      ``mtssl-content-compare`` from the main job's HuBERT (``--updates``, seed 1): the three
+                          methods at ``--content-updates`` updates each, ``--seeds`` seeds.
+                          Claims: SPIN leaves less speaker information (speaker probe) and improves content
+                          (probe, ABX); LASER's content beats SCORE's and narrows the perturbed-minus-clean gap.
 
 ``study.json`` / ``study.md`` hold every value, the tables and one verdict per claim (:mod:`.verdicts`:
 reproduced in direction / contradicted / inconclusive, mean +- standard deviation over seeds), and the
@@ -31,10 +35,12 @@ import json
 import os
 import platform
 import time
+from pathlib import Path
 from typing import Dict, List
 
 from ..atomic import atomic_write
 from ..evaluation.abx import best_layer
+from .content_compare import LABELS
 from .main_job import MT4SSL_VARIANTS, MainJob
 from .stages import StageFailed
 from .verdicts import Claim, Spread
@@ -181,6 +187,22 @@ class Study:
         )
         return {"start": f"mt4ssl_{best}_seed{seed}", "summary": json.loads((out / "summary.json").read_text())}
 
+    # -- SCORE, LASER, SPIN -----------------------------------------------------------------------
+    def content(self):
+        """``mtssl-content-compare`` from the main job's HuBERT (seed 1): SCORE, LASER and SPIN at equal updates."""
+        start = self.pipeline.results["train_hubert"]["checkpoint"]
+        out = self.out / "content_compare"
+        self.pipeline.run(
+            "content_compare",
+            [
+                "mtssl-content-compare",
+                start,
+                *("--data", self.job.data, "--out", out, "--updates", self.args.content_updates),
+                *("--jobs", 1, "--seeds", *self.args.seeds),
+            ],
+        )
+        return {"summary": json.loads((out / "summary.json").read_text()), "table": str(out / "summary.md")}
+
     # -- declaring and judging ------------------------------------------------------------------
     def declare(self) -> None:
         """Declaration order is scheduling priority: the longest chain first (seed-1 MT4SSL -> SCORE)."""
@@ -195,12 +217,17 @@ class Study:
             if seed == first and "score" in parts:
                 curves = [f"curve_mt4ssl_{v}_seed{seed}" for v in MT4SSL_VARIANTS]
                 stages.add("score_evidence", self.score, after=curves)
+            if seed == first and "content" in parts:
+                stages.add("train_hubert", self.job.train_hubert, after=["labels_mfcc"])
+                stages.add("content_compare", self.content, after=["train_hubert", "manifests"])
             if "vgs" in parts:
                 for model in STUDY_SCENARIOS:
                     name, train, evaluate = self.vgs(model, seed)
                     stages.add(f"train_{name}", train, after=["image_features"])
                     stages.add(f"eval_{name}", evaluate, after=[f"train_{name}", "abx_items"])
-        evaluations = [n for n in stages.specs if n.startswith(("curve_", "eval_", "score_evidence"))]
+        evaluations = [
+            n for n in stages.specs if n.startswith(("curve_", "eval_", "score_evidence", "content_compare"))
+        ]
         stages.add("verdicts", self.verdicts, after=evaluations)
 
     @property
@@ -264,6 +291,8 @@ class Study:
             return [retrieval, forgetting]
 
         claims = ([mt4ssl()] if "mt4ssl" in self.parts else []) + (vgs_claims() if "vgs" in self.parts else [])
+        if "content" in self.parts:
+            claims += content_claims(res["content_compare"]["summary"])
         if "score" not in self.parts:
             return claims
         metrics = res["score_evidence"]["summary"]["metrics"]
@@ -332,6 +361,7 @@ class Study:
             },
             "vgs": {k[len("eval_") :]: v for k, v in self.pipeline.results.items() if k.startswith("eval_")},
             "score": self.pipeline.results.get("score_evidence"),
+            "content": self.pipeline.results.get("content_compare"),
             "parts": self.parts,
         }
         with atomic_write(self.out / "study.json") as f:
@@ -352,7 +382,7 @@ def study_markdown(study: Dict, args) -> str:
         f"`mtssl-main-job --profile study --out {args.out} --seeds {' '.join(map(str, seeds))} "
         f"--updates {args.updates} --vgs-updates {args.vgs_updates} "
         f"--vgs-recipe {args.vgs_recipe} --score-updates {args.score_updates} "
-        f"--study-parts {' '.join(study.get('parts', ['mt4ssl', 'vgs', 'score']))}`.",
+        f"--study-parts {' '.join(study.get('parts', ['mt4ssl', 'vgs', 'score', 'content']))}`.",
         "Intervals: mean +- one standard deviation over seeds; overlapping intervals are inconclusive.",
         "",
         "## Verdicts",
@@ -409,6 +439,10 @@ def study_markdown(study: Dict, args) -> str:
     if chance:
         s2i, i2s = (" / ".join(f"{chance[f'{d}_r{k}']:.1f}" for k in (1, 5, 10)) for d in ("s2i", "i2s"))
         lines.append(f"| chance (random ranking) | - | {s2i} | {i2s} | - | - |")
+    content = study.get("content")
+    if content:
+        lines += ["", "## SCORE, LASER and SPIN from the main job's HuBERT (mtssl-content-compare)", ""]
+        lines += [Path(content["table"]).read_text().strip()]
     score = study["score"]
     if not score:
         return "\n".join(lines) + "\n"
@@ -420,15 +454,67 @@ def study_markdown(study: Dict, args) -> str:
     return "\n".join(lines) + "\n"
 
 
+def content_claims(summary: Dict) -> List[Claim]:
+    """SPIN's and LASER's claims from a content comparison's ``summary.json`` (per method and metric the values
+    over seeds; the start has one value). Gaps as magnitudes, the probes in %."""
+    m = summary["metrics"]
+
+    def vals(method, key):
+        out = [v for v in m[method][key]["values"] if v is not None]
+        return [(abs(v) if key.endswith("_gap") else v) * (100 if key.startswith(("probe", "speaker")) else 1)
+                for v in out]  # fmt: skip
+
+    def cmp(a, b, key, metric, higher, not_worse=False):
+        return Claim.comparison(LABELS[a], vals(a, key), LABELS[b], vals(b, key), metric, higher, not_worse)
+
+    spin_speaker = Claim(
+        "SPIN (Chang, Liu & Glass, Interspeech 2023)",
+        "speaker-invariant clustering leaves less speaker information in the fine-tuned layer",
+        [
+            cmp("spin", "start", "speaker_acc", "speaker probe acc. (%)", False),
+            cmp("spin", "score", "speaker_acc", "speaker probe acc. (%)", False),
+        ],
+    )
+    spin_content = Claim(
+        "SPIN (Chang, Liu & Glass, Interspeech 2023)",
+        "and improves content representations",
+        [
+            cmp("spin", "start", "probe_clean", "phone probe acc., clean (%)", True),
+            cmp("spin", "start", "abx_across_clean", "ABX across, clean (%)", False),
+        ],
+    )
+    laser = Claim(
+        "LASER (Meghanani & Hain, Interspeech 2024)",
+        "LASER's content representations beat SCORE's",
+        [
+            cmp("laser", "score", "probe_clean", "phone probe acc., clean (%)", True),
+            cmp("laser", "score", "abx_across_clean", "ABX across, clean (%)", False),
+        ],
+    )
+    laser_gap = Claim(
+        "LASER (Meghanani & Hain, Interspeech 2024)",
+        "and, like SCORE, narrows the perturbed-minus-clean gap",
+        [
+            cmp("laser", "start", "probe_gap", "probe acc. gap, magnitude (%)", False),
+            cmp("laser", "start", "abx_across_gap", "ABX across gap, magnitude (%)", False),
+        ],
+    )
+    return [spin_speaker, spin_content, laser, laser_gap]
+
+
 def add_study_arguments(parser) -> None:
     g = parser.add_argument_group("study profile (--profile study)")
     g.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="training seeds of every condition")
     g.add_argument(
         "--study-parts",
         nargs="+",
-        choices=["mt4ssl", "vgs", "score"],
-        default=["mt4ssl", "vgs", "score"],
-        help="which papers' claims to test (score needs the mt4ssl runs: it starts from the strongest)",
+        choices=["mt4ssl", "vgs", "score", "content"],
+        default=["mt4ssl", "vgs", "score", "content"],
+        help="which papers' claims to test (score needs the mt4ssl runs: it starts from the strongest; content: "
+        "SCORE, LASER and SPIN from the main job's HuBERT, mtssl-content-compare)",
+    )
+    g.add_argument(
+        "--content-updates", type=int, default=300, help="updates of every SCORE / LASER / SPIN run of the content part"
     )
     g.add_argument("--curve-points", type=int, default=3, help="MT4SSL checkpoints probed along each run")
     g.add_argument(
