@@ -72,7 +72,9 @@ def image_embeddings(reader, manifests, split: str, captions: int):
     store = ImageFeatureStore(os.path.join(reader.task_cfg.image_features or str(manifests), split))
     unique = sorted(set(names))
     index = {name: i for i, name in enumerate(unique)}
-    return torch.from_numpy(reader.image_embeddings([store[u] for u in unique])), torch.tensor([index[n] for n in names])
+    return torch.from_numpy(reader.image_embeddings([store[u] for u in unique])), torch.tensor(
+        [index[n] for n in names]
+    )
 
 
 def retrieval_from_features(reader, features, manifests, split: str = "test") -> Dict:

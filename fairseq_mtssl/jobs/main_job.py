@@ -35,6 +35,7 @@ from typing import Dict, Optional
 
 from ..atomic import atomic_write
 from ..config import config_dir
+from ..upstream.readers import MFCC, MfccReader
 from .report import write_report
 from .stages import Pipeline
 from .training_log import latest_update
@@ -62,6 +63,9 @@ MODELS = [
     "w2v2_then_vgs",
     "score",
 ]
+
+
+MFCC_RATE = f"{MfccReader.frame_rate:g}"  # the MFCC labels' rate (Hz)
 
 
 class MainJob:
@@ -112,9 +116,9 @@ class MainJob:
         """``(config dir, config name, data overrides)`` of the tiny ``hubert``, ``mt4ssl`` or ``vgs`` model."""
         labels = [f"task.label_dir={self.mfcc_labels}", 'task.labels=["km"]']
         if arch == "hubert":
-            return config_dir("hubert/pretrain"), "hubert_tiny_cpu", [*labels, "model.label_rate=100"]
+            return config_dir("hubert/pretrain"), "hubert_tiny_cpu", [*labels, f"model.label_rate={MFCC_RATE}"]
         if arch == "mt4ssl":
-            return config_dir("mt4ssl/pretrain"), "mt4ssl_tiny_cpu", [*labels, "task.label_rate=100"]
+            return config_dir("mt4ssl/pretrain"), "mt4ssl_tiny_cpu", [*labels, f"task.label_rate={MFCC_RATE}"]
         if arch == "vgs":
             return config_dir("vgs"), "vgs_ssl_tiny_cpu", [f"criterion.av_weight={self.args.av_weight}"]
         raise ValueError(f"unknown architecture {arch!r}")
@@ -164,9 +168,9 @@ class MainJob:
             )
 
     def labels_mfcc(self):
-        feats, km = self.data / "features" / "mfcc", self.mfcc_labels / "kmeans.npy"
+        feats, km = self.data / "features" / MFCC, self.mfcc_labels / "kmeans.npy"
         self.pipeline.run(
-            "labels_mfcc", ["mtssl-dump-features", self.manifests / "train.tsv", feats, "--feature", "mfcc"]
+            "labels_mfcc", ["mtssl-dump-features", self.manifests / "train.tsv", feats, "--feature", MFCC]
         )
         self.pipeline.run(
             "labels_mfcc",
@@ -182,7 +186,7 @@ class MainJob:
                     "--manifest",
                     self.manifests / f"{split}.tsv",
                     "--feature",
-                    "mfcc",
+                    MFCC,
                 ],
             )
         return {"label_dir": str(self.mfcc_labels)}
@@ -323,8 +327,8 @@ class MainJob:
 
     def evaluate(self, model: str):
         def fn():
-            if model == "mfcc":
-                return self.evaluate_checkpoint("eval_mfcc", "mfcc", self.out / "eval" / model)
+            if model == MFCC:
+                return self.evaluate_checkpoint("eval_mfcc", MFCC, self.out / "eval" / model)
             return self.evaluate_checkpoint(
                 f"eval_{model}",
                 self.pipeline.results[f"train_{model}"]["checkpoint"],
@@ -391,13 +395,13 @@ class MainJob:
                 )
         for m in models:
             stages.add(f"eval_{m}", self.evaluate(m), after=[f"train_{m}", "abx_items"])
-        stages.add("eval_mfcc", self.evaluate("mfcc"), after=["abx_items"])
+        stages.add("eval_mfcc", self.evaluate(MFCC), after=["abx_items"])
         if self.args.iter2:
             stages.add("labels_iter2", self.labels_iter2, after=["train_hubert"])
         stages.add("report", self.report, after=[f"eval_{m}" for m in models] + ["eval_mfcc"])
 
     def report(self):
-        path = write_report(self.out, self.pipeline.results, ["mfcc"] + [m for m in MODELS if m in self.args.models])
+        path = write_report(self.out, self.pipeline.results, [MFCC] + [m for m in MODELS if m in self.args.models])
         return {"report": str(path)}
 
     def main(self) -> Dict[str, object]:

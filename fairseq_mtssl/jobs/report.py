@@ -16,10 +16,11 @@ from typing import Dict, List, Optional, Sequence
 
 from ..atomic import atomic_write
 from ..evaluation.abx import best_layer
+from ..upstream.readers import MFCC
 from .training_log import read_stages
 
 LABELS = {
-    "mfcc": "MFCC (no training)",
+    MFCC: "MFCC (no training)",
     "hubert_untrained": "HuBERT untrained",
     "hubert": "HuBERT iteration 1",
     "mt4ssl_untrained": "MT4SSL untrained",

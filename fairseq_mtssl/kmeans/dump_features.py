@@ -33,7 +33,7 @@ from ..atomic import atomic_write
 from ..data.batches import iter_audio_batches, shard_range
 from ..data.manifest import read_manifest
 from ..errors import MtsslError, cli
-from ..upstream.readers import make_reader
+from ..upstream.readers import MFCC, make_reader
 
 logger = logging.getLogger(__name__)
 
@@ -278,7 +278,7 @@ def read_dump_feature(feat_dir, split: str, nshard: int = 1) -> dict:
 
 
 def add_reader_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--feature", choices=["mfcc", "model"], default="mfcc")
+    p.add_argument("--feature", choices=[MFCC, "model"], default=MFCC)
     p.add_argument("--checkpoint", help="fairseq HuBERT / wav2vec 2.0 / plugin checkpoint (--feature model)")
     p.add_argument("--layer", type=int, help="1-based transformer layer (--feature model)")
     p.add_argument("--device", default="cpu")
