@@ -11,14 +11,9 @@ upstream and converters to other toolkits read.
 import torch
 
 from ..atomic import save_torch_atomic
-from ..checkpoint_safety import model_name
 from ..models.hubert_checkpoint import NotAHubertCheckpoint, load_hubert
 
 __all__ = ["NotAHubertCheckpoint", "load_hubert", "save_vanilla_hubert"]
-
-# pending: convert/to_transformers.py imports ``_model_name`` from here; once it imports
-# ``fairseq_mtssl.checkpoint_safety.model_name`` instead, this alias goes.
-_model_name = model_name
 
 
 def save_vanilla_hubert(model: torch.nn.Module, source_state: dict, out) -> None:

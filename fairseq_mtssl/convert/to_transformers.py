@@ -61,10 +61,11 @@ def load_plain_trunk(path) -> Tuple[str, torch.nn.Module, dict]:
     from fairseq.examples.data2vec.models.data2vec_audio import Data2VecAudioConfig, Data2VecAudioModel
     from fairseq.models.wav2vec.wav2vec2 import Wav2Vec2Config, Wav2Vec2Model
 
-    from .hubert_checkpoint import _model_name, load_hubert
+    from ..checkpoint_safety import model_name
+    from .hubert_checkpoint import load_hubert
 
     state = load_checkpoint_safely(path)
-    family = family_of(_model_name(state))
+    family = family_of(model_name(state))
     if family == "hubert":
         model, state = load_hubert(path)
         return family, model, state

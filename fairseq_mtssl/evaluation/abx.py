@@ -91,7 +91,7 @@ def make_items(phones_ctm, speakers: Dict[str, str]) -> List[AbxItem]:
     items = []
     for utt, segs in read_ctm(phones_ctm).items():
         if utt not in speakers:
-            raise KeyError(f"{phones_ctm}: utterance {utt} has no speaker")
+            raise AbxInputError(f"{phones_ctm}: utterance {utt} has no speaker")
         for prev, seg, nxt in zip(segs, segs[1:], segs[2:]):
             if seg.label != SILENCE:
                 items.append(AbxItem(utt, seg.start, seg.end, seg.label, prev.label, nxt.label, speakers[utt]))
@@ -173,7 +173,7 @@ def select_items(
         raise ValueError(f"item frame rule must be one of {ITEM_FRAME_RULES}, got {rule!r}")
     missing = sorted({it.file for it in items} - set(utterance_feats))
     if missing:
-        raise KeyError(f"items refer to utterances without features, e.g. {missing[:3]}")
+        raise AbxInputError(f"items refer to utterances without features, e.g. {missing[:3]}")
     kept, feats = [], []
     for it in items:
         f = utterance_feats[it.file]
@@ -550,10 +550,10 @@ def _speakers_for(manifest_path) -> Dict[str, str]:
     manifest = read_manifest(manifest_path)
     spk_path = Path(manifest_path).with_suffix(".spk")
     if not spk_path.is_file():
-        raise FileNotFoundError(f"{spk_path}: speaker file (one speaker per manifest line) not found")
+        raise AbxInputError(f"{spk_path}: speaker file (one speaker per manifest line) not found")
     speakers = spk_path.read_text().split("\n")[: len(manifest)]
     if len(speakers) != len(manifest) or any(not s for s in speakers):
-        raise ValueError(f"{spk_path}: expected {len(manifest)} speakers, one per line of {manifest_path}")
+        raise AbxInputError(f"{spk_path}: expected {len(manifest)} speakers, one per line of {manifest_path}")
     return {Path(e.path).stem: s for e, s in zip(manifest.entries, speakers)}
 
 

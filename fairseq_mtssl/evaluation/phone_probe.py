@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..atomic import report_result
-from ..corpus.alignment import Segment, read_ctm
+from ..corpus.alignment import AlignmentError, Segment, read_ctm
 from ..errors import cli
 from .features import SplitFeatures, extract_split
 
@@ -41,7 +41,7 @@ def probe_data(features: SplitFeatures, layer: int, ctm_path) -> Tuple[np.ndarra
     feats, labels = [], []
     for utt, f in features.layer(layer).items():
         if utt not in segs:
-            raise KeyError(f"{ctm_path}: utterance {utt} of the manifest has no alignment")
+            raise AlignmentError(f"{ctm_path}: utterance {utt} of the manifest has no alignment")
         feats.append(f)
         labels += frame_phones(segs[utt], len(f), features.hop, features.window)
     return np.concatenate(feats).astype(np.float32), labels

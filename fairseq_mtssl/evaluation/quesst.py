@@ -525,7 +525,7 @@ def official_trials(
     file_col = {f: j for j, f in enumerate(truth.files)}
     unknown = [q for q in query_names if q not in term_row] + [d for d in document_names if d not in file_col]
     if unknown:
-        raise ValueError(f"not in the ground truth's term list or ecf: {unknown[:5]}")
+        raise QuesstLayoutError(f"not in the ground truth's term list or ecf: {unknown[:5]}")
     rows = np.array([term_row[q] for q in query_names], dtype=int)
     cols = np.array([file_col[d] for d in document_names], dtype=int)
     full = np.full((len(truth.terms), len(truth.files)), float(default_score))

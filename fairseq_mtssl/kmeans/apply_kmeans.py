@@ -28,7 +28,7 @@ from ..data.batches import iter_audio_batches, shard_range
 from ..data.manifest import read_manifest, write_lines
 from ..errors import cli
 from ..upstream.readers import make_reader
-from .centroids import check_feature, load_centroids
+from .centroids import KmeansFileError, check_feature, load_centroids
 from .dump_features import add_reader_args, load_features, read_dump_feature, read_rows, row_chunks
 
 logger = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ class CentroidAssigner:
     def __call__(self, feats: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(np.asarray(feats, dtype=np.float64))
         if x.shape[1] != self.C.shape[1]:
-            raise ValueError(f"features have {x.shape[1]} dims but the k-means centroids have {self.C.shape[1]}")
+            raise KmeansFileError(f"features have {x.shape[1]} dims but the k-means centroids have {self.C.shape[1]}")
         dist = (x**2).sum(1, keepdim=True) - 2 * x @ self.C.T + self.C_norm
         return dist.argmin(1).numpy()
 
