@@ -48,7 +48,7 @@ def test_best_layer_and_the_table():
     assert best_across(rows)["layer"] == 1
     base = {"probe_clean": 0.5, "probe_perturbed": 0.4, "probe_gap": -0.1, "abx_across_clean": 20.0,
             "abx_across_perturbed": 25.0, "abx_across_gap": 5.0, "abx_layer": 2, "speaker_acc": 0.75,
-            "speaker_chance": 0.25}  # fmt: skip
+            "speaker_chance": 0.25, "speaker_frame_acc": 0.3, "speaker_frame_chance": 0.2}  # fmt: skip
     results = {"start": "s.pt", "layer": 2, "updates": 3, "seeds": [1, 2],
                "configs": {"score": "score_tiny_cpu", "laser": "laser_tiny_cpu", "spin": "spin_tiny_cpu"},
                "models": {"start": {"method": "start", **base}}}  # fmt: skip
@@ -64,8 +64,9 @@ def test_best_layer_and_the_table():
     assert summary["metrics"]["start"]["sec_per_update"]["mean"] is None
     table = summary_markdown(summary)
     assert "| SPIN | 0.5000 +- 0.0000 | 0.4000 +- 0.0000 | -0.1000 +- 0.0000 | 20.00 +- 0.00 |" in table
-    assert "| 0.6000 +- 0.1414 | 0.150 +- 0.071 | 500 +- 0 |" in table
-    assert "| start | 0.5000 | 0.4000 | -0.1000 | 20.00 | 25.00 | 5.00 | 2.0 | 0.7500 | - | - |" in table
+    assert "| 0.6000 +- 0.1414 | 0.3000 +- 0.0000 | 0.150 +- 0.071 | 500 +- 0 |" in table
+    assert "| start | 0.5000 | 0.4000 | -0.1000 | 20.00 | 25.00 | 5.00 | 2.0 | 0.7500 | 0.3000 | - | - |" in table
+    assert "speaker probe chance 0.2500 (utterances), 0.2000 (frames)" in table
 
 
 @pytest.mark.slow
@@ -99,4 +100,7 @@ def test_content_compare_smoke(data_dir, tiny_hubert_checkpoint, tmp_path):
     commands = (out / "commands.sh").read_text()
     for config in ("score_tiny_cpu", "laser_tiny_cpu", "spin_tiny_cpu"):
         assert re.search(rf"fairseq-hydra-train .*--config-name {config} .*optimization.max_update=3", commands)
-    assert "fairseq_mtssl.evaluation.speaker_probe" in commands and "mtssl-abx " in commands
+    # one evaluation command per model: both audio conditions and the speaker probe from one load
+    assert (
+        commands.count("mtssl-evaluate-upstream ") == 4 and "--perturbed " in commands and "--speaker-probe" in commands
+    )

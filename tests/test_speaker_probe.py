@@ -64,3 +64,18 @@ def test_too_few_speakers_or_utterances_are_refused():
         speaker_probe(x, ["a", "b"])  # one utterance each: nothing to test on
     with pytest.raises(SpeakerProbeError, match="one feature vector per speaker"):
         speaker_probe(x, ["a", "b", "c"])
+
+
+def test_frame_probe_finds_speakers_in_separable_frames_and_not_in_noise():
+    from fairseq_mtssl.evaluation.speaker_probe import frame_speaker_probe
+
+    rng = np.random.default_rng(0)
+    speakers = [f"s{i % 3}" for i in range(12)]
+    centres = rng.normal(size=(3, 8)) * 3
+    utts = [centres[i % 3] + rng.normal(size=(int(rng.integers(20, 40)), 8)) for i in range(12)]
+    clear = frame_speaker_probe(utts, speakers)
+    assert clear["frame_test_acc"] > 0.9 and clear["test_frames"] > 100
+    noise = frame_speaker_probe([rng.normal(size=u.shape) for u in utts], speakers)
+    assert noise["frame_test_acc"] < 0.6 and abs(noise["frame_chance"] - 1 / 3) < 0.2
+    # the held-out utterances are those of the utterance-level probe's split
+    assert clear["train_frames"] + clear["test_frames"] == sum(len(u) for u in utts)

@@ -1,4 +1,4 @@
-"""Utterance-level linear speaker probe: how much speaker identity does a frozen layer still carry?
+"""Linear speaker probes: how much speaker identity does a frozen layer still carry?
 
     python -m fairseq_mtssl.evaluation.speaker_probe CHECKPOINT --layer 2 --manifest data/manifests/test.tsv \\
         [--test-fraction 0.5] [--json speaker_probe.json]
@@ -9,8 +9,10 @@ speakers come from ``{split}.spk`` beside the manifest (one per line). Within ev
 trains. A softmax classifier on standardised vectors (L2-penalised multinomial logistic regression, full-batch
 L-BFGS: :func:`fairseq_mtssl.evaluation.phone_probe.fit_probe`) predicts the speaker; the accuracy on the
 held-out utterances is the score, beside chance (the most frequent training speaker's share of the test set).
-Run on held-out speakers (the test split), it asks what a speaker-invariance method such as SPIN should lower
-while content stays.
+The frame-level probe (:func:`frame_speaker_probe`) does the same on single frames (``frame_test_acc``): with
+a few distinct voices the pooled probe is perfect for every model, the frame-level one is not. Run on held-out
+speakers (the test split), they ask what a speaker-invariance method such as SPIN should lower while content
+stays.
 """
 
 import argparse
@@ -93,6 +95,44 @@ def speaker_probe(
     }
 
 
+def frame_speaker_probe(
+    features: Sequence[np.ndarray],
+    speakers: Sequence[str],
+    test_fraction: float = 0.5,
+    seed: int = 0,
+    l2: float = 1e-4,
+    max_train_frames: int = 50_000,
+) -> Dict:
+    """The probe on single frames: utterances ``features[i] (T_i, C)`` split by speaker as
+    :func:`speaker_probe` splits them, every frame of a training utterance a training example (at most
+    ``max_train_frames``, a seeded draw), every frame of a held-out utterance scored. Harder than the pooled
+    probe, so it still separates models where a few distinct voices make the pooled one perfect."""
+    if len(features) != len(speakers):
+        raise SpeakerProbeError(f"{len(features)} utterances of features for {len(speakers)} speaker labels")
+    train, test = split_by_speaker(speakers, test_fraction, seed)
+    names = sorted({speakers[i] for i in train})
+    if len(names) < 2 or not test:
+        raise SpeakerProbeError(f"a speaker probe needs 2 or more speakers; got {len(set(speakers))}")
+    index = {s: i for i, s in enumerate(names)}
+
+    def frames(indices):
+        x = np.concatenate([np.asarray(features[i], np.float32) for i in indices])
+        y = np.concatenate([np.full(len(features[i]), index[speakers[i]]) for i in indices])
+        return x, y
+
+    (x_tr, y_tr), (x_te, y_te) = frames(train), frames(test)
+    if len(x_tr) > max_train_frames:
+        keep = np.random.default_rng(seed).choice(len(x_tr), max_train_frames, replace=False)
+        x_tr, y_tr = x_tr[keep], y_tr[keep]
+    probs = fit_predict(x_tr, y_tr, x_te, len(names), l2=l2)
+    return {
+        "frame_test_acc": round(float(np.mean(probs.argmax(1) == y_te)), 4),
+        "frame_chance": round(float(np.mean(y_te == np.bincount(y_tr).argmax())), 4),
+        "train_frames": int(len(x_tr)),
+        "test_frames": int(len(x_te)),
+    }
+
+
 def read_speakers(manifest_path) -> List[str]:
     """The speakers of ``{split}.spk`` beside the manifest, one per manifest line."""
     from ..data.manifest import read_manifest
@@ -119,6 +159,7 @@ def run_speaker_probe(checkpoint: str, layer: int, manifest_path, test_fraction:
     speakers = read_speakers(manifest_path)
     feats = extract_split(open_reader(checkpoint), manifest_path, [layer]).layer(layer)
     result = speaker_probe(pooled(feats), speakers, test_fraction, seed)
+    result.update(frame_speaker_probe(list(feats.values()), speakers, test_fraction, seed))
     return {"checkpoint": str(checkpoint), "layer": layer, "manifest": str(manifest_path), **result}
 
 

@@ -66,6 +66,7 @@ COLUMNS = [
     ("abx_across_gap", "ABX gap", 2),
     ("abx_layer", "ABX layer", 1),
     ("speaker_acc", "speaker probe", 4),
+    ("speaker_frame_acc", "speaker probe, frames", 4),
     ("sec_per_update", "s / update", 3),
     ("peak_pss_mb", "peak PSS MB", 0),
 ]
@@ -102,7 +103,7 @@ def summarise(results: Dict) -> Dict:
     for name, r in results["models"].items():
         if name != "start":
             groups.setdefault(r["method"], []).append(r)
-    keys = [k for k, _, _ in COLUMNS] + ["speaker_chance"]
+    keys = [k for k, _, _ in COLUMNS] + ["speaker_chance", "speaker_frame_chance"]
     table = {m: {k: _mean_std([r.get(k) for r in rows]) for k in keys} for m, rows in groups.items()}
     return {
         "start": results["start"],
@@ -123,11 +124,13 @@ def summary_markdown(summary: Dict) -> str:
         return text if m["std"] is None else f"{text} +- {m['std']:.{digits}f}"
 
     chance = summary["metrics"]["start"]["speaker_chance"]["mean"]
+    frame_chance = summary["metrics"]["start"].get("speaker_frame_chance", {}).get("mean")
     lines = [
         f"From `{summary['start']}`: {summary['updates']} updates per run, seeds {summary['seeds']} "
         f"(mean +- std over seeds); phone and speaker probes at layer {summary['layer']}; ABX across speakers at "
         f"the layer best on clean audio; gap = perturbed - clean; speaker probe chance "
-        f"{'-' if chance is None else f'{chance:.4f}'}. Configs: "
+        f"{'-' if chance is None else f'{chance:.4f}'} (utterances), "
+        f"{'-' if frame_chance is None else f'{frame_chance:.4f}'} (frames). Configs: "
         + ", ".join(f"{LABELS[m]} `{c}`" for m, c in summary["configs"].items())
         + ".",
         "",
@@ -159,6 +162,8 @@ def metrics_of(results: Dict) -> Dict:
         },
         "speaker_acc": spk["test_acc"],
         "speaker_chance": spk["chance"],
+        "speaker_frame_acc": spk["frame_test_acc"],
+        "speaker_frame_chance": spk["frame_chance"],
     }
     res["probe_gap"] = res["probe_perturbed"] - res["probe_clean"]
     res["abx_across_gap"] = res["abx_across_perturbed"] - res["abx_across_clean"]

@@ -40,7 +40,7 @@ from ..evaluation.features import SplitFeatures, extract_split
 from ..evaluation.phone_probe import probe_from_features
 from ..evaluation.qbe import qbe_from_features
 from ..evaluation.retrieval import retrieval_from_features
-from ..evaluation.speaker_probe import pooled, read_speakers, speaker_probe
+from ..evaluation.speaker_probe import frame_speaker_probe, pooled, read_speakers, speaker_probe
 from ..upstream.readers import MFCC, open_reader
 from .commands import CommandRunner
 
@@ -177,6 +177,9 @@ class UpstreamEvaluation:
                     "layer": self.layer,
                     "manifest": str(manifest),
                     **speaker_probe(pooled(self.split("test").layer(self.layer_id())), read_speakers(manifest)),
+                    **frame_speaker_probe(
+                        list(self.split("test").layer(self.layer_id()).values()), read_speakers(manifest)
+                    ),
                 },
             )
         if self.retrieval:  # the caption embeddings come from the test split's forwards (ABX's)

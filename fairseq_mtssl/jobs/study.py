@@ -471,8 +471,8 @@ def content_claims(summary: Dict) -> List[Claim]:
         "SPIN (Chang, Liu & Glass, Interspeech 2023)",
         "speaker-invariant clustering leaves less speaker information in the fine-tuned layer",
         [
-            cmp("spin", "start", "speaker_acc", "speaker probe acc. (%)", False),
-            cmp("spin", "score", "speaker_acc", "speaker probe acc. (%)", False),
+            cmp("spin", "start", "speaker_frame_acc", "frame-level speaker probe acc. (%)", False),
+            cmp("spin", "score", "speaker_frame_acc", "frame-level speaker probe acc. (%)", False),
         ],
     )
     spin_content = Claim(
