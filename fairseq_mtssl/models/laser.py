@@ -24,11 +24,9 @@ from typing import List
 
 import torch
 import torch.nn as nn
-from fairseq.dataclass import FairseqDataclass
 from fairseq.models import register_model
-from omegaconf import MISSING
 
-from .score import ScoreModel
+from .score import ContentFinetuneConfig, ScoreModel
 
 logger = logging.getLogger(__name__)
 
@@ -37,13 +35,7 @@ LASER_TRAINABLE = ["encoder.layers.-2", "encoder.layers.-1", "encoder.layer_norm
 
 
 @dataclass
-class LaserConfig(FairseqDataclass):
-    upstream_path: str = field(
-        default=MISSING,
-        metadata={
-            "help": "fairseq checkpoint to start from: HuBERT, wav2vec 2.0, data2vec-audio or the plugin's MT4SSL"
-        },
-    )
+class LaserConfig(ContentFinetuneConfig):
     trainable: List[str] = field(
         default_factory=lambda: list(LASER_TRAINABLE),
         metadata={
@@ -52,8 +44,6 @@ class LaserConfig(FairseqDataclass):
             "layer_norm); named parameters that LASER's loss cannot reach (mask_emb) stay frozen and are logged"
         },
     )
-    proj_dim: int = field(default=256, metadata={"help": "projection size before L2 normalisation (authors: 256)"})
-    layerdrop: float = field(default=0.0, metadata={"help": "LayerDrop of the upstream (s3prl sets 0)"})
 
 
 @register_model("laser", dataclass=LaserConfig)

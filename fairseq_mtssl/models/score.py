@@ -71,13 +71,25 @@ class TrainableSetError(MtsslError, ValueError):
 
 
 @dataclass
-class ScoreConfig(FairseqDataclass):
+class ContentFinetuneConfig(FairseqDataclass):
+    """What SCORE, LASER and SPIN share: the upstream they fine-tune, the head's size, LayerDrop."""
+
     upstream_path: str = field(
         default=MISSING,
         metadata={
             "help": "fairseq checkpoint to start from: HuBERT, wav2vec 2.0, data2vec-audio or the plugin's MT4SSL"
         },
     )
+    proj_dim: int = field(
+        default=256, metadata={"help": "output size of the linear head before L2 normalisation (authors: 256)"}
+    )
+    layerdrop: float = field(
+        default=0.0, metadata={"help": "LayerDrop of the upstream's transformer (SCORE's teacher too; s3prl sets 0)"}
+    )
+
+
+@dataclass
+class ScoreConfig(ContentFinetuneConfig):
     trainable: List[str] = field(
         default_factory=lambda: list(AUTHORS_TRAINABLE),
         metadata={
@@ -86,8 +98,6 @@ class ScoreConfig(FairseqDataclass):
             "named parameters that SCORE's loss cannot reach (final_proj, mask_emb) stay frozen and are logged"
         },
     )
-    proj_dim: int = field(default=256, metadata={"help": "projection size before L2 normalisation"})
-    layerdrop: float = field(default=0.0, metadata={"help": "LayerDrop of student and teacher (s3prl sets 0)"})
     teacher_dropout: bool = field(
         default=False, metadata={"help": "keep dropout on in the frozen teacher (as the authors' code)"}
     )

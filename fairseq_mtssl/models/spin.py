@@ -34,39 +34,27 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from fairseq.dataclass import FairseqDataclass
 from fairseq.models import BaseFairseqModel, register_model
-from omegaconf import MISSING
 
 from .. import upstream
 from ..upstream.layers import run_encoder
-from .score import TrainableSetError, check_normalize
+from .score import ContentFinetuneConfig, TrainableSetError, check_normalize
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class SpinConfig(FairseqDataclass):
-    upstream_path: str = field(
-        default=MISSING,
-        metadata={
-            "help": "fairseq checkpoint to start from: HuBERT, wav2vec 2.0, data2vec-audio or the plugin's MT4SSL"
-        },
-    )
+class SpinConfig(ContentFinetuneConfig):
     trainable_layers: int = field(
         default=2,
         metadata={
             "help": "top transformer layers of the upstream that train; everything below stays frozen (authors: 2)"
         },
     )
-    proj_dim: int = field(
-        default=256, metadata={"help": "output size of the linear head before L2 normalisation (authors: 256)"}
-    )
     num_clusters: int = field(
         default=256,
         metadata={"help": "codebook size K: unit-norm prototypes the frames are clustered into (authors: 256)"},
     )
-    layerdrop: float = field(default=0.0, metadata={"help": "LayerDrop of the upstream's transformer (authors: 0)"})
 
 
 @register_model("spin", dataclass=SpinConfig)
