@@ -3,13 +3,13 @@ libri-light's definition; item frames; item files; per-layer features."""
 
 import itertools
 import json
-import math
 import re
 from collections import defaultdict
 
 import numpy as np
 import pytest
 import torch
+from builders import HAND_ACROSS, HAND_WITHIN, hand_example
 from conftest import run_cli
 
 from fairseq_mtssl.evaluation.abx import (
@@ -124,67 +124,6 @@ def test_libri_light_item_frames():
     assert fastabx_span(0.0, 0.145, 100, 1000) == (0, 15)
     assert fastabx_span(0.12, 0.38, 10, 100) == (1, 4) and fastabx_span(0.12, 0.14, 10, 100) is None
     assert centre_span(0.12, 0.14, 10, 100) == (1, 2)  # the former rule: nearest frame (centre 0.1125)
-
-
-def _unit(deg):
-    """A 2-d frame at ``deg`` degrees; 0, 45 and 90 exact, so that equal angles give bitwise-equal distances."""
-    exact = {0: [1.0, 0.0], 45: [1.0, 1.0], 90: [0.0, 1.0]}
-    return exact.get(deg, [math.cos(math.radians(deg)), math.sin(math.radians(deg))])
-
-
-def hand_example():
-    """Items whose distances can be computed on paper: every frame is a 2-d direction, d = |angle difference| / 180.
-    Each utterance is [junk, item frames..., junk, junk] at 10 frames/s, junk at 135 degrees; an item
-    0.12-0.28 s takes frame 1 only, 0.12-0.38 s frames 1-2 (libri-light's rule), 0.12-0.14 s none (dropped).
-
-    context c1 = p_t:  S1: a@0, a@20, b@[25, 35] (two frames)   S2: a@10, a@30, b@90   S3: a@5
-    context c2 = k_s:  S1: a@0, a@100, b@90                      S2: a@45               S3: a (no frame: dropped)
-    """
-    utts, items = {}, []
-
-    def add(spk, ctx, phone, angles, offset=None):
-        name = f"u{len(utts)}"
-        utts[name] = np.array([_unit(135)] + [_unit(a) for a in angles] + [_unit(135)] * 2, dtype=np.float32)
-        offset = offset or (0.28 if len(angles) == 1 else 0.38)
-        items.append(AbxItem(name, 0.12, offset, phone, ctx[0], ctx[1], spk))
-
-    c1, c2 = ("p", "t"), ("k", "s")
-    add("S1", c1, "a", [0]), add("S1", c1, "a", [20]), add("S1", c1, "b", [25, 35])
-    add("S2", c1, "a", [10]), add("S2", c1, "a", [30]), add("S2", c1, "b", [90])
-    add("S3", c1, "a", [5])
-    add("S1", c2, "a", [0]), add("S1", c2, "a", [100]), add("S1", c2, "b", [90])
-    add("S2", c2, "a", [45])
-    add("S3", c2, "a", [10], offset=0.14)
-    return items, utts
-
-
-# The hand example under libri-light's definition. d(b@[25,35], x) for one frame x outside [25, 35] is the
-# mean over the two cells of the 2 x 1 path: (|25 - x| + |35 - x|) / 2 / 180 = |30 - x| / 180; for x = 30
-# it is (5 + 5) / 2 = 5 (in degrees below). An error is d(A,X) >= d(B,X), a tie counts 1/2.
-#
-# WITHIN (X from A's group, X != A); only phone a has two items in a (context, speaker):
-#   (c1,S1,a,b): A=0,X=20: d(A,X)=20 vs d(b,X)=10 -> error; A=20,X=0: 20 vs 30 -> correct     -> 1/2
-#   (c1,S2,a,b): A=10,X=30: 20 vs 60 -> correct; A=30,X=10: 20 vs 80 -> correct                 -> 0
-#   (c2,S1,a,b): A=0,X=100: 100 vs 10 -> error; A=100,X=0: 100 vs 90 -> error                   -> 1
-#   per (speaker, a, b) over contexts: S1 (1/2 + 1) / 2 = 3/4, S2 0; over speakers (3/4 + 0) / 2 = 3/8
-#   (pooling the three cells at once would give 1/2.)                                   within = 3/8 = 0.375
-# ACROSS (A, B from one speaker, X of phone A from another), cells (context, A/B spk, X spk, A, B):
-#   (c1,S1,S2,a,b) A={0,20} B=b X={10,30}: X=10: 10 vs 20, 10 vs 20 -> 0, 0; X=30: 30 vs 5, 10 vs 5 -> 1, 1 = 1/2
-#   (c1,S1,S3,a,b) X={5}: 5 vs 25, 15 vs 25 -> 0, 0                                                         = 0
-#   (c1,S1,S2,b,a) A=b B={0,20} X={90}: d(A,X)=60 vs 90, 60 vs 70 -> 0, 0                                   = 0
-#   (c1,S2,S1,a,b) A={10,30} B=90 X={0,20}: 10 vs 90, 30 vs 90, 10 vs 70, 10 vs 70 -> 0                     = 0
-#   (c1,S2,S3,a,b) X={5}: 5 vs 85, 25 vs 85 -> 0, 0                                                         = 0
-#   (c1,S2,S1,b,a) A=90 B={10,30} X=b: d(A,X)=60 vs 20, 60 vs 5 -> 1, 1                                     = 1
-#   (c2,S1,S2,a,b) A={0,100} B=90 X={45}: 45 vs 45 (tie, exactly: (1,0) and (0,1) against (1,1)) -> 1/2;
-#                  55 vs 45 -> 1                                                                            = 3/4
-#   (S3's c2 item has no frame, so no (c2,S1,S3) cell; S2 and S3 have one phone in c2, no A/B cell there)
-#   pooled over (context, X speaker) per (A/B speaker, A, B):
-#     (S1,a,b): (1/2 + 0 + 3/4) / 3 = 5/12   (S2,a,b): (0 + 0) / 2 = 0   (S1,b,a): 0   (S2,b,a): 1
-#   per phone pair over A/B speakers: (a,b) = (5/12 + 0) / 2 = 5/24, (b,a) = (0 + 1) / 2 = 1/2
-#   over phone pairs: (5/24 + 12/24) / 2                                                 across = 17/48 = 0.3541666
-#   (averaging over contexts per (A/B, X speaker) first, the former rule, gives (b,a) 1/2 and
-#   (a,b) = ((1/2 + 3/4) / 2 + 0 + 0 + 0) / 4 = 5/32: (5/32 + 1/2) / 2 = 21/64.)
-HAND_WITHIN, HAND_ACROSS = 3 / 8, 17 / 48
 
 
 def test_hand_computed_example_under_libri_light_rules(tmp_path):

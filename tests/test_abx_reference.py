@@ -4,7 +4,7 @@ and Cython DTW) and fastabx. Skipped, with the reason, where a reference cannot 
 import numpy as np
 import pytest
 import torch
-from test_abx import HAND_ACROSS, HAND_WITHIN, hand_example
+from builders import HAND_ACROSS, HAND_WITHIN, hand_example
 
 from fairseq_mtssl.evaluation.abx import abx_scores, dtw_path_mean, read_items, write_items
 from fairseq_mtssl.evaluation.libri_light_abx import libri_light_abx, random_item_set, unavailable_reason

@@ -1,7 +1,7 @@
 """SPIN checkpoints leave as their start's own format: the fine-tuned student, its head and codebook dropped.
 
 A tiny SPIN model is built on a small fairseq HuBERT (group-normed front end, post-LN, as HuBERT Base;
-``test_interop._build_checkpoint``) with the packaged ``spin_tiny_cpu`` config, its top layer and codebook
+``builders.random_hubert_checkpoint``) with the packaged ``spin_tiny_cpu`` config, its top layer and codebook
 changed (so the student differs from the start), and saved as fairseq saves a checkpoint. The quick test
 exports it in-process and reads the result back with the plugin's loader; the slow one runs the one
 command ``mtssl-export`` and reads every format in a fresh interpreter without the plugin, as
@@ -10,27 +10,36 @@ command ``mtssl-export`` and reads every format in a fresh interpreter without t
 
 import pytest
 import torch
+from builders import (
+    assert_states_match,
+    exported_hidden_states,
+    perturb_norms,
+    random_hubert_checkpoint,
+    run_export,
+    save_checkpoint,
+    saved_config,
+    speech_sample,
+)
 
 
 def _spin_checkpoint(tmp_path):
     """``(SpinModel, its checkpoint, the start)``: spin_tiny_cpu on a small fairseq HuBERT."""
-    from test_export import _compose, _perturb_norms, _save
-    from test_interop import _build_checkpoint
-
     from fairseq_mtssl.models.spin import SpinConfig, SpinModel
 
     start = tmp_path / "hubert.pt"
-    _build_checkpoint(start, "default", False)
-    cfg = _compose("spin", "spin_tiny_cpu", "task.data=unused", f"model.upstream_path={start}", "task.normalize=false")
+    random_hubert_checkpoint(start, "default", False)
+    cfg = saved_config(
+        "spin", "spin_tiny_cpu", "task.data=unused", f"model.upstream_path={start}", "task.normalize=false"
+    )
     names = set(SpinConfig.__dataclass_fields__)
     torch.manual_seed(5)
     spin = SpinModel.build_model(SpinConfig(**{k: v for k, v in cfg["model"].items() if k in names}))
-    _perturb_norms(spin.student.encoder.layers[-1], seed=5)  # the fine-tuned top layer now differs from the start
+    perturb_norms(spin.student.encoder.layers[-1], seed=5)  # the fine-tuned top layer now differs from the start
     with torch.no_grad():
         spin.codebook.weight.normal_()
     spin.normalize_codebook()
     ckpt = tmp_path / "spin.pt"
-    _save(spin, cfg, ckpt)
+    save_checkpoint(spin, cfg, ckpt)
     return spin, ckpt, start
 
 
@@ -38,8 +47,6 @@ def test_spin_student_exports_as_plain_hubert_without_head_and_codebook(manifest
     """In-process: ``mtssl-export``'s fairseq step writes a plain ``hubert`` checkpoint whose weights are
     exactly the student's (no ``head.``/``codebook.``), with no user_dir; the plugin's upstream loader reads
     it with the student's hidden states at every layer."""
-    from test_export import _speech
-
     from fairseq_mtssl.convert.export import detect, export_fairseq
     from fairseq_mtssl.upstream import hidden_states, load_upstream
 
@@ -57,7 +64,7 @@ def test_spin_student_exports_as_plain_hubert_without_head_and_codebook(manifest
 
     encoder, normalize = load_upstream(tmp_path / "fairseq.pt")
     assert type(encoder).__name__ == "HubertModel" and not normalize
-    wav = _speech(manifest_dir, normalize=False)[None]
+    wav = speech_sample(manifest_dir, normalize=False)[None]
     with torch.no_grad():
         ours, _ = hidden_states(spin.student.eval(), wav, None)
         theirs, _ = hidden_states(encoder, wav, None)
@@ -76,18 +83,16 @@ def test_spin_exports_to_fairseq_transformers_and_s3prl_through_the_one_command(
     """``python -m fairseq_mtssl.convert.export SPIN.pt OUT``: architecture ``spin``, fairseq ``hubert``,
     ``HubertModel`` and ``hubert_local``; each loaded without the plugin gives the student's hidden states
     (first layer input, every layer output, encoder output) within 1e-5."""
-    from test_export import _assert_all_match, _export, _speech, _targets
-
     spin, ckpt, _ = _spin_checkpoint(tmp_path)
-    info = _export(ckpt, tmp_path / "out")
+    info = run_export(ckpt, tmp_path / "out")
     assert info["architecture"] == "spin" and info["fairseq"]["model"] == "hubert"
     assert info["transformers"]["class"] == "HubertModel" and info["s3prl"]["upstream"] == "hubert_local"
     plain = torch.load(tmp_path / "out" / "fairseq.pt")["model"]
     assert not any(k.startswith(("head.", "codebook.", "student.")) for k in plain)
-    wav = _speech(manifest_dir, normalize=False)
-    got = _targets(tmp_path / "out", wav, tmp_path)
+    wav = speech_sample(manifest_dir, normalize=False)
+    got = exported_hidden_states(tmp_path / "out", wav, tmp_path)
     assert set(got) == {"fairseq", "transformers", "s3prl", "s3prl_fairseq"}
-    _assert_all_match(spin.student, wav, got, pre_ln=False)  # this HuBERT task does not normalise
+    assert_states_match(spin.student, wav, got, pre_ln=False)  # this HuBERT task does not normalise
 
 
 def test_a_spin_checkpoint_without_its_start_is_one_line(tmp_path):

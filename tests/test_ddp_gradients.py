@@ -15,21 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PACKAGE_DIR, REPO
-from omegaconf import OmegaConf
+from builders import initial_checkpoint, training_config
+from conftest import REPO
 
 CONFIG_ROOT = REPO / "fairseq_mtssl/config"
-
-
-def _compose(path: Path, overrides):
-    from fairseq.dataclass.initialize import add_defaults, hydra_init
-    from hydra import compose, initialize_config_dir
-
-    hydra_init(path.stem)
-    with initialize_config_dir(config_dir=str(path.parent), version_base="1.1"):
-        cfg = compose(path.stem, overrides=[f"common.user_dir={PACKAGE_DIR}", "hydra.run.dir=x", *overrides])
-    add_defaults(cfg)
-    return OmegaConf.create(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
 
 
 class _Backward:
@@ -45,7 +34,7 @@ def _one_step(config: Path, overrides, seed: int = 1):
 
     import fairseq_mtssl  # noqa: F401
 
-    cfg = _compose(config, overrides)
+    cfg = training_config(config, overrides)
     utils.set_torch_seed(seed)
     task = tasks.setup_task(cfg.task)
     model = task.build_model(cfg.model)
@@ -70,37 +59,6 @@ def _one_step(config: Path, overrides, seed: int = 1):
     return cfg, model, missing
 
 
-def _fresh_checkpoint(config: Path, overrides, path: Path, criterion_name: str) -> Path:
-    """A freshly initialised model of ``config`` saved as fairseq-hydra-train saves one."""
-    from fairseq import tasks
-
-    import fairseq_mtssl  # noqa: F401
-
-    cfg = _compose(config, overrides)
-    task = tasks.setup_task(cfg.task)
-    model = task.build_model(cfg.model)
-    model.set_num_updates(0) if hasattr(model, "set_num_updates") else None
-    torch.save(
-        {
-            "cfg": OmegaConf.to_container(cfg, resolve=True),
-            "model": model.state_dict(),
-            "args": None,
-            "task_state": {},
-            "extra_state": {},
-            "optimizer_history": [
-                {
-                    "criterion_name": criterion_name,
-                    "optimizer_name": "Adam",
-                    "lr_scheduler_state": {"best": None},
-                    "num_updates": 0,
-                }
-            ],
-        },  # fmt: skip
-        path,
-    )
-    return path
-
-
 @pytest.fixture(scope="module")
 def label_overrides(manifest_dir, mfcc_labels):
     return [f"task.data={manifest_dir}", f"task.label_dir={mfcc_labels}", 'task.labels=["km"]']
@@ -112,12 +70,12 @@ def upstreams(manifest_dir, mfcc_labels, tmp_path_factory):
     d = tmp_path_factory.mktemp("upstreams")
     labels = [f"task.data={manifest_dir}", f"task.label_dir={mfcc_labels}", 'task.labels=["km"]']
     return {
-        "hubert": _fresh_checkpoint(CONFIG_ROOT / "hubert/pretrain/hubert_tiny_cpu.yaml",
-                                    labels + ["model.label_rate=100"], d / "hubert.pt", "HubertCriterion"),
-        "mt4ssl": _fresh_checkpoint(CONFIG_ROOT / "mt4ssl/pretrain/mt4ssl_tiny_cpu.yaml",
-                                    labels + ["task.label_rate=100"], d / "mt4ssl.pt", "MT4SSLCriterion"),
-        "wav2vec2": _fresh_checkpoint(CONFIG_ROOT / "wav2vec2/pretraining/wav2vec2_tiny_cpu.yaml",
-                                      [f"task.data={manifest_dir}"], d / "wav2vec2.pt", "Wav2vecCriterion"),
+        "hubert": initial_checkpoint(CONFIG_ROOT / "hubert/pretrain/hubert_tiny_cpu.yaml",
+                                     labels + ["model.label_rate=100"], d / "hubert.pt"),
+        "mt4ssl": initial_checkpoint(CONFIG_ROOT / "mt4ssl/pretrain/mt4ssl_tiny_cpu.yaml",
+                                     labels + ["task.label_rate=100"], d / "mt4ssl.pt"),
+        "wav2vec2": initial_checkpoint(CONFIG_ROOT / "wav2vec2/pretraining/wav2vec2_tiny_cpu.yaml",
+                                       [f"task.data={manifest_dir}"], d / "wav2vec2.pt"),
     }  # fmt: skip
 
 

@@ -38,6 +38,7 @@ import pytest
 import soundfile as sf
 import torch
 import torch.nn.functional as F
+from builders import random_hubert_checkpoint, random_mt4ssl_checkpoint, random_vgs_checkpoint
 
 TOL = 1e-4  # transformers' path, relative to the largest hidden state (see above)
 S3PRL_TOL = 1e-5  # the same normalisation and the same network: float rounding only
@@ -52,9 +53,7 @@ def _utterances(manifest_dir):
 
 def _vgs_group_norm(tmp_path):
     """VGS+SSL as its Base config: group-normalised front end, ``normalize: true``."""
-    from test_export import _vgs_model
-
-    model, cfg, ckpt = _vgs_model(tmp_path, extractor_mode="default")
+    model, cfg, ckpt = random_vgs_checkpoint(tmp_path, extractor_mode="default")
     assert cfg["task"]["normalize"] and cfg["model"]["extractor_mode"] == "default"
     return ckpt
 
@@ -62,18 +61,16 @@ def _vgs_group_norm(tmp_path):
 def _mt4ssl_layer_norm(tmp_path):
     """MT4SSL (data2vec's layer-normalised front end), ``normalize: true``; its head sizes recorded in the
     config as training records them, so it loads with no label directory."""
-    from test_export import _mt4ssl_checkpoint
-
-    _, ckpt = _mt4ssl_checkpoint(tmp_path, "++model.offline_num_classes=[12]", "++model.offline_label_rates=[100.0]")
+    _, ckpt = random_mt4ssl_checkpoint(
+        tmp_path, "++model.offline_num_classes=[12]", "++model.offline_label_rates=[100.0]"
+    )
     return ckpt
 
 
 def _hubert_unnormalised(tmp_path):
     """A fairseq HuBERT Base-like model whose task does not normalise."""
-    from test_interop import _build_checkpoint
-
     ckpt = tmp_path / "hubert.pt"
-    _build_checkpoint(ckpt, "default", False)
+    random_hubert_checkpoint(ckpt, "default", False)
     return ckpt
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from builders import random_hubert_checkpoint, random_vgs_checkpoint
 
 from fairseq_mtssl.data.manifest import read_manifest
 from fairseq_mtssl.evaluation.features import FeatureCacheError, extract_split
@@ -15,10 +16,8 @@ from fairseq_mtssl.upstream.readers import READERS, FeatureSpecError, MfccReader
 
 @pytest.fixture(scope="module")
 def hubert_ckpt(tmp_path_factory):
-    from test_interop import _build_checkpoint
-
     path = tmp_path_factory.mktemp("hubert") / "hubert.pt"
-    _build_checkpoint(path, "default", layer_norm_first=False)  # a group-normed front end: padding matters
+    random_hubert_checkpoint(path, "default", layer_norm_first=False)  # a group-normed front end: padding matters
     return path
 
 
@@ -117,9 +116,7 @@ def test_mfcc_is_one_layer_that_serves_every_request(manifest_dir):
 
 
 def test_vgs_reader_embeds_captions_from_the_same_forward_as_the_model_does(manifest_dir, tmp_path):
-    from test_export import _vgs_model
-
-    model, _, ckpt = _vgs_model(tmp_path)
+    model, _, ckpt = random_vgs_checkpoint(tmp_path)
     reader = open_reader(str(ckpt))
     feats = extract_split(reader, manifest_dir / "test.tsv", embeddings=True)
     assert reader.forwards == len(feats.utterances)  # one forward gives the states and the embedding

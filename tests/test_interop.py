@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from builders import random_hubert_checkpoint
 from conftest import run_cli
 
 pytestmark = pytest.mark.slow  # whole exports, each target loaded in its own interpreter
@@ -49,64 +50,6 @@ def _speech(manifest_dir) -> torch.Tensor:
     root, first = (manifest_dir / "valid.tsv").read_text().splitlines()[:2]
     wav, _ = sf.read(f"{root}/{first.split(chr(9))[0]}", dtype="float32")
     return torch.from_numpy(wav)
-
-
-def _build_checkpoint(path, extractor_mode: str, layer_norm_first: bool) -> None:
-    """A randomly initialised small fairseq HuBERT (no plugin task), saved as fairseq saves one."""
-    from fairseq.data.dictionary import Dictionary
-    from fairseq.models.hubert import HubertConfig, HubertModel
-    from fairseq.tasks.hubert_pretraining import HubertPretrainingConfig
-    from omegaconf import OmegaConf
-
-    torch.manual_seed(0)
-    model_cfg = HubertConfig(
-        extractor_mode=extractor_mode,
-        layer_norm_first=layer_norm_first,
-        encoder_layers=3,
-        encoder_embed_dim=96,
-        encoder_ffn_embed_dim=192,
-        encoder_attention_heads=4,
-        conv_feature_layers="[(32,10,5)] + [(32,3,2)] * 4 + [(32,2,2)] * 2",
-        conv_pos=16,
-        conv_pos_groups=8,
-        final_dim=32,
-        label_rate=50.0,
-    )
-    task_cfg = HubertPretrainingConfig(data="unused", labels=["km"], label_rate=50.0)
-    d = Dictionary()
-    for i in range(10):
-        d.add_symbol(str(i))
-    model = HubertModel(model_cfg, task_cfg, [d])
-    with torch.no_grad():  # non-trivial norms, so a misplaced one is visible
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.3 * torch.randn_like(p))
-    cfg = {
-        "model": {**OmegaConf.to_container(OmegaConf.structured(model_cfg), enum_to_str=True), "_name": "hubert"},
-        "task": {
-            **OmegaConf.to_container(OmegaConf.structured(task_cfg), enum_to_str=True),
-            "_name": "hubert_pretraining",
-        },
-        "common": {},
-    }
-    torch.save(
-        {
-            "cfg": cfg,
-            "model": model.state_dict(),
-            "args": None,
-            "task_state": {"dictionaries": [d]},
-            "optimizer_history": [
-                {
-                    "criterion_name": "HubertCriterion",
-                    "optimizer_name": "Adam",
-                    "lr_scheduler_state": {"best": None},
-                    "num_updates": 0,
-                }
-            ],
-            "extra_state": {},
-        },
-        path,
-    )
 
 
 _TRANSFORMERS = """
@@ -149,7 +92,7 @@ def test_transformers_export_matches_fairseq_hidden_states(extractor_mode, layer
     from fairseq_mtssl.convert.hubert_checkpoint import load_hubert
 
     ckpt = tmp_path / "hubert.pt"
-    _build_checkpoint(ckpt, extractor_mode, layer_norm_first)
+    random_hubert_checkpoint(ckpt, extractor_mode, layer_norm_first)
     run_cli("mtssl-export-transformers", ckpt, tmp_path / "hf")
     assert (tmp_path / "hf" / "config.json").is_file()
     wav = _speech(manifest_dir)

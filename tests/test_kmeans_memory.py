@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from builders import random_hubert_checkpoint
 from npy_append_array import NpyAppendArray
 
 from fairseq_mtssl.kmeans import dump_features
@@ -125,13 +126,12 @@ def test_padded_reader_gives_the_unpadded_forward_also_for_a_group_normed_front_
     """The reader pads each utterance to its length bucket (bounded shapes, flat memory); a group-normed front
     end then normalises over the utterance's own frames, so every frame equals fairseq's unpadded forward."""
     import torch
-    from test_interop import _build_checkpoint
 
     from fairseq_mtssl import upstream
     from fairseq_mtssl.upstream.readers import open_reader
 
     ckpt = tmp_path / "hubert.pt"
-    _build_checkpoint(ckpt, extractor_mode, layer_norm_first=False)
+    random_hubert_checkpoint(ckpt, extractor_mode, layer_norm_first=False)
     model_reader = open_reader(str(ckpt))
     reader = model_reader.at_layer(2)
     assert reader.batchable == (extractor_mode == "layer_norm")

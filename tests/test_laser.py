@@ -9,6 +9,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from builders import random_hubert
 from conftest import PACKAGE_DIR, REPO, run_cli
 
 BACKENDS = ["torch"] + (["numba"] if importlib.util.find_spec("numba") else [])
@@ -176,16 +177,6 @@ def test_regulariser_of_half_inputs_is_computed_wide_and_stays_accurate():
 
 
 # ------------------------------------------------------------------ the model
-def _hubert(**overrides):
-    """A fairseq HubertModel (HuBERT Base's architecture unless overridden), random weights."""
-    from fairseq.data.dictionary import Dictionary
-    from fairseq.models.hubert import HubertConfig, HubertModel
-    from fairseq.tasks.hubert_pretraining import HubertPretrainingConfig
-
-    cfg = HubertConfig(label_rate=50.0, **overrides)
-    return HubertModel(cfg, HubertPretrainingConfig(labels=["km"], label_rate=50.0), [Dictionary()])
-
-
 TINY = dict(
     encoder_layers=4,
     encoder_embed_dim=32,
@@ -217,7 +208,7 @@ def test_paper_config_trains_the_authors_set_exactly_top2_layers_and_encoder_lay
     from fairseq_mtssl.models.score import resolve_trainable
 
     torch.manual_seed(0)
-    hubert = _hubert()
+    hubert = random_hubert()
     authors = _laser_authors_trainable(hubert)
     paper = OmegaConf.load(REPO / "fairseq_mtssl/config/laser/laser_base_librispeech.yaml").model
     assert set(resolve_trainable(hubert, list(paper.trainable))) == authors  # the paper config names their set
@@ -242,7 +233,7 @@ def test_one_step_gives_every_trainable_parameter_a_gradient(extractor):
     from fairseq_mtssl.models.laser import LaserConfig, LaserModel
 
     torch.manual_seed(0)
-    model = LaserModel(LaserConfig(upstream_path="-", proj_dim=16), _hubert(**TINY, extractor_mode=extractor))
+    model = LaserModel(LaserConfig(upstream_path="-", proj_dim=16), random_hubert(**TINY, extractor_mode=extractor))
     model.train()
     assert model.student.training and model.teacher is None
     assert model.gradless == ["mask_emb"]

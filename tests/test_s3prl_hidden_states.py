@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from builders import random_hubert_checkpoint, random_wav2vec2_checkpoint
 
 pytestmark = pytest.mark.slow  # s3prl loaded in its own interpreter for each model
 
@@ -38,81 +39,6 @@ np.save(sys.argv[5], torch.stack([h[0] for h in single]).numpy())
 np.save(sys.argv[6], torch.stack(list(batch)).numpy())
 """
 
-_SMALL = dict(
-    encoder_layers=3,
-    encoder_embed_dim=96,
-    encoder_ffn_embed_dim=192,
-    encoder_attention_heads=4,
-    conv_feature_layers="[(32,10,5)] + [(32,3,2)] * 4 + [(32,2,2)] * 2",
-    conv_pos=16,
-    conv_pos_groups=8,
-    final_dim=32,
-)
-
-
-def _save(path, model, model_cfg, model_name, task_cfg, task_name, task_state) -> None:
-    """``model`` as fairseq saves a checkpoint, norms perturbed so that a misplaced one is visible."""
-    from omegaconf import OmegaConf
-
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.3 * torch.randn_like(p))
-
-    def plain(c, name):  # interpolations into other groups (task.tpu: ${common.tpu}) left out, as saved files do
-        d = OmegaConf.to_container(OmegaConf.structured(c), enum_to_str=True)
-        return {**{k: v for k, v in d.items() if not str(v).startswith("${")}, "_name": name}
-
-    torch.save(
-        {
-            "cfg": {"model": plain(model_cfg, model_name), "task": plain(task_cfg, task_name), "common": {}},
-            "model": model.state_dict(),
-            "args": None,
-            "task_state": task_state,
-            "optimizer_history": [
-                {
-                    "criterion_name": "x",
-                    "optimizer_name": "Adam",
-                    "lr_scheduler_state": {"best": None},
-                    "num_updates": 0,
-                }
-            ],
-            "extra_state": {},
-        },
-        path,
-    )
-
-
-def _hubert(path, extractor_mode: str, layer_norm_first: bool) -> None:
-    from fairseq.data.dictionary import Dictionary
-    from fairseq.models.hubert import HubertConfig, HubertModel
-    from fairseq.tasks.hubert_pretraining import HubertPretrainingConfig
-
-    torch.manual_seed(0)
-    cfg = HubertConfig(extractor_mode=extractor_mode, layer_norm_first=layer_norm_first, label_rate=50.0, **_SMALL)
-    task = HubertPretrainingConfig(data="unused", labels=["km"], label_rate=50.0, normalize=layer_norm_first)
-    d = Dictionary()
-    for i in range(10):
-        d.add_symbol(str(i))
-    _save(path, HubertModel(cfg, task, [d]), cfg, "hubert", task, "hubert_pretraining", {"dictionaries": [d]})
-
-
-def _wav2vec2(path, extractor_mode: str, layer_norm_first: bool) -> None:
-    from fairseq.models.wav2vec.wav2vec2 import Wav2Vec2Config, Wav2Vec2Model
-    from fairseq.tasks.audio_pretraining import AudioPretrainingConfig
-
-    torch.manual_seed(0)
-    cfg = Wav2Vec2Config(
-        extractor_mode=extractor_mode,
-        layer_norm_first=layer_norm_first,
-        latent_vars=16,
-        latent_groups=2,
-        latent_dim=32,
-        **_SMALL,
-    )
-    task = AudioPretrainingConfig(data="unused", normalize=layer_norm_first)
-    _save(path, Wav2Vec2Model(cfg), cfg, "wav2vec2", task, "audio_pretraining", {})
-
 
 @pytest.mark.parametrize("family", ["hubert", "wav2vec2"])
 @pytest.mark.parametrize(
@@ -125,7 +51,8 @@ def test_plugin_hidden_states_are_s3prls(family, extractor_mode, layer_norm_firs
     from fairseq_mtssl.upstream.layers import run_encoder
 
     ckpt = tmp_path / f"{family}.pt"
-    (_hubert if family == "hubert" else _wav2vec2)(ckpt, extractor_mode, layer_norm_first)
+    build = random_hubert_checkpoint if family == "hubert" else random_wav2vec2_checkpoint
+    build(ckpt, extractor_mode, layer_norm_first, normalize=layer_norm_first)
     rng = np.random.default_rng(0)
     lengths = [16000, 11520]
     wavs = np.zeros((2, max(lengths)), dtype=np.float32)

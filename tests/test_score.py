@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from builders import TINY_HUBERT, random_hubert
 from conftest import PACKAGE_DIR, REPO, run_cli
 
 _VANILLA = """
@@ -176,33 +177,6 @@ def test_export_refuses_other_architectures(tiny_hubert_checkpoint, tmp_path):
     assert not (tmp_path / "x.pt").exists()
 
 
-def _hubert(**overrides):
-    """A fairseq HubertModel (HuBERT Base's architecture unless overridden), random weights."""
-    from fairseq.data.dictionary import Dictionary
-    from fairseq.models.hubert import HubertConfig, HubertModel
-    from fairseq.tasks.hubert_pretraining import HubertPretrainingConfig
-
-    d = Dictionary()
-    cfg = HubertConfig(label_rate=50.0, **overrides)
-    return HubertModel(cfg, HubertPretrainingConfig(labels=["km"], label_rate=50.0), [d])
-
-
-TINY = dict(
-    encoder_layers=4,
-    encoder_embed_dim=64,
-    encoder_ffn_embed_dim=128,
-    encoder_attention_heads=4,
-    conv_pos=16,
-    conv_pos_groups=4,
-    conv_feature_layers="[(32,10,5)] + [(32,3,2)] * 4 + [(32,2,2)] * 2",
-    dropout=0.0,
-    attention_dropout=0.0,
-    activation_dropout=0.0,
-    dropout_input=0.0,
-    final_dim=16,
-)
-
-
 def _authors_trainable(hubert) -> set:
     """The authors' freeze-by-position rule (runner_part_freeze_layers.py) applied to s3prl's
     ``hubert_base`` upstream, whose parameters are the HubertModel's under ``model.``: the 1-based
@@ -228,7 +202,7 @@ def test_paper_config_trains_the_authors_set_and_gradients_reach_what_theirs_rea
     from fairseq_mtssl.models.weight_norm import detach_weight_norm_weights
 
     torch.manual_seed(0)
-    hubert = _hubert(encoder_layerdrop=0.05)  # the official hubert_base_ls960's layerdrop
+    hubert = random_hubert(encoder_layerdrop=0.05)  # the official hubert_base_ls960's layerdrop
     authors = _authors_trainable(hubert)
     paper = OmegaConf.load(REPO / "fairseq_mtssl/config/score/score_base_librispeech.yaml").model
     detach_weight_norm_weights(hubert)  # torch >= 2.1 deep-copies weight-normed modules only so
@@ -262,7 +236,7 @@ def test_layerdrop_is_the_configs_in_student_and_teacher(layerdrop):
     from fairseq_mtssl.models.score import ScoreConfig, ScoreModel
 
     torch.manual_seed(0)
-    hubert = _hubert(**TINY, extractor_mode="layer_norm", encoder_layerdrop=0.05)
+    hubert = random_hubert(**TINY_HUBERT, extractor_mode="layer_norm", encoder_layerdrop=0.05)
     model = ScoreModel(ScoreConfig(upstream_path="-", proj_dim=8, layerdrop=layerdrop, teacher_dropout=True), hubert)
     model.train()
     assert model.student.encoder.layerdrop == layerdrop and model.teacher.encoder.layerdrop == layerdrop
@@ -291,8 +265,10 @@ def test_student_forward_equals_the_full_forward_and_graphs_only_what_trains(bat
         "paper": AUTHORS_TRAINABLE,
         "pre-ln-top1": ["encoder.layers.3", "encoder.layer_norm"],
     }[trainable]
-    hubert = _hubert(
-        **TINY, extractor_mode="layer_norm" if batched else "default", layer_norm_first=trainable == "pre-ln-top1"
+    hubert = random_hubert(
+        **TINY_HUBERT,
+        extractor_mode="layer_norm" if batched else "default",
+        layer_norm_first=trainable == "pre-ln-top1",
     )
     model = ScoreModel(ScoreConfig(upstream_path="-", trainable=entries, proj_dim=8), hubert).train()
     assert model.batchable == batched
@@ -320,7 +296,7 @@ def test_student_forward_equals_the_full_forward_and_graphs_only_what_trains(bat
 def test_trainable_names_that_select_nothing_are_refused():
     from fairseq_mtssl.models.score import ScoreConfig, ScoreModel, TrainableSetError
 
-    hubert = _hubert(**TINY, extractor_mode="layer_norm")
+    hubert = random_hubert(**TINY_HUBERT, extractor_mode="layer_norm")
     with pytest.raises(TrainableSetError, match="'encoder.layerz.1' names no parameter of the HubertModel"):
         ScoreModel(ScoreConfig(upstream_path="-", trainable=["encoder.layerz.1"]), hubert)
     with pytest.raises(TrainableSetError, match="'encoder.layers.-5' but the upstream has 4 layers"):

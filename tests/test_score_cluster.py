@@ -16,6 +16,7 @@ import socket
 
 import pytest
 import torch
+from builders import TINY_HUBERT, fairseq_cfg, perturb_norms, random_hubert, save_checkpoint, saved_config
 from conftest import REPO
 from omegaconf import OmegaConf
 
@@ -25,57 +26,7 @@ HUBERT_GRADLESS = {"final_proj.weight", "final_proj.bias", "mask_emb", "label_em
 
 def _compose(config_dir: str, name: str, *overrides: str):
     """The resolved config (DictConfig) fairseq-hydra-train would run for a packaged config."""
-    from fairseq.dataclass.initialize import hydra_init
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    import fairseq_mtssl  # noqa: F401
-
-    GlobalHydra.instance().clear()
-    hydra_init(name)
-    with initialize_config_dir(config_dir=str(REPO / "fairseq_mtssl/config" / config_dir), version_base="1.1"):
-        cfg = compose(name, overrides=["hydra.run.dir=x", *overrides])
-    GlobalHydra.instance().clear()
-    cfg = OmegaConf.to_container(cfg, resolve=False, enum_to_str=True)
-    cfg.pop("hydra", None)
-    return OmegaConf.create(OmegaConf.to_container(OmegaConf.create(cfg), resolve=True))
-
-
-def _save(path, model, model_cfg, model_name: str, task_cfg, task_name: str, task_state=None) -> None:
-    """``model`` as fairseq saves a checkpoint (config, weights, task state, one optimizer history entry)."""
-    as_dict = lambda c: OmegaConf.to_container(OmegaConf.structured(c), enum_to_str=True)  # noqa: E731
-    torch.save(
-        {
-            "cfg": {
-                "model": {**as_dict(model_cfg), "_name": model_name},
-                "task": {**as_dict(task_cfg), "_name": task_name},
-                "common": {},
-            },
-            "model": model.state_dict(),
-            "args": None,
-            "task_state": task_state or {},
-            "optimizer_history": [
-                {
-                    "criterion_name": "x",
-                    "optimizer_name": "Adam",
-                    "lr_scheduler_state": {"best": None},
-                    "num_updates": 3,
-                }
-            ],
-            "extra_state": {},
-            "last_optimizer_state": None,
-        },
-        path,
-    )
-
-
-def _perturb_norms(model: torch.nn.Module, seed: int) -> None:
-    """Non-trivial norms and biases, so a misplaced one shows."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    return OmegaConf.create(saved_config(config_dir, name, *overrides))
 
 
 @pytest.fixture(scope="module")
@@ -104,9 +55,10 @@ def hubert_upstream(tmp_path_factory):
     for i in range(10):
         d.add_symbol(str(i))
     model = HubertModel(model_cfg, task_cfg, [d])
-    _perturb_norms(model, seed=0)
+    perturb_norms(model, seed=0, weight_g=False)
     path = tmp_path_factory.mktemp("hubert") / "hubert.pt"
-    _save(path, model, model_cfg, "hubert", task_cfg, "hubert_pretraining", {"dictionaries": [d]})
+    cfg = fairseq_cfg(model_cfg, "hubert", task_cfg, "hubert_pretraining")
+    save_checkpoint(model, cfg, path, {"dictionaries": [d]}, num_updates=3)
     return path
 
 
@@ -135,11 +87,11 @@ def mt4ssl_upstream(tmp_path_factory):
         max_update=100,
     )
     model = MT4SSLModel(model_cfg, [12], [100.0], [1])
-    _perturb_norms(model, seed=1)
+    perturb_norms(model, seed=1, weight_g=False)
     model.make_ema_teacher()
     task_cfg = HubertPretrainingConfig(data="unused", labels=["km"], label_rate=100.0, normalize=True)
     path = tmp_path_factory.mktemp("mt4ssl") / "mt4ssl.pt"
-    _save(path, model, model_cfg, "mt4ssl", task_cfg, "hubert_pretraining")
+    save_checkpoint(model, fairseq_cfg(model_cfg, "mt4ssl", task_cfg, "hubert_pretraining"), path, num_updates=3)
     return path, model.eval()
 
 
@@ -202,12 +154,10 @@ def test_every_trainable_parameter_gets_a_gradient_and_the_unreachable_ones_are_
 
 
 def test_a_set_of_which_nothing_can_learn_is_refused_in_one_line():
-    from test_score import TINY, _hubert
-
     from fairseq_mtssl.errors import MtsslError
     from fairseq_mtssl.models.score import ScoreConfig, ScoreModel
 
-    hubert = _hubert(**TINY, extractor_mode="layer_norm")
+    hubert = random_hubert(**TINY_HUBERT, extractor_mode="layer_norm")
     with pytest.raises(MtsslError, match=r"^model.trainable \['final_proj', 'mask_emb'\]: none of it gets a gradient"):
         ScoreModel(ScoreConfig(upstream_path="-", trainable=["final_proj", "mask_emb"]), hubert)
 
@@ -217,12 +167,13 @@ def test_unreached_parameters_come_from_the_forward_not_from_names():
     end, which runs without a graph when none of its parameters trains), and the dry run leaves the
     modules' modes, numpy's random state and the gradients as they were."""
     import numpy as np
-    from test_score import TINY, _hubert
 
     from fairseq_mtssl.models.score import ScoreConfig, ScoreModel
 
     torch.manual_seed(0)
-    model = ScoreModel(ScoreConfig(upstream_path="-", proj_dim=8), _hubert(**TINY, extractor_mode="layer_norm"))
+    model = ScoreModel(
+        ScoreConfig(upstream_path="-", proj_dim=8), random_hubert(**TINY_HUBERT, extractor_mode="layer_norm")
+    )
     model.student.train()
     model.student.feature_extractor.conv_layers[0][0].weight.requires_grad_(True)  # feature_grad_mult stays 0
     state = np.random.get_state()[1].copy()

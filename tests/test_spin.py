@@ -14,6 +14,7 @@ import pytest
 import soundfile as sf
 import torch
 import torch.nn.functional as F
+from builders import initial_checkpoint, random_hubert, training_config
 from conftest import PACKAGE_DIR, REPO, run_cli
 from omegaconf import OmegaConf
 
@@ -229,61 +230,25 @@ def spin_data(tmp_path_factory):
     return root
 
 
-def _compose(path: Path, overrides):
-    from fairseq.dataclass.initialize import add_defaults, hydra_init
-    from hydra import compose, initialize_config_dir
-
-    hydra_init(path.stem)
-    with initialize_config_dir(config_dir=str(path.parent), version_base="1.1"):
-        cfg = compose(path.stem, overrides=[f"common.user_dir={PACKAGE_DIR}", "hydra.run.dir=x", *overrides])
-    add_defaults(cfg)
-    return OmegaConf.create(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
-
-
 @pytest.fixture(scope="module")
 def fresh_hubert(spin_data, tmp_path_factory):
     """A freshly initialised tiny HuBERT (hubert_tiny_cpu) saved as fairseq-hydra-train saves one."""
-    from fairseq import tasks
-
-    import fairseq_mtssl  # noqa: F401
-
-    cfg = _compose(
-        REPO / "fairseq_mtssl/config/hubert/pretrain/hubert_tiny_cpu.yaml",
-        [
-            f"task.data={spin_data}",
-            f"task.label_dir={spin_data / 'labels'}",
-            'task.labels=["km"]',
-            "model.label_rate=100",
-        ],
-    )
-    torch.manual_seed(0)
-    model = tasks.setup_task(cfg.task).build_model(cfg.model)
-    path = tmp_path_factory.mktemp("hubert") / "hubert_tiny.pt"
-    history = [
-        {
-            "criterion_name": "HubertCriterion",
-            "optimizer_name": "Adam",
-            "lr_scheduler_state": {"best": None},
-            "num_updates": 0,
-        }
+    overrides = [
+        f"task.data={spin_data}",
+        f"task.label_dir={spin_data / 'labels'}",
+        'task.labels=["km"]',
+        "model.label_rate=100",
     ]
-    torch.save({"cfg": OmegaConf.to_container(cfg, resolve=True), "model": model.state_dict(), "args": None,
-                "task_state": {}, "extra_state": {}, "optimizer_history": history}, path)  # fmt: skip
-    return path
+    path = tmp_path_factory.mktemp("hubert") / "hubert_tiny.pt"
+    return initial_checkpoint(REPO / "fairseq_mtssl/config/hubert/pretrain/hubert_tiny_cpu.yaml", overrides, path)
 
 
 def _hubert(**overrides):
-    from fairseq.data.dictionary import Dictionary
-    from fairseq.models.hubert import HubertConfig, HubertModel
-    from fairseq.tasks.hubert_pretraining import HubertPretrainingConfig
-
     tiny = dict(encoder_layers=3, encoder_embed_dim=32, encoder_ffn_embed_dim=64, encoder_attention_heads=4,
                 conv_pos=16, conv_pos_groups=4, conv_feature_layers="[(32,10,5)] + [(32,3,2)] * 4 + [(32,2,2)] * 2",
                 dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, dropout_input=0.0, final_dim=16)  # fmt: skip
     tiny.update(overrides)
-    return HubertModel(
-        HubertConfig(label_rate=50.0, **tiny), HubertPretrainingConfig(labels=["km"], label_rate=50.0), [Dictionary()]
-    )
+    return random_hubert(**tiny)
 
 
 def _spin_model(trainable_layers=2, **hubert_overrides):
@@ -530,7 +495,7 @@ def test_paper_config_is_the_authors_recipe():
 def _one_step(spin_data, fresh_hubert, *extra):
     from fairseq import tasks, utils
 
-    cfg = _compose(
+    cfg = training_config(
         CONFIG_DIR / "spin_tiny_cpu.yaml", [f"task.data={spin_data}", f"model.upstream_path={fresh_hubert}", *extra]
     )
     utils.set_torch_seed(1)

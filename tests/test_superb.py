@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from builders import random_hubert_checkpoint
 from conftest import PACKAGE_DIR, REPO, run_cli
 
 
@@ -170,10 +171,8 @@ def _s3prl_module(name: str, monkeypatch):
 def group_norm_upstream(tmp_path_factory):
     """A randomly initialised fairseq HuBERT with a group-normalised front end (HuBERT Base's
     ``extractor_mode: default``), ``normalize: false``, 3 layers of 96."""
-    from test_s3prl_hidden_states import _hubert
-
     path = tmp_path_factory.mktemp("gn") / "hubert.pt"
-    _hubert(path, "default", False)
+    random_hubert_checkpoint(path, "default", False)
     return path
 
 

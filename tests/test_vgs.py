@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, run_cli
+from builders import vgs_batch, vgs_config, vgs_task
+from conftest import run_cli
 
 from fairseq_mtssl.checkpoint_safety import load_checkpoint_safely
 from fairseq_mtssl.losses.speech_image import speech_image_loss
@@ -125,50 +126,14 @@ def test_negatives_across_two_gloo_workers_equal_one_process_on_the_joined_batch
 # ---------------------------------------------------------------------------- model, task, criterion
 
 
-def _compose(name, *overrides):
-    from fairseq.dataclass.initialize import hydra_init
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    import fairseq_mtssl  # noqa: F401
-
-    hydra_init(name)
-    with initialize_config_dir(config_dir=str(REPO / "fairseq_mtssl/config/vgs"), version_base="1.1"):
-        cfg = compose(name, overrides=["hydra.run.dir=x", *overrides])
-    return OmegaConf.create(OmegaConf.to_container(cfg, resolve=False, enum_to_str=True))
-
-
-def _setup(data, **model_overrides):
-    from fairseq import tasks
-    from fairseq.dataclass.initialize import hydra_init
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    import fairseq_mtssl  # noqa: F401
-
-    hydra_init("vgs_ssl_tiny_cpu")
-    with initialize_config_dir(config_dir=str(REPO / "fairseq_mtssl/config/vgs"), version_base="1.1"):
-        cfg = compose("vgs_ssl_tiny_cpu", overrides=[f"task.data={data}", "hydra.run.dir=x"])
-    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False, enum_to_str=True))
-    cfg.model.update(model_overrides)
-    task = tasks.setup_task(cfg.task)
-    task.load_dataset("valid")
-    return cfg, task
-
-
-def _batch(task, n=4):
-    ds = task.dataset("valid")
-    return ds.collater([ds[i] for i in range(n)])
-
-
 def test_av_weight_zero_is_exactly_fairseqs_wav2vec2_loss(vgs_data):
     from fairseq.criterions.wav2vec_criterion import Wav2vecCriterion
 
     from fairseq_mtssl.criterions.vgs_criterion import VgsSslCriterion
 
-    cfg, task = _setup(vgs_data, dropout_input=0.0, dropout_features=0.0, dropout=0.0, attention_dropout=0.0)
+    cfg, task = vgs_task(vgs_data, dropout_input=0.0, dropout_features=0.0, dropout=0.0, attention_dropout=0.0)
     model = task.build_model(cfg.model).train()
-    sample = _batch(task)
+    sample = vgs_batch(task)
     # fairseq draws masks from an unseeded generator: fix one mask for both runs (negatives follow torch's seed)
     from fairseq.data.data_utils import compute_mask_indices
 
@@ -192,9 +157,9 @@ def test_av_weight_zero_is_exactly_fairseqs_wav2vec2_loss(vgs_data):
 def test_av_weight_mixes_the_two_losses_as_the_papers_alpha_and_vgs_only_needs_images(vgs_data):
     from fairseq_mtssl.criterions.vgs_criterion import VgsSslCriterion
 
-    cfg, task = _setup(vgs_data)
+    cfg, task = vgs_task(vgs_data)
     model = task.build_model(cfg.model).eval()  # no dropout: both criteria see one function
-    sample = _batch(task)
+    sample = vgs_batch(task)
     kw = dict(infonce=True, loss_weights=[0.1, 10], log_keys=[])
     torch.manual_seed(3), np.random.seed(3)
     mixed, size, log = VgsSslCriterion(task, av_weight=0.3, **kw)(model, sample)
@@ -215,7 +180,7 @@ def test_av_weight_mixes_the_two_losses_as_the_papers_alpha_and_vgs_only_needs_i
 
 
 def test_speech_embedding_reads_the_configured_layer(vgs_data):
-    cfg, task = _setup(vgs_data)
+    cfg, task = vgs_task(vgs_data)
     model = task.build_model(cfg.model).eval()
     src = torch.randn(1, 20000)
     with torch.no_grad():
@@ -229,7 +194,7 @@ def test_speech_embedding_reads_the_configured_layer(vgs_data):
 
 @pytest.mark.parametrize("norm", ["instance", "batch"])
 def test_audio_feature_norm_uses_only_the_valid_frames(vgs_data, norm):
-    cfg, task = _setup(vgs_data, audio_feature_norm=norm)
+    cfg, task = vgs_task(vgs_data, audio_feature_norm=norm)
     model = task.build_model(cfg.model).train()
     lengths = [7, 4]
     h = torch.randn(2, 7, cfg.model.encoder_embed_dim) * 3 + 5
@@ -263,9 +228,9 @@ def test_bad_image_inputs_are_named(vgs_data, tmp_path):
         if (data / "valid.images").read_text().splitlines()[int(line)] == missing
     )
     with pytest.raises(ImageFeatureError, match=rf"valid.img:{first}: image {missing} has no feature row"):
-        _setup(data)
+        vgs_task(data)
     with pytest.raises(ValueError, match="image_dim=32 but the task.s image features have 72"):
-        cfg, task = _setup(vgs_data, image_dim=32)
+        cfg, task = vgs_task(vgs_data, image_dim=32)
         task.build_model(cfg.model)
 
 
@@ -603,7 +568,7 @@ def test_paper_config_builds_fast_vgs_plus_with_the_authors_parameter_counts():
 
     from fairseq_mtssl.models.wav2vec2_vgs import ClsTransformerEncoder, Wav2Vec2VgsModel
 
-    cfg = _compose("vgs_ssl_base_spokencoco", "task.data=x")
+    cfg = vgs_config("vgs_ssl_base_spokencoco", "task.data=x")
     model = build_model(cfg.model, None)  # fairseq merges the yaml with the model's dataclass
     assert isinstance(model, Wav2Vec2VgsModel)
     assert model.arch == "fast_vgs_plus" and isinstance(model.w2v.encoder, ClsTransformerEncoder)
@@ -737,7 +702,7 @@ def test_fast_vgs_plus_image_head_splits_feature_and_box_and_audio_mask_follows_
 
 
 def test_old_light_checkpoints_need_the_light_override(vgs_data):
-    cfg, task = _setup(vgs_data)
+    cfg, task = vgs_task(vgs_data)
     light = task.build_model(cfg.model)
     paper = _small_fast_vgs_plus()
     with pytest.raises(ValueError, match="load it with the override model.vgs_arch=light"):
@@ -745,7 +710,7 @@ def test_old_light_checkpoints_need_the_light_override(vgs_data):
 
 
 def test_paper_config_states_the_authors_recipe():
-    cfg = _compose("vgs_ssl_base_spokencoco", "task.data=x")
+    cfg = vgs_config("vgs_ssl_base_spokencoco", "task.data=x")
     o, t, c, m = cfg.optimization, cfg.task, cfg.criterion, cfg.model
     assert cfg.dataset.batch_size == 16  # x 4 GPUs: the authors' 64 captions a step
     assert (o.lr, o.clip_norm, cfg.common.fp16) == ([1e-4], 1.0, False)

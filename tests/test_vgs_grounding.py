@@ -6,7 +6,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from test_vgs import _batch, _compose, _setup
+from builders import vgs_batch, vgs_config, vgs_task
 
 from fairseq_mtssl.corpus.scenes import SIZES, render_scene, sample_scene
 from fairseq_mtssl.data.scene_regions import region_dim, scene_regions
@@ -73,11 +73,11 @@ def _epochs(task, n=2, seed=1, batch_size=4):
 
 
 def test_random_batches_change_every_epoch_and_repeat_on_a_rerun(vgs_data):
-    cfg, task = _setup(vgs_data)
+    cfg, task = vgs_task(vgs_data)
     task.load_dataset("train")
     e1, e2 = _epochs(task)
     assert e1 != e2 and sorted(map(tuple, e1)) != sorted(map(tuple, e2))
-    _, again = _setup(vgs_data)
+    _, again = vgs_task(vgs_data)
     again.load_dataset("train")
     assert _epochs(again, 1)[0] == e1
     sizes = task.dataset("train").sizes
@@ -93,13 +93,13 @@ def test_random_batches_change_every_epoch_and_repeat_on_a_rerun(vgs_data):
 
 
 def test_pad_to_max_sample_size_pads_every_caption_with_its_mask(vgs_data):
-    cfg, task = _setup(vgs_data)
+    cfg, task = vgs_task(vgs_data)
     cfg.task.pad_to_max_sample_size = True
     from fairseq import tasks
 
     padded = tasks.setup_task(cfg.task)
     padded.load_dataset("valid")
-    plain, fixed = _batch(task), _batch(padded)
+    plain, fixed = vgs_batch(task), vgs_batch(padded)
     src, mask = fixed["net_input"]["source"], fixed["net_input"]["padding_mask"]
     assert src.size(1) == cfg.task.max_sample_size
     t = plain["net_input"]["source"].size(1)
@@ -114,7 +114,7 @@ def test_bert_trunk_init_covers_every_linear_of_wav2vec2():
 
     import fairseq_mtssl  # noqa: F401
 
-    cfg = _compose("vgs_ssl_tiny_cpu", "task.data=x", "model.trunk_init=bert", "model.encoder_embed_dim=256")
+    cfg = vgs_config("vgs_ssl_tiny_cpu", "task.data=x", "model.trunk_init=bert", "model.encoder_embed_dim=256")
     torch.manual_seed(0)
     model = build_model(cfg.model, None)
     linears = {n: m for n, m in model.w2v.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -133,10 +133,10 @@ def test_unmasked_vgs_input_embeds_the_caption_as_retrieval_does(vgs_data):
     from fairseq.models import build_model
 
     for vgs_input, equal in (("unmasked", True), ("masked", False)):
-        cfg, task = _setup(vgs_data, vgs_input=vgs_input)
+        cfg, task = vgs_task(vgs_data, vgs_input=vgs_input)
         torch.manual_seed(0)
         model = build_model(cfg.model, task).eval()
-        batch = _batch(task)
+        batch = vgs_batch(task)
         with torch.no_grad():
             out = model(**batch["net_input"])  # the training forward: masked, with the SSL outputs
             alone = model.embed_speech(batch["net_input"]["source"], batch["net_input"].get("padding_mask"))
@@ -159,7 +159,7 @@ def test_chance_recall_equals_exhaustive_enumeration_of_rankings():
 
 def test_documented_vgs_overrides_are_in_the_configs():
     for name in ("vgs_ssl_tiny_cpu", "vgs_ssl_base_spokencoco"):
-        cfg = _compose(
+        cfg = vgs_config(
             name, "task.data=x", "task.audio_only_manifest=/a/train.tsv", "task.image_features=/f",
             "task.random_batches=false", "task.pad_to_max_sample_size=true", "model.trunk_init=bert",
             "model.vgs_input=unmasked",
@@ -194,10 +194,10 @@ def test_unmasked_pass_reuses_the_conv_features_exactly(vgs_data, monkeypatch):
 
     from fairseq_mtssl.models import wav2vec2_vgs
 
-    cfg, task = _setup(vgs_data, vgs_input="unmasked")
+    cfg, task = vgs_task(vgs_data, vgs_input="unmasked")
     torch.manual_seed(0)
     model = build_model(cfg.model, task).eval()
-    batch = _batch(task)
+    batch = vgs_batch(task)
     with torch.no_grad():
         frames = model.w2v.feature_extractor(batch["net_input"]["source"]).size(-1)
     mask = torch.zeros(len(batch["id"]), frames, dtype=torch.bool)
