@@ -20,10 +20,10 @@ pip_install torch==2.13.0
 pip_install --no-deps ve-fairseq==0.12.3
 pip_install -r requirements.txt torch==2.13.0
 pip_install --no-deps s3prl==0.4.18  # only for the hubert_local interoperability test; it declares torchaudio
-# test-only: dtw-python is the DTW of s3prl's quesst14_dtw expert, the reference of tests/test_quesst.py
+# test-only: dtw-python is the DTW of s3prl's quesst14_dtw expert, the reference of tests/evaluation/test_quesst.py
 # (s3prl pins 1.3.0, whose wheel was built for numpy 1); it needs only numpy>=2 and scipy, already here
 pip_install --no-deps dtw-python==1.9.0
-# libri-light's ABX, the reference of tests/test_abx_reference.py and benchmarks/bench_abx.py; it declares
+# libri-light's ABX, the reference of tests/evaluation/test_abx_reference.py and benchmarks/bench_abx.py; it declares
 # torchaudio (never imported: fairseq_mtssl/evaluation/libri_light_abx.py), and its wheel's Cython DTW was
 # built for numpy 1, so it is rebuilt from the wheel's own dtw.pyx (the tests skip if that fails)
 pip_install --no-deps zerospeech-libriabx==1.0.5

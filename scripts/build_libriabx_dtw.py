@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/build_libriabx_dtw.py
 
-zerospeech-libriabx 1.0.5 (libri-light's ABX, the reference of tests/test_abx_reference.py and
+zerospeech-libriabx 1.0.5 (libri-light's ABX, the reference of tests/evaluation/test_abx_reference.py and
 benchmarks/bench_abx.py) ships a wheel whose ``libri_light_dtw`` extension was compiled against numpy 1.x:
 under numpy 2 it fails to import ("numpy.dtype size changed"). The wheel also ships the extension's
 source, ``libriabx/libri_light/ABX_src/dtw.pyx``; this compiles that file unchanged (Cython, ``-O3`` as

@@ -1,4 +1,10 @@
-"""Shared fixtures: one small embedded corpus and its manifests per test session."""
+"""Shared fixtures: one small embedded corpus and its manifests per test session.
+
+The tests live in folders named after the package they test (tests/models/ for fairseq_mtssl/models/, ...),
+end-to-end, training and distributed runs in tests/integration/; what several of them build (tiny
+checkpoints, composed configs, the export round trip) is in tests/builders.py. This folder is put on
+``sys.path`` so that every test file imports ``builders`` and ``conftest`` by name.
+"""
 
 import os
 import subprocess
@@ -7,7 +13,10 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
+REPO = TESTS.parent
 PACKAGE_DIR = REPO / "fairseq_mtssl"
 BIN = Path(sys.executable).parent
 

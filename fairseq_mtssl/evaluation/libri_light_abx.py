@@ -1,5 +1,5 @@
 """libri-light's own ABX (zerospeech-libriabx), called on in-memory features: the reference that
-tests/test_abx_reference.py and benchmarks/bench_abx.py compare ``mtssl-abx`` with.
+tests/evaluation/test_abx_reference.py and benchmarks/bench_abx.py compare ``mtssl-abx`` with.
 
 zerospeech-libriabx is optional (``pip install --no-deps zerospeech-libriabx progressbar2 python-utils``,
 then ``scripts/build_libriabx_dtw.py`` to rebuild its DTW for numpy 2). Its package ``__init__`` imports a

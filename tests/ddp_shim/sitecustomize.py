@@ -1,4 +1,4 @@
-"""Loaded by the two-rank tests (tests/test_ddp.py) through PYTHONPATH, in each fairseq-hydra-train rank.
+"""Loaded by the two-rank tests (tests/integration/test_ddp.py) through PYTHONPATH, in each fairseq-hydra-train rank.
 
 - ``MTSSL_TEST_RANK_DIGEST=DIR``: after every update each rank writes ``DIR/rank{R}.json`` with the
   update count and a digest of its parameters, so the test can see that the ranks stay equal.

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PACKAGE = REPO / "fairseq_mtssl"
 ROOT = "fairseq_mtssl"
 
@@ -163,7 +163,9 @@ def violations() -> List[Tuple[str, str]]:
             key = f"{path.relative_to(REPO)} -> {imp.target()}"
             if own not in layer or other not in layer:
                 unknown = own if own not in layer else other
-                found.append((key, f"{imp.where()}: package {unknown!r} has no layer (tests/test_layering.py LAYERS)"))
+                found.append(
+                    (key, f"{imp.where()}: package {unknown!r} has no layer (tests/package/test_layering.py LAYERS)")
+                )
                 continue
             private = [p for p in imp.target().split(".")[1:] if _is_private(p)]
             if private:

@@ -13,7 +13,7 @@ import pytest
 
 from fairseq_mtssl.errors import MtsslError, cli
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PACKAGE = REPO / "fairseq_mtssl"
 ROOT = "fairseq_mtssl"
 

@@ -5,7 +5,7 @@ A tiny SPIN model is built on a small fairseq HuBERT (group-normed front end, po
 changed (so the student differs from the start), and saved as fairseq saves a checkpoint. The quick test
 exports it in-process and reads the result back with the plugin's loader; the slow one runs the one
 command ``mtssl-export`` and reads every format in a fresh interpreter without the plugin, as
-``tests/test_export.py`` does for the other methods: every hidden state equals the fine-tuned student's.
+``tests/convert/test_export.py`` does for the other methods: every hidden state equals the fine-tuned student's.
 """
 
 import pytest

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from omegaconf import OmegaConf
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 400  # the whole 2-process run; a collective that one worker skips fails after COLLECTIVE_TIMEOUT_S
 COLLECTIVE_TIMEOUT_S = 120
 
@@ -62,7 +62,7 @@ def _init(rank: int, port: int):
 
 def _finish(results, path):
     """Save, wait for the other worker, then skip interpreter teardown (gloo's threads can abort at exit
-    under load, as in tests/test_vgs.py)."""
+    under load, as in tests/models/test_vgs.py)."""
     import torch.distributed as dist
 
     torch.save(results, path)

@@ -225,7 +225,7 @@ def test_cuda_kernels_under_numbas_simulator_match_the_torch_loop():
     """The CUDA path without a GPU: numba's CUDA simulator runs the kernels' Python bodies, thread by thread."""
     lx, ly = [7, 3, 1, 6], [5, 6, 4, 1]  # small: the simulator runs a Python thread per CUDA thread
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", NUMBA_DISABLE_JIT="0")
-    repo = str(Path(__file__).resolve().parents[1])
+    repo = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run(
         [sys.executable, "-c", _CUDASIM, json.dumps(lx), json.dumps(ly)], env=env, capture_output=True, text=True
@@ -266,7 +266,7 @@ print(json.dumps({
 
 def _run_under_cudasim(script: str, *args: str) -> dict:
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", NUMBA_DISABLE_JIT="0")
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2]) + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -432,7 +432,7 @@ def test_without_numba_the_torch_loop_runs():
     )
     env = dict(os.environ)
     env.pop(sdtw_module.BACKEND_ENV, None)
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2]) + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = torch.tensor(json.loads(proc.stdout.strip().splitlines()[-1]), dtype=torch.float64)

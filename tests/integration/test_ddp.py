@@ -21,7 +21,7 @@ import pytest
 from conftest import BIN, PACKAGE_DIR, REPO
 
 pytestmark = pytest.mark.slow
-SHIM = Path(__file__).resolve().parent / "ddp_shim"
+SHIM = Path(__file__).resolve().parents[1] / "ddp_shim"
 
 
 def _free_port() -> int:

@@ -44,7 +44,7 @@ CONFIG_ROOT = REPO / "fairseq_mtssl/config"
 PAPER_CONFIGS = sorted(p for p in CONFIG_ROOT.rglob("*.yaml") if not p.stem.endswith("tiny_cpu"))
 TINY_CONFIGS = sorted(p for p in CONFIG_ROOT.rglob("*.yaml") if p.stem.endswith("tiny_cpu"))
 SBATCH = REPO / "examples/slurm/train.sbatch"
-DDP_SHIM = Path(__file__).resolve().parent / "ddp_shim" / "sitecustomize.py"
+DDP_SHIM = Path(__file__).resolve().parents[1] / "ddp_shim" / "sitecustomize.py"
 
 # ---------------------------------------------------------------------------------------------- launchers
 
@@ -308,7 +308,7 @@ def test_readme_gives_the_tested_commands():
 
 SHIM = textwrap.dedent(
     f'''
-    """Test-only, loaded into each fairseq-hydra-train rank (tests/test_distributed_training.py)."""
+    """Test-only, loaded into each fairseq-hydra-train rank (tests/integration/test_distributed_training.py)."""
     import importlib.util, json, os
 
     _spec = importlib.util.spec_from_file_location("_mtssl_ddp_shim", {str(DDP_SHIM)!r})

@@ -5,7 +5,7 @@ import configparser
 import re
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PACKAGE = REPO / "fairseq_mtssl"
 
 
