@@ -198,7 +198,8 @@ class Study:
                 "mtssl-content-compare",
                 start,
                 *("--data", self.job.data, "--out", out, "--updates", self.args.content_updates),
-                *("--jobs", 1, "--seeds", *self.args.seeds),
+                # its trainings and evaluations side by side as the study's own stages (--jobs)
+                *("--jobs", self.args.jobs, "--seeds", *self.args.seeds),
             ],
         )
         return {"summary": json.loads((out / "summary.json").read_text()), "table": str(out / "summary.md")}
