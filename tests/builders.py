@@ -400,6 +400,95 @@ def assert_states_match(encoder, x: torch.Tensor, got: dict, pre_ln: bool):
     return diffs
 
 
+# ------------------------------------------------------------------------ SPIN: a voiced multi-speaker corpus
+
+SPIN_SR = 16000
+SPIN_SPEAKERS = {"spkA": 110.0, "spkB": 180.0, "spkC": 240.0}  # each speaker's f0
+
+
+def voiced(n: int, f0: float, seed: int = 0) -> np.ndarray:
+    """A harmonic tone at ``f0`` with vibrato, syllable-rate amplitude and a little noise, peak 0.5."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(n) / SPIN_SR
+    phase = 2 * np.pi * np.cumsum(f0 * (1 + 0.05 * np.sin(2 * np.pi * 3 * t))) / SPIN_SR
+    x = sum(np.sin(h * phase) / h for h in range(1, int(6000 // f0)))
+    x *= 0.35 + 0.65 * (0.5 - 0.5 * np.cos(2 * np.pi * 4 * t))
+    x = 0.5 * x / np.abs(x).max() + 1e-3 * rng.standard_normal(n)
+    return x.astype(np.float32)
+
+
+def write_spin_corpus(root: Path) -> Path:
+    """train: 6 utterances of 3 speakers (one longer than the test crop), valid: 2; {split}.spk beside each."""
+    lengths = {"train": [20000, 26000, 30000, 23000, 34000, 52000], "valid": [21000, 25000]}
+    for split, lens in lengths.items():
+        rows, spks = [], []
+        for i, n in enumerate(lens):
+            spk = sorted(SPIN_SPEAKERS)[i % 3]
+            rel = f"wav/{split}/{spk}/{spk}-{split}-{i}.wav"
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            sf.write(root / rel, voiced(n, SPIN_SPEAKERS[spk], seed=i), SPIN_SR, subtype="PCM_16")
+            rows.append(f"{rel}\t{n}")
+            spks.append(spk)
+        (root / f"{split}.tsv").write_text(f"{root}\n" + "\n".join(rows) + "\n")
+        (root / f"{split}.spk").write_text("\n".join(spks) + "\n")
+    labels = root / "labels"
+    labels.mkdir()
+    (labels / "dict.km.txt").write_text("".join(f"{i} 1\n" for i in range(20)))
+    return root
+
+
+def spin_task(data, **overrides):
+    """SPIN's fine-tuning task on ``data`` (seed 1, utterances of 0.5 to 2.5 s)."""
+    from fairseq_mtssl.tasks.spin_finetuning import SpinFinetuningConfig, SpinFinetuningTask
+
+    cfg = SpinFinetuningConfig(data=str(data), seed=1, max_sample_size=40000, min_sample_size=8000, **overrides)
+    return SpinFinetuningTask(cfg)
+
+
+# ------------------------------------------------------------------------------- soft-DTW: the recursion
+
+
+def brute_soft_dtw(D: torch.Tensor, gamma: float) -> torch.Tensor:
+    """The recursion cell by cell, differentiable by autograd (one item)."""
+    n, m = D.shape
+    inf = torch.tensor(float("inf"), dtype=D.dtype)
+    R = [[inf] * (m + 1) for _ in range(n + 1)]
+    R[0][0] = torch.tensor(0.0, dtype=D.dtype)
+    for i in range(1, n + 1):
+        for j in range(1, m + 1):
+            prev = torch.stack([R[i - 1][j - 1], R[i - 1][j], R[i][j - 1]])
+            R[i][j] = D[i - 1, j - 1] - gamma * torch.logsumexp(-prev / gamma, 0)
+    return R[n][m]
+
+
+# ---------------------------------------------------------------------------- VGS: the speech-image loss
+
+
+def brute_speech_image_loss(speech, image, ids, kind="margin_infonce", margin=1.0, temperature=0.07, similarity="dot"):
+    """FaST-VGS's formula, one element at a time: ``S[i][j] = image_i . caption_j`` (rows images, columns
+    captions); I2C_i = -log softmax over row i, C2I_j = -log softmax over column j, the positive's score
+    less the margin (or every score over the temperature), entries of other captions of the same image
+    left out; loss = mean_i I2C_i + mean_j C2I_j."""
+    speech, image = np.asarray(speech, dtype=np.float64), np.asarray(image, dtype=np.float64)
+    if similarity == "cosine":
+        speech = speech / np.linalg.norm(speech, axis=1, keepdims=True)
+        image = image / np.linalg.norm(image, axis=1, keepdims=True)
+    n = len(ids)
+
+    def score(i, j):  # image i against caption j
+        s = sum(float(image[i][k]) * float(speech[j][k]) for k in range(len(image[i])))
+        if kind == "margin_infonce":
+            return s - margin if i == j else s
+        return s / temperature
+
+    def kept(i, j):
+        return i == j or ids[i] != ids[j]
+
+    i2c = [-score(i, i) + math.log(sum(math.exp(score(i, j)) for j in range(n) if kept(i, j))) for i in range(n)]
+    c2i = [-score(j, j) + math.log(sum(math.exp(score(i, j)) for i in range(n) if kept(i, j))) for j in range(n)]
+    return sum(i2c) / n + sum(c2i) / n
+
+
 # ----------------------------------------------------------------------------------- ABX: a hand-made set
 
 

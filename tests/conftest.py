@@ -96,6 +96,14 @@ def vgs_data(manifest_dir, corpus_dir, tmp_path_factory):
     return data
 
 
+@pytest.fixture(scope="module")
+def spin_data(tmp_path_factory):
+    """A voiced corpus of 3 speakers for SPIN (builders.write_spin_corpus), one per test module."""
+    from builders import write_spin_corpus
+
+    return write_spin_corpus(tmp_path_factory.mktemp("spin_corpus"))
+
+
 def run_cli(*args, check=True, cwd=None, timeout=600):
     """Run a console script of this environment; return the CompletedProcess (text output)."""
     cmd = [str(BIN / args[0]), *map(str, args[1:])]
