@@ -40,7 +40,8 @@ def run(variant: str, args, out: Path) -> float:
     elif variant == "new":
         cmd += ["--qbe-method", "plugin"]
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # cwd: not the repository (``python -m`` puts the working directory before PYTHONPATH)
+    subprocess.run(cmd, check=True, env=env, cwd=out.parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - start
 
 
