@@ -1,6 +1,6 @@
 """The main job: every method of the plugin on the embedded corpus, evaluated, with a report.
 
-    mtssl-main-job --out runs/main                      # about 19 minutes on 2 cores, 2.8 GB
+    mtssl-main-job --out runs/main                      # about 23 minutes on 2 cores, 2.8 GB
     mtssl-main-job --out runs/main --hours 2 --updates 3000 --pr-updates 1000 --jobs 1   # longer
     mtssl-main-job --profile study --out runs/study     # the papers' claims over 3 seeds (jobs/study.py)
 
