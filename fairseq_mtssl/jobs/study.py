@@ -420,11 +420,12 @@ def study_markdown(study: Dict, args) -> str:
         for variant in MT4SSL_VARIANTS:
             rows = [finals[f"mt4ssl_{variant}_seed{s}"] for s in seeds if f"mt4ssl_{variant}_seed{s}" in finals]
             lines.append(f"| {variant} | " + " | ".join(str(Spread.of([r[k] for r in rows])) for k in keys) + " |")
-    lines += ["", "## VGS+SSL (test split; R@1 as a multiple of chance in brackets)", ""]
-    lines += [
-        "| scenario | seed | s->i R@1/5/10 | i->s R@1/5/10 | ABX across, best layer (%) | ABX before the switch |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
+    if study["vgs"]:
+        lines += ["", "## VGS+SSL (test split; R@1 as a multiple of chance in brackets)", ""]
+        lines += [
+            "| scenario | seed | s->i R@1/5/10 | i->s R@1/5/10 | ABX across, best layer (%) | ABX before the switch |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
     chance = None
     for name, r in sorted(study["vgs"].items()):
         ret, chance = r["retrieval"], r.get("chance") or chance
