@@ -6,7 +6,9 @@ checkpoints, composed configs, the export round trip) is in tests/builders.py. T
 ``sys.path`` so that every test file imports ``builders`` and ``conftest`` by name.
 """
 
+import inspect
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,14 +22,28 @@ REPO = TESTS.parent
 PACKAGE_DIR = REPO / "fairseq_mtssl"
 BIN = Path(sys.executable).parent
 
-# A test that needs a trained model is marked ``slow`` (``pytest -m "not slow"`` leaves it out): those
-# that request a fixture which trains one, and those marked ``@pytest.mark.slow`` because they train.
+# ``slow`` (``pytest -m "not slow"``, the quick loop, leaves them out): tests that request a fixture which
+# trains a model, tests marked ``@pytest.mark.slow`` because they train, everything in tests/integration/
+# (end-to-end, training, distributed), and whole-tool runs: a test that starts a console script (``run_cli``)
+# or another Python process (each pays torch's and fairseq's imports, 3-20 s).
 TRAINING_FIXTURES = {"tiny_hubert_checkpoint"}
+WHOLE_TOOL = re.compile(r"\brun_cli\(|subprocess\.|sys\.executable|mp\.spawn|torch\.multiprocessing")
+
+
+def _runs_a_whole_tool(item) -> bool:
+    try:
+        return bool(WHOLE_TOOL.search(inspect.getsource(item.function)))
+    except (OSError, TypeError):
+        return False
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
+        if (
+            TRAINING_FIXTURES & set(getattr(item, "fixturenames", ()))
+            or "integration" in Path(str(item.fspath)).parts
+            or _runs_a_whole_tool(item)
+        ):
             item.add_marker(pytest.mark.slow)
 
 
