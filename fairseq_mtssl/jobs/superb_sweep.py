@@ -46,6 +46,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from ..atomic import atomic_write
 from ..config import config_dir
 from ..errors import MtsslError, cli
+from ..upstream.readers import MFCC
 from .commands import CommandFailed
 from .stages import Pipeline
 from .training_log import latest_update, read_curve
@@ -255,10 +256,11 @@ class SuperbSweep:
         from omegaconf import OmegaConf
 
         self.task = get_task(task)
-        self.upstream = Path(upstream).resolve()
-        if not self.upstream.is_file():
+        mfcc = str(upstream) == MFCC  # the parameter-free MFCC upstream, SUPERB's baseline
+        self.upstream = MFCC if mfcc else Path(upstream).resolve()
+        if not mfcc and not self.upstream.is_file():
             raise SweepError(f"{upstream}: upstream checkpoint not found")
-        self.name = name or upstream_name(self.upstream)
+        self.name = name or (MFCC if mfcc else upstream_name(self.upstream))
         data = Path(data).resolve()
         self.manifests = data / "manifests" if (data / "manifests").is_dir() else data  # a main-job data folder
         self.out = Path(out).resolve()
@@ -307,7 +309,7 @@ class SuperbSweep:
     @property
     def normalize(self) -> bool:
         if self._normalize is None:
-            self._normalize = upstream_normalize(self.upstream)
+            self._normalize = False if self.upstream == MFCC else upstream_normalize(self.upstream)
         return self._normalize
 
     def run_dir(self, lr) -> Path:

@@ -27,6 +27,7 @@ from fairseq.models import BaseFairseqModel, register_model
 from omegaconf import MISSING
 
 from ..upstream import hidden_states, load_upstream
+from ..upstream.mfcc import MfccUpstream
 
 DOWNSTREAMS = ChoiceEnum(["linear", "bilstm"])
 # s3prl's projector width per head: downstream/ctc/libriphone.yaml model.project_dim: 256 (PR),
@@ -36,7 +37,9 @@ S3PRL_PROJECT_DIM = {"linear": 256, "bilstm": 1024}
 
 @dataclass
 class SuperbDownstreamConfig(FairseqDataclass):
-    upstream_path: str = field(default=MISSING, metadata={"help": "upstream checkpoint (fairseq or plugin), frozen"})
+    upstream_path: str = field(
+        default=MISSING, metadata={"help": "upstream checkpoint (fairseq or plugin), frozen; 'mfcc': MFCC + deltas"}
+    )
     downstream: DOWNSTREAMS = field(
         default="linear",
         metadata={"help": "linear: s3prl's PR head (ctc/libriphone.yaml); bilstm: s3prl's ASR head (asr/config.yaml)"},
@@ -218,6 +221,8 @@ class SuperbDownstreamModel(BaseFairseqModel):
 
     def upstream_states(self, source: torch.Tensor, padding_mask):
         with torch.no_grad():
+            if isinstance(self.upstream, MfccUpstream):
+                return self.upstream.hidden_states(source, padding_mask)
             return hidden_states(self.upstream, source, padding_mask)
 
     def forward(self, source: torch.Tensor, padding_mask=None, **kwargs) -> dict:

@@ -131,7 +131,12 @@ def speech_encoder_of(model: nn.Module) -> nn.Module:
 
 
 def load_upstream(path) -> Tuple[nn.Module, bool]:
-    """``(frozen speech encoder in eval mode, whether its task normalised the waveform)``."""
+    """``(frozen speech encoder in eval mode, whether its task normalised the waveform)``; ``"mfcc"``: the
+    parameter-free MFCC upstream (:class:`~.mfcc.MfccUpstream`, no normalisation)."""
+    from .mfcc import MfccUpstream
+
+    if str(path) == "mfcc":
+        return MfccUpstream().eval(), False
     model, task_cfg = load_speech_model(path)
     try:
         encoder = speech_encoder_of(model)

@@ -8,7 +8,8 @@ kaldi-native-fbank in the tests. Padding never changes a frame: each frame reads
 """
 
 from functools import lru_cache
-from typing import List, Sequence
+from types import SimpleNamespace
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -112,3 +113,22 @@ def batch_mfcc(wavs: Sequence[np.ndarray], dtype: torch.dtype = torch.float32) -
     with torch.inference_mode():
         feats = mfcc_with_deltas(padded, lengths)
     return [feats[i, : num_frames(int(n))].numpy() for i, n in enumerate(lengths)]
+
+
+class MfccUpstream(torch.nn.Module):
+    """MFCC + deltas as a frozen SUPERB upstream (s3prl has an ``mfcc`` baseline upstream; this one is the
+    Kaldi-compatible MFCC above): one hidden state ``(B, F, 39)`` at 100 Hz and no parameters. ``encoder``
+    carries what the SUPERB model reads of a speech encoder (``embedding_dim``, ``layers``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = SimpleNamespace(embedding_dim=FEATURE_DIM, layers=())
+
+    def hidden_states(self, source: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        """``([(B, F, 39)], frame padding mask (B, F) or None)`` of a padded batch ``source (B, T)``."""
+        b, t = source.shape
+        lengths = (~padding_mask).sum(1) if padding_mask is not None else torch.full((b,), t)
+        feats = mfcc_with_deltas(source.float(), lengths.cpu()).to(source.dtype)
+        frames = torch.tensor([num_frames(int(n)) for n in lengths], device=feats.device)
+        mask = torch.arange(feats.size(1), device=feats.device)[None, :] >= frames[:, None]
+        return [feats], (mask if mask.any() else None)

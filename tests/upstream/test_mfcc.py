@@ -1,4 +1,4 @@
-"""MFCC + deltas against kaldi-native-fbank, an independent Kaldi implementation."""
+"""MFCC + deltas against kaldi-native-fbank, an independent Kaldi implementation; MFCC as a SUPERB upstream."""
 
 import kaldi_native_fbank as knf
 import numpy as np
@@ -69,3 +69,31 @@ def test_batching_does_not_change_any_frame(wavs):
 def test_too_short_audio_is_an_error():
     with pytest.raises(ValueError, match="fewer than one 400-sample frame"):
         batch_mfcc([np.zeros(300, dtype=np.float32)])
+
+
+def test_mfcc_upstream_gives_each_utterances_own_frames_in_a_padded_batch_and_feeds_superb():
+    """The SUPERB baseline upstream: one hidden state, each item's frames equal to its unpadded MFCC, the
+    padding masked; the downstream model runs on it as on a speech model's states."""
+    import torch
+
+    from fairseq_mtssl.models.superb import SuperbDownstreamConfig, SuperbDownstreamModel
+    from fairseq_mtssl.upstream.checkpoint import load_upstream
+
+    upstream, normalize = load_upstream("mfcc")
+    assert not normalize and not list(upstream.parameters())
+    rng = np.random.default_rng(0)
+    wavs = [rng.normal(size=n).astype(np.float32) * 0.1 for n in (16000, 9000)]
+    source = torch.zeros(2, 16000)
+    mask = torch.ones(2, 16000, dtype=torch.bool)
+    for i, w in enumerate(wavs):
+        source[i, : len(w)] = torch.from_numpy(w)
+        mask[i, : len(w)] = False
+    (states,), frame_mask = upstream.hidden_states(source, mask)
+    alone = batch_mfcc(wavs)
+    assert states.shape == (2, num_frames(16000), FEATURE_DIM)
+    assert frame_mask[1].sum() == num_frames(16000) - num_frames(9000) and not frame_mask[0].any()
+    for i, ref in enumerate(alone):
+        np.testing.assert_allclose(states[i, : len(ref)].numpy(), ref, atol=1e-4)
+    model = SuperbDownstreamModel(SuperbDownstreamConfig(upstream_path="mfcc"), upstream, 40).eval()
+    out = model(source, mask)
+    assert out["encoder_out"].shape == (num_frames(16000), 2, 40) and model.featurizer.weights.numel() == 1
