@@ -68,6 +68,28 @@ MODELS = [
 MFCC_RATE = f"{MfccReader.frame_rate:g}"  # the MFCC labels' rate (Hz)
 
 
+def max_update_of(config: Path, overrides) -> Optional[int]:
+    """``optimization.max_update`` of a training: its override, else the config's (None: unset)."""
+    for o in reversed([str(o) for o in overrides]):
+        if o.startswith("optimization.max_update="):
+            return int(o.split("=", 1)[1])
+    from omegaconf import OmegaConf
+
+    value = OmegaConf.select(OmegaConf.load(config), "optimization.max_update")
+    return int(value) if value else None
+
+
+def saved_updates(run_dir: Path) -> Optional[int]:
+    """The updates of a run's ``checkpoint_last.pt`` (None: no checkpoint)."""
+    from ..checkpoint_safety import load_checkpoint_safely
+
+    ckpt = Path(run_dir) / "checkpoints" / "checkpoint_last.pt"
+    if not ckpt.is_file():
+        return None
+    history = load_checkpoint_safely(ckpt).get("optimizer_history") or [{}]
+    return history[-1].get("num_updates")
+
+
 class MainJob:
     def __init__(self, args: argparse.Namespace):
         self.args = args
@@ -95,6 +117,12 @@ class MainJob:
     def hydra_train(
         self, stage: str, config_dir: Path, config: str, run_dir: Path, *overrides: str, save_interval: int = 0
     ) -> None:
+        target = max_update_of(config_dir / f"{config}.yaml", overrides)
+        done = saved_updates(run_dir)
+        if target is not None and done is not None and done >= target:
+            # killed after its last checkpoint, before the stage was marked done: fairseq resumed at max_update
+            # would still run one more update, so the training is not started again
+            return
         self.pipeline.run(
             stage,
             [
