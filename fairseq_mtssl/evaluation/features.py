@@ -15,15 +15,13 @@ into place at the end (all or nothing); a cache whose ``meta.json`` matches (rea
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from ..atomic import atomic_directory
 from ..data.batches import iter_audio_batches
 from ..data.manifest import read_manifest
 from ..errors import MtsslError
@@ -132,71 +130,51 @@ def extract_split(
     total = int(offsets[-1])
     size = total * reader.dim * 4 * len(layer_ids)
     meta = _meta(reader, manifest_path, layer_ids, total)
-    if cache is not None:
-        cache = Path(cache)
-        found = _load_cache(cache, meta)
-        if found is not None and (found.embeddings is not None or not embeddings):
-            return found
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f".{cache.name}.", dir=cache.parent))
+    if embeddings and not hasattr(reader, "hidden_states_and_embedding"):
+        raise FeatureCacheError(f"{reader.source}: model {reader.name!r} makes no utterance embeddings")
+    if cache is None:
+        if size > memory_limit:
+            raise FeatureCacheError(
+                f"{manifest_path}: {size / 2**30:.1f} GiB of features ({len(layer_ids)} layers x {total} frames x "
+                f"{reader.dim}); give a cache folder (or fewer layers)"
+            )
+        store = [np.empty((total, reader.dim), np.float32) for _ in layer_ids]
+        emb = _fill(reader, manifest, store, layer_ids, offsets, embeddings)
+        return SplitFeatures(utts, offsets, store, layer_ids, reader.frame_rate, reader.hop, reader.window, emb)
+    cache = Path(cache)
+    found = _load_cache(cache, meta)
+    if found is not None and (found.embeddings is not None or not embeddings):
+        return found
+    with atomic_directory(cache) as work:  # all or nothing, readable under the umask
         store = [
             np.lib.format.open_memmap(work / f"layer_{k}.npy", "w+", np.float32, (total, reader.dim)) for k in layer_ids
         ]
-    elif size > memory_limit:
-        raise FeatureCacheError(
-            f"{manifest_path}: {size / 2**30:.1f} GiB of features ({len(layer_ids)} layers x {total} frames x "
-            f"{reader.dim}); give a cache folder (or fewer layers)"
-        )
-    else:
-        store = [np.empty((total, reader.dim), np.float32) for _ in layer_ids]
-    if embeddings and not hasattr(reader, "hidden_states_and_embedding"):
-        raise FeatureCacheError(f"{reader.source}: model {reader.name!r} makes no utterance embeddings")
-    emb: List[Optional[np.ndarray]] = [None] * len(utts)
-    try:
-        for indices, wavs in iter_audio_batches(manifest, list(range(len(manifest))), 800_000):
-            for i, wav in zip(indices, wavs):
-                if embeddings:
-                    states, emb[i] = reader.hidden_states_and_embedding(wav)
-                else:
-                    states = reader.hidden_states(wav)
-                if len(states[0]) != frames[i]:
-                    raise AssertionError(f"{manifest.where(i)}: {len(states[0])} frames, expected {frames[i]}")
-                for x, k in zip(store, layer_ids):
-                    x[offsets[i] : offsets[i + 1]] = states[k]
-    except BaseException:
-        if cache is not None:
-            del store
-            shutil.rmtree(work, ignore_errors=True)
-        raise
-    features = SplitFeatures(
-        utts, offsets, store, layer_ids, reader.frame_rate, reader.hop, reader.window,
-        np.stack(emb) if embeddings else None,
-    )  # fmt: skip
-    if cache is None:
-        return features
-    try:
+        emb = _fill(reader, manifest, store, layer_ids, offsets, embeddings)
         for x in store:
             x.flush()
+        del store
         np.save(work / "offsets.npy", offsets)
-        if embeddings:
-            np.save(work / "embeddings.npy", features.embeddings)
+        if emb is not None:
+            np.save(work / "embeddings.npy", emb)
         (work / "utterances.txt").write_text("\n".join(utts) + "\n")
         (work / "meta.json").write_text(json.dumps(meta, indent=1))
-        mode = 0o777 & ~_umask()
-        os.chmod(work, mode)
-        for f in work.iterdir():
-            os.chmod(f, mode & 0o666)
-        if cache.exists():
-            shutil.rmtree(cache)
-        os.replace(work, cache)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     logger.info("features of %s: %d layers x %d frames cached in %s", manifest_path, len(layer_ids), total, cache)
     return _load_cache(cache, meta)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _fill(reader, manifest, store, layer_ids, offsets, embeddings: bool) -> Optional[np.ndarray]:
+    """Forward every utterance once into the per-layer arrays ``store``; the embeddings ``(N, E)`` or None."""
+    emb: List[Optional[np.ndarray]] = [None] * len(manifest)
+    for indices, wavs in iter_audio_batches(manifest, list(range(len(manifest))), 800_000):
+        for i, wav in zip(indices, wavs):
+            if embeddings:
+                states, emb[i] = reader.hidden_states_and_embedding(wav)
+            else:
+                states = reader.hidden_states(wav)
+            if len(states[0]) != offsets[i + 1] - offsets[i]:
+                raise AssertionError(
+                    f"{manifest.where(i)}: {len(states[0])} frames, expected {offsets[i + 1] - offsets[i]}"
+                )
+            for x, k in zip(store, layer_ids):
+                x[offsets[i] : offsets[i + 1]] = states[k]
+    return np.stack(emb) if embeddings else None
