@@ -9,6 +9,7 @@ fairseq and the plugin are imported inside the functions, so importing this modu
 
 import json
 import math
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +40,13 @@ def _composed(path: Path, overrides):
         cfg = compose(path.stem, overrides=list(overrides))
     GlobalHydra.instance().clear()
     return cfg
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now, for a gloo rendezvous (``tcp://127.0.0.1:PORT``)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def compose_config(path: Path, overrides):

@@ -9,6 +9,7 @@ checkpoints, composed configs, the export round trip) is in tests/builders.py. T
 import inspect
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,13 @@ if str(TESTS) not in sys.path:
 REPO = TESTS.parent
 PACKAGE_DIR = REPO / "fairseq_mtssl"
 BIN = Path(sys.executable).parent
+
+# Under pytest-xdist (``-n 2``, the README's command) each worker, and every process its tests start, gets its
+# share of the cores. Set before torch is imported: more threads than cores make torch's small ops 10-50x slower.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _threads = max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, str(_threads))
 
 # ``slow`` (``pytest -m "not slow"``, the quick loop, leaves them out): tests that request a fixture which
 # trains a model, tests marked ``@pytest.mark.slow`` because they train, everything in tests/integration/
@@ -45,71 +53,104 @@ def pytest_collection_modifyitems(config, items):
             or _runs_a_whole_tool(item)
         ):
             item.add_marker(pytest.mark.slow)
+    # the longest files first, so that pytest-xdist's workers (``--dist loadfile``: one file, one worker) do
+    # not end on one of them: tests/integration/, then every file with a slow test, then the rest
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: ("integration" not in item.path.parts, item.path not in slow_files))
+
+
+def _shared(tmp_path_factory, name: str, build) -> Path:
+    """``build(folder)`` once per test run, its folder shared by every pytest-xdist worker.
+
+    A session fixture runs once per worker; what the session fixtures below build (a corpus, labels, a
+    trained HuBERT) would then be built twice. The first worker to ask builds it under a file lock in the
+    run's base folder and marks it done; the others wait for the lock and reuse it."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, above each worker's own
+    folder = root / f"shared_{name}"
+    built = root / f"shared_{name}.built"  # beside the folder, so that nothing in it changes what tests list
+    with FileLock(str(root / f"shared_{name}.lock")):
+        if not built.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # what a failed build left
+            folder.mkdir()
+            build(folder)
+            built.touch()
+    return folder
 
 
 @pytest.fixture(scope="session")
 def corpus_dir(tmp_path_factory):
     from fairseq_mtssl.corpus.synth import ensure_corpus
 
-    out = tmp_path_factory.mktemp("corpus") / "corpus"
-    ensure_corpus(out, hours=0.03, seed=3)
-    return out
+    return _shared(tmp_path_factory, "corpus", lambda d: ensure_corpus(d / "corpus", hours=0.03, seed=3)) / "corpus"
 
 
 @pytest.fixture(scope="session")
 def manifest_dir(corpus_dir, tmp_path_factory):
     from fairseq_mtssl.prep.corpus_manifest import build_corpus_manifests
 
-    dest = tmp_path_factory.mktemp("manifests")
-    build_corpus_manifests(corpus_dir, dest)
-    return dest
+    return _shared(tmp_path_factory, "manifests", lambda d: build_corpus_manifests(corpus_dir, d))
 
 
 @pytest.fixture(scope="session")
 def mfcc_labels(manifest_dir, tmp_path_factory):
     """MFCC k-means (k=20) labels at 100 Hz for train and valid."""
-    work = tmp_path_factory.mktemp("labels")
-    run_cli("mtssl-dump-features", manifest_dir / "train.tsv", work / "feats", "--feature", "mfcc")
-    run_cli("mtssl-learn-kmeans", work / "feats", "train", "1", work / "km.npy", "--n-clusters", "20")
-    for split in ("train", "valid"):
-        run_cli("mtssl-apply-kmeans", work / "km.npy", work / "km", "--manifest", manifest_dir / f"{split}.tsv")
-    return work / "km"
+
+    def build(work):
+        run_cli("mtssl-dump-features", manifest_dir / "train.tsv", work / "feats", "--feature", "mfcc")
+        run_cli("mtssl-learn-kmeans", work / "feats", "train", "1", work / "km.npy", "--n-clusters", "20")
+        for split in ("train", "valid"):
+            run_cli("mtssl-apply-kmeans", work / "km.npy", work / "km", "--manifest", manifest_dir / f"{split}.tsv")
+
+    return _shared(tmp_path_factory, "labels", build) / "km"
 
 
 @pytest.fixture(scope="session")
 def tiny_hubert_checkpoint(manifest_dir, mfcc_labels, tmp_path_factory):
     """A tiny HuBERT trained for 20 updates by fairseq-hydra-train with the plugin's task."""
-    run = tmp_path_factory.mktemp("hubert")
-    run_cli(
-        "fairseq-hydra-train",
-        "--config-dir",
-        REPO / "fairseq_mtssl/config/hubert/pretrain",
-        "--config-name",
-        "hubert_tiny_cpu",
-        f"common.user_dir={PACKAGE_DIR}",
-        f"task.data={manifest_dir}",
-        f"task.label_dir={mfcc_labels}",
-        'task.labels=["km"]',
-        "model.label_rate=100",
-        "optimization.max_update=20",
-        f"hydra.run.dir={run}",
-    )
-    return run / "checkpoints" / "checkpoint_last.pt"
+
+    def build(run):
+        run_cli(
+            "fairseq-hydra-train",
+            "--config-dir",
+            REPO / "fairseq_mtssl/config/hubert/pretrain",
+            "--config-name",
+            "hubert_tiny_cpu",
+            f"common.user_dir={PACKAGE_DIR}",
+            f"task.data={manifest_dir}",
+            f"task.label_dir={mfcc_labels}",
+            'task.labels=["km"]',
+            "model.label_rate=100",
+            "optimization.max_update=20",
+            f"hydra.run.dir={run}",
+        )
+
+    return _shared(tmp_path_factory, "hubert", build) / "checkpoints" / "checkpoint_last.pt"
 
 
 @pytest.fixture(scope="session")
 def vgs_data(manifest_dir, corpus_dir, tmp_path_factory):
     """The session manifests with object-region image features (mtssl-image-features default) for every split."""
-    import shutil
 
-    data = tmp_path_factory.mktemp("vgs_data")
-    for f in manifest_dir.iterdir():
-        shutil.copy(f, data / f.name)
-    for split in ("train", "valid", "test"):
-        run_cli(
-            "mtssl-image-features", "--images", data / f"{split}.images", "--root", corpus_dir, "--out", data / split
-        )
-    return data
+    def build(data):
+        for f in manifest_dir.iterdir():
+            if f.is_file():
+                shutil.copy(f, data / f.name)
+        for split in ("train", "valid", "test"):
+            run_cli(
+                "mtssl-image-features",
+                "--images",
+                data / f"{split}.images",
+                "--root",
+                corpus_dir,
+                "--out",
+                data / split,
+            )
+
+    return _shared(tmp_path_factory, "vgs_data", build)
 
 
 @pytest.fixture(scope="module")

@@ -13,25 +13,19 @@ criteria (``mt4ssl``, ``vgs_ssl``, ``score``) sum their outputs and need no shim
 
 import json
 import os
-import socket
 import subprocess
 from pathlib import Path
 
 import pytest
+from builders import free_port
 from conftest import BIN, PACKAGE_DIR, REPO
 
 pytestmark = pytest.mark.slow
 SHIM = Path(__file__).resolve().parents[1] / "ddp_shim"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _two_ranks(config_dir: Path, config: str, run: Path, overrides, cpu_gather: bool = False, updates: int = 4):
-    port = _free_port()
+    port = free_port()
     digests = run / "digests"
     digests.mkdir(parents=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(SHIM),

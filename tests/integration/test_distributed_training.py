@@ -19,13 +19,13 @@ allocates a CUDA buffer) for the HuBERT criterion, whose outputs fairseq gathers
 import json
 import os
 import re
-import socket
 import subprocess
 import textwrap
 import time
 from pathlib import Path
 
 import pytest
+from builders import free_port
 from conftest import BIN, PACKAGE_DIR, REPO
 
 CONFIG_ROOT = REPO / "fairseq_mtssl/config"
@@ -75,18 +75,12 @@ SHIM = textwrap.dedent(
 LOSS_RE = re.compile(r"\[train_inner\]\[INFO\] - .*?[\s,]loss=([^,\s]+),.*?\bnum_updates=(\d+)")  # log_format simple
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _train_two_ranks(
     config: Path, run: Path, overrides, updates: int, cpu_gather: bool = False, torchrun: bool = False
 ):
     """Two fairseq-hydra-train ranks over gloo, started one by one (fairseq's tcp:// init, no spawn) or by
     ``torchrun --nproc_per_node 2`` (fairseq's env:// init); returns (rank 0's log, each rank's local outputs)."""
-    port = _free_port()
+    port = free_port()
     shim, local, digests = run / "shim", run / "local_logs", run / "digests"
     for d in (shim, local, digests):
         d.mkdir(parents=True)

@@ -7,7 +7,6 @@ over the global pairs). In fp16 the speech-image similarity, logits and loss are
 import datetime
 import math
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+from builders import free_port
 from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parents[2]
@@ -24,17 +24,11 @@ COLLECTIVE_TIMEOUT_S = 120
 # ---------------------------------------------------------------------------- helpers
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_two_workers(fn, *args):
     """Run ``fn(rank, port, *args)`` in 2 spawned processes; fail (killing them) past ``TIMEOUT_S``."""
     import torch.multiprocessing as mp
 
-    ctx = mp.start_processes(fn, args=(_free_port(), *args), nprocs=2, join=False, start_method="spawn")
+    ctx = mp.start_processes(fn, args=(free_port(), *args), nprocs=2, join=False, start_method="spawn")
     deadline = time.monotonic() + TIMEOUT_S
     while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
         if time.monotonic() > deadline:

@@ -82,7 +82,9 @@ def test_report_tables_pick_the_best_layer_and_plots_are_pngs(tmp_path):
     summary_part = report.split("## Summary")[1].split("## ABX per layer")[0]
     rows = {line.split("|")[1].strip(): line for line in summary_part.splitlines() if line.startswith("| ")}
     # best layer = lowest within + across: layer 2 (12 + 20) beats layer 1 (10 + 25)
-    assert "| 300 | 12.000 -> 5.500 | 12.00 / 20.00 (L2) | - | 78.50 | 0.456 (1) | - | - |" in rows["HuBERT iteration 1"]
+    assert (
+        "| 300 | 12.000 -> 5.500 | 12.00 / 20.00 (L2) | - | 78.50 | 0.456 (1) | - | - |" in rows["HuBERT iteration 1"]
+    )
     assert "| 20 | 4.000 -> 3.000 | 40.00 / 45.00 (L0) | - | 90.00 |" in rows["VGS+ (simultaneous)"]
     assert rows["VGS+ (simultaneous)"].endswith("| 11.5 / 40.0 / 70.2 | 11.5 / 40.0 / 70.2 |")
     assert "| MFCC (no training) | - | - | 0.00 / 7.50 (L0) | - |" in rows["MFCC (no training)"]

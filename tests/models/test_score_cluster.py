@@ -11,12 +11,12 @@ training state.
   SCORE's trainable set, LayerNorms included.
 """
 
+import datetime
 import logging
-import socket
 
 import pytest
 import torch
-from builders import TINY_HUBERT, fairseq_cfg, perturb_norms, random_hubert, save_checkpoint, saved_config
+from builders import TINY_HUBERT, fairseq_cfg, free_port, perturb_norms, random_hubert, save_checkpoint, saved_config
 from conftest import REPO
 from omegaconf import OmegaConf
 
@@ -183,19 +183,16 @@ def test_unreached_parameters_come_from_the_forward_not_from_names():
     assert all(p.grad is None for p in model.parameters())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_score_runs_under_torch_ddp_without_find_unused_parameters(small_manifests, hubert_upstream):
     """fairseq's default c10d backend is torch's DistributedDataParallel with find_unused_parameters off,
     which stops at the second update if a parameter that requires a gradient got none at the first."""
     import torch.distributed as dist
 
     _, task, model, criterion = _score_setup("score_tiny_cpu", small_manifests, hubert_upstream)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    port = free_port()  # a hung rendezvous or collective fails after 2 minutes, not gloo's default 30
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, timeout=datetime.timedelta(minutes=2)
+    )
     try:
         ddp = torch.nn.parallel.DistributedDataParallel(model.train(), find_unused_parameters=False)
         for ids in ((0, 1), (2, 3), (4, 5)):  # DDP refuses at the second
