@@ -480,9 +480,9 @@ def abx_scores(
 
 def layer_features(checkpoint: str, manifest_path, device: str = "cpu") -> Tuple[Dict[str, List[np.ndarray]], float]:
     """``{utt: [layer 0 (encoder input), layer 1, ..., layer L]}`` for every utterance, and the frame rate
-    (:func:`~fairseq_mtssl.evaluation.features.extract_split`); ``"mfcc"`` gives one MFCC layer."""
+    (:func:`~fairseq_mtssl.upstream.features.extract_split`); ``"mfcc"`` gives one MFCC layer."""
+    from ..upstream.features import extract_split
     from ..upstream.readers import open_reader
-    from .features import extract_split
 
     feats = extract_split(open_reader(checkpoint, device), manifest_path)
     return feats.by_utterance(), feats.frame_rate

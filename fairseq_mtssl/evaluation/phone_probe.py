@@ -20,7 +20,7 @@ import torch
 from ..atomic import report_result
 from ..corpus.alignment import AlignmentError, Segment, read_ctm
 from ..errors import cli
-from .features import SplitFeatures, extract_split
+from ..upstream.features import SplitFeatures, extract_split
 
 logger = logging.getLogger(__name__)
 

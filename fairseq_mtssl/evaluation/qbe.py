@@ -31,9 +31,9 @@ import torch
 from ..atomic import report_result
 from ..corpus.alignment import SILENCE, read_ctm
 from ..errors import MtsslError, cli
+from ..upstream.features import SplitFeatures, extract_split
 from . import quesst
 from .abx import angular_distances
-from .features import SplitFeatures, extract_split
 
 logger = logging.getLogger(__name__)
 NIST_BETA = 999.9  # NIST STD 2006's beta, of the plugin method (QUESST 2014's is quesst.BETA, 12.49)

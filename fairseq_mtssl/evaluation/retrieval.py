@@ -96,8 +96,8 @@ def retrieval_from_features(reader, features, manifests, split: str = "test") ->
 
 def retrieval_of_checkpoint(checkpoint: str, split: str = "test") -> Dict:
     """:func:`retrieval_from_features` of a checkpoint's ``split`` in its own task's data folder."""
+    from ..upstream.features import extract_split
     from ..upstream.readers import open_reader
-    from .features import extract_split
 
     reader = open_reader(checkpoint)
     manifests = reader.task_cfg.data

@@ -153,8 +153,8 @@ def pooled(features: Dict[str, np.ndarray]) -> np.ndarray:
 
 
 def run_speaker_probe(checkpoint: str, layer: int, manifest_path, test_fraction: float = 0.5, seed: int = 0) -> Dict:
+    from ..upstream.features import extract_split
     from ..upstream.readers import open_reader
-    from .features import extract_split
 
     speakers = read_speakers(manifest_path)
     feats = extract_split(open_reader(checkpoint), manifest_path, [layer]).layer(layer)

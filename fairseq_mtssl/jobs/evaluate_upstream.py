@@ -5,7 +5,7 @@
         [--manifests DIR --alignments DIR]   # another copy of the splits (e.g. perturbed audio)
 
 The checkpoint is loaded once (:func:`~fairseq_mtssl.upstream.readers.open_reader`) and every split it needs
-is forwarded once, every layer kept (:func:`~fairseq_mtssl.evaluation.features.extract_split`); then, from
+is forwarded once, every layer kept (:func:`~fairseq_mtssl.upstream.features.extract_split`); then, from
 those features:
   ABX           every layer, triphone items of the test split (held-out speakers)       -> abx.json
   phone probe   at ``--layer``, fitted on train, scored on valid and test               -> phone_probe.json
@@ -36,11 +36,11 @@ from ..atomic import atomic_write
 from ..config import config_dir
 from ..errors import cli
 from ..evaluation.abx import abx_per_layer, best_layer, read_items
-from ..evaluation.features import SplitFeatures, extract_split
 from ..evaluation.phone_probe import probe_from_features
 from ..evaluation.qbe import qbe_from_features
 from ..evaluation.retrieval import retrieval_from_features
 from ..evaluation.speaker_probe import frame_speaker_probe, pooled, read_speakers, speaker_probe
+from ..upstream.features import SplitFeatures, extract_split
 from ..upstream.readers import MFCC, open_reader
 from .commands import CommandRunner
 

@@ -252,6 +252,7 @@ class SuperbSweep:
         overrides: Sequence[str] = (),
         name: Optional[str] = None,
         heartbeat: float = 30.0,
+        feature_cache: Optional[Path] = None,
     ):
         from omegaconf import OmegaConf
 
@@ -303,6 +304,7 @@ class SuperbSweep:
             self.jobs = max(1, min(jobs or 1, len(self.lrs)))
         self.threads = max(1, cores // self.jobs)
         self.heartbeat = heartbeat
+        self.feature_cache = Path(feature_cache).resolve() if feature_cache else None
         self._normalize: Optional[bool] = None
 
     # -- commands --
@@ -330,10 +332,17 @@ class SuperbSweep:
             f"optimization.max_update={self.updates}",
             f"checkpoint.best_checkpoint_metric={self.task.fairseq_metric}",
             "checkpoint.maximize_best_checkpoint_metric=false",
+            *([f"task.features={self.feature_cache}"] if self.feature_cache else []),
             *one_gpu,
             *self.overrides,
             f"hydra.run.dir={self.run_dir(lr)}",
         ]
+
+    def features_command(self) -> List[str]:
+        """Every hidden state of the upstream for train, dev and test, once, into ``feature_cache``."""
+        splits = (self.train_split, self.dev_split, self.test_split)
+        cmd = ["mtssl-cache-features", str(self.upstream), "--manifests", str(self.manifests)]
+        return [*cmd, "--out", str(self.feature_cache), "--splits", *splits]
 
     def test_json(self, lr) -> Path:
         return self.out / f"test_lr_{lr if isinstance(lr, str) else lr_name(lr)}.json"
@@ -356,6 +365,7 @@ class SuperbSweep:
             "data": str(self.manifests),
             "updates": self.updates,
             "overrides": self.overrides,
+            "feature_cache": str(self.feature_cache) if self.feature_cache else None,
         }
 
     # -- plan --
@@ -378,6 +388,8 @@ class SuperbSweep:
         if missing:
             hint = " (bash manifests/librispeech.sh LS_ROOT DATA LEXICON)" if self.paper else ""
             lines.append(f"# missing in {self.manifests}: {' '.join(missing)}{hint}")
+        if self.feature_cache:
+            lines += ["# features: every hidden state of the upstream, once per split", _shell(self.features_command())]
         for i, lr in enumerate(self.lrs):
             gpu = self.gpus[i % len(self.gpus)] if self.gpus else None
             lines += [f"# train_lr_{lr_name(lr)}", _shell(self.train_command(lr, gpu))]
@@ -448,6 +460,10 @@ class SuperbSweep:
         self.out.mkdir(parents=True, exist_ok=True)
         self._check_settings()
         start = time.time()
+        if self.feature_cache:  # before any training: every run reads it
+            features = self._pipeline()
+            features.add("features", lambda: features.run("features", self.features_command()))
+            features.execute()
         pipeline = self._pipeline()
         gpus: "queue.Queue" = queue.Queue()
         for g in self.gpus:
@@ -544,6 +560,12 @@ def main(argv=None) -> None:
         help="an extra fairseq-hydra-train override for every run (repeatable)",
     )
     p.add_argument("--name", help="the upstream's name in the table (default: from its path)")
+    p.add_argument(
+        "--feature-cache",
+        help="extract every hidden state of the upstream once (train, dev, test) into this folder and train every "
+        "lr on them (task.features) instead of forwarding the frozen upstream at every step; its size is frames x "
+        "layers x dims x 4 bytes (LibriSpeech train-clean-100 with a Base model: about 0.7 TB, so a tiny-scale option)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the plan and run nothing")
     p.add_argument("--run", action="store_true", help="run a paper-scale config (which otherwise prints its plan)")
     a = p.parse_args(argv)
@@ -554,6 +576,7 @@ def main(argv=None) -> None:
     sweep = SuperbSweep(
         Path(a.upstream), a.task, Path(a.data), Path(a.out), config=a.config, lrs=lrs, updates=a.updates,
         test_split=a.test_split, jobs=a.jobs, gpus=a.gpus, overrides=a.overrides, name=a.name,
+        feature_cache=a.feature_cache,
     )  # fmt: skip
     print(sweep.plan(), flush=True)
     if a.dry_run or (sweep.paper and not a.run):

@@ -2,7 +2,7 @@
 
 Registered as ``superb_downstream``. The upstream (any checkpoint :func:`load_upstream` reads) stays
 frozen and in eval mode; its hidden states (s3prl's list, :func:`fairseq_mtssl.upstream.hidden_states`)
-are computed once per batch under ``no_grad``. A softmax over one weight per hidden state mixes them
+are computed once per batch under ``no_grad``, or read from a feature cache (``task.features``). A softmax over one weight per hidden state mixes them
 (s3prl's ``Featurizer``, ``upstream/interfaces.py``, no layer norm before the sum: ``normalize=False``),
 then, as s3prl's downstream experts do:
 
@@ -16,7 +16,9 @@ then, as s3prl's downstream experts do:
   projection, no downsampling), then ``Linear(2048, V)``.
 """
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import List, Optional
 
 import torch
@@ -27,7 +29,9 @@ from fairseq.models import BaseFairseqModel, register_model
 from omegaconf import MISSING
 
 from ..upstream import hidden_states, load_upstream
+from ..upstream.features import FeatureCacheError
 from ..upstream.mfcc import MfccUpstream
+from ..upstream.readers import MFCC
 
 DOWNSTREAMS = ChoiceEnum(["linear", "bilstm"])
 # s3prl's projector width per head: downstream/ctc/libriphone.yaml model.project_dim: 256 (PR),
@@ -212,7 +216,24 @@ class SuperbDownstreamModel(BaseFairseqModel):
                 f"task.normalize={task.cfg.normalize} but the upstream {cfg.upstream_path} was trained with "
                 f"normalize={normalize}: set task.normalize={normalize}"
             )
-        return cls(cfg, upstream, len(task.target_dictionary))
+        model = cls(cfg, upstream, len(task.target_dictionary))
+        if getattr(task.cfg, "features", None):
+            model.check_feature_caches(Path(task.cfg.features))
+        return model
+
+    def check_feature_caches(self, folder: Path) -> None:
+        """Every split cached in ``folder`` (``task.features``) holds this upstream's every hidden state."""
+        source = (
+            self.cfg.upstream_path if self.cfg.upstream_path == MFCC else str(Path(self.cfg.upstream_path).resolve())
+        )
+        layers = list(range(len(self.featurizer.weights)))
+        for meta_path in sorted(folder.glob("*/meta.json")):
+            meta = json.loads(meta_path.read_text())
+            if meta["source"] != source or meta["layers"] != layers:
+                raise FeatureCacheError(
+                    f"{meta_path}: layers {meta['layers']} of {meta['source']}; the downstream needs layers "
+                    f"{layers} of model.upstream_path {source}"
+                )
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -225,8 +246,13 @@ class SuperbDownstreamModel(BaseFairseqModel):
                 return self.upstream.hidden_states(source, padding_mask)
             return hidden_states(self.upstream, source, padding_mask)
 
-    def forward(self, source: torch.Tensor, padding_mask=None, **kwargs) -> dict:
-        states, frame_mask = self.upstream_states(source, padding_mask)
+    def forward(self, source=None, padding_mask=None, states=None, **kwargs) -> dict:
+        """From audio ``source (B, T_samples)`` and its sample ``padding_mask``, or from the upstream's cached
+        hidden ``states (B, L, T, C)`` (``task.features``) and their frame ``padding_mask (B, T)``."""
+        if states is None:
+            states, frame_mask = self.upstream_states(source, padding_mask)
+        else:
+            states, frame_mask = list(states.unbind(1)), padding_mask
         x = self.featurizer(states)
         lengths = (~frame_mask).sum(1) if frame_mask is not None else torch.full((x.size(0),), x.size(1))
         if self.lstm is not None and self.training:  # s3prl: SpecAugment before the projector

@@ -4,16 +4,24 @@ transcripts + ``dict.{labels}.txt``) for SUPERB-style downstream training on a f
 Before fairseq reads a split, the transcripts are checked against the manifest and the dictionary:
 one line per utterance and no unknown symbol, errors naming the file and line (fairseq would
 assert on the count and silently map unknown symbols to ``<unk>``).
+
+With ``task.features=DIR`` the model reads the frozen upstream's hidden states of each split from the
+feature cache ``DIR/{split}`` (``mtssl-cache-features``) instead of forwarding the upstream at every step:
+the batches are the audio path's, the states those of one forward per utterance.
 """
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
 
 from fairseq.tasks import register_task
 from fairseq.tasks.audio_finetuning import AudioFinetuningConfig, AudioFinetuningTask
 
+from ..data.cached_states import CachedStatesDataset
 from ..data.manifest import check_task_dirs
 from ..errors import MtsslError
+from ..upstream.features import FeatureCacheError, open_cache
 
 
 class TranscriptError(MtsslError, ValueError):
@@ -22,7 +30,14 @@ class TranscriptError(MtsslError, ValueError):
 
 @dataclass
 class SuperbDownstreamTaskConfig(AudioFinetuningConfig):
-    pass
+    features: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "a folder of the upstream's feature caches, one per split (DIR/{split}, every layer, "
+            "mtssl-cache-features): the downstream reads the frozen upstream's hidden states from it instead "
+            "of forwarding the upstream at every step; null: from the audio"
+        },
+    )
 
 
 def check_transcripts(manifest_path: str, label_path: str, dictionary) -> None:
@@ -60,3 +75,23 @@ class SuperbDownstreamTask(AudioFinetuningTask):
             self.target_dictionary,
         )
         super().load_dataset(split, task_cfg, **kwargs)
+        if self.cfg.features:
+            self._read_states_from_cache(split)
+
+    def _read_states_from_cache(self, split: str) -> None:
+        """Swap the audio under the split's targets for the cached hidden states of the same utterances."""
+        if self.cfg.max_sample_size is not None:
+            raise FeatureCacheError(
+                f"task.features={self.cfg.features}: the cache holds whole utterances, task.max_sample_size "
+                f"({self.cfg.max_sample_size}) would crop the audio: set it to null"
+            )
+        cache = Path(self.cfg.features) / split
+        features = open_cache(cache)
+        manifest = Path(self.cfg.data, f"{split}.tsv").resolve()
+        if features.meta["manifest"] != str(manifest):
+            raise FeatureCacheError(f"{cache}/meta.json: features of {features.meta['manifest']}, not of {manifest}")
+        targets = self.datasets[split]
+        targets.dataset = CachedStatesDataset(
+            targets.dataset, features.utterances, features.offsets, features.layers, str(cache)
+        )
+        self.cached_states_meta = features.meta

@@ -83,8 +83,8 @@ def test_qbe_cli_on_the_corpus(tiny_hubert_checkpoint, manifest_dir, corpus_dir,
 
 def test_superb_qbe_chooses_the_layer_that_finds_the_words_on_dev(manifest_dir, corpus_dir):
     """Two "layers": MFCC, and noise. The dev half of the words picks the MFCC one, whichever slot it is in."""
-    from fairseq_mtssl.evaluation.features import SplitFeatures, extract_split
     from fairseq_mtssl.evaluation.qbe import qbe_from_features
+    from fairseq_mtssl.upstream.features import SplitFeatures, extract_split
     from fairseq_mtssl.upstream.readers import open_reader
 
     reader = open_reader("mfcc")

@@ -274,10 +274,14 @@ def test_dry_run_and_paper_config_print_the_plan_and_run_nothing(fake_sweep, tmp
 
 
 @pytest.mark.slow
-def test_sweep_end_to_end_two_lrs(tiny_hubert_checkpoint, manifest_dir, tmp_path):
+@pytest.mark.parametrize("features", ["from_audio", "from_a_feature_cache"])
+def test_sweep_end_to_end_two_lrs(tiny_hubert_checkpoint, manifest_dir, tmp_path, features):
     out = tmp_path / "sweep"
     argv = ["mtssl-superb", tiny_hubert_checkpoint, "--task", "pr", "--data", manifest_dir, "--out", out]
     argv += ["--lrs", "1e-3", "1e-1", "--updates", "8", "--jobs", "2"]
+    cache = tmp_path / "features"
+    if features == "from_a_feature_cache":
+        argv += ["--feature-cache", cache]
     first = run_cli(*argv)
     assert "chosen lr" in first.stdout and "dev PER" in first.stdout and "test PER" in first.stdout
     result = json.loads((out / "superb_pr.json").read_text())
@@ -290,6 +294,14 @@ def test_sweep_end_to_end_two_lrs(tiny_hubert_checkpoint, manifest_dir, tmp_path
     assert result["layer_weights"] == pytest.approx(result["test"]["layer_weights"], abs=1e-3)
     assert all(r["dev_curve"] and r["dev_curve"][-1][0] == 8 for r in runs.values())
     assert (out / "superb_pr.md").read_text().count("\n") == 3
+    commands = (out / "commands.sh").read_text()
+    if features == "from_a_feature_cache":  # extracted once, before the runs; every run and the test read it
+        assert commands.count("mtssl-cache-features") == 1 and commands.count(f"task.features={cache}") == 2
+        assert commands.index("mtssl-cache-features") < commands.index("fairseq-hydra-train")
+        assert sorted(p.name for p in cache.iterdir()) == ["test", "train", "valid"]
+    else:
+        assert "task.features" not in commands and not cache.exists()
     again = run_cli(*argv)
-    assert again.stdout.count("skipped") == 3 and "chosen lr" in again.stdout
+    stages = 3 + (features == "from_a_feature_cache")
+    assert again.stdout.count("skipped") == stages and "chosen lr" in again.stdout
     assert (BIN / "mtssl-superb").exists()

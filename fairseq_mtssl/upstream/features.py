@@ -1,5 +1,7 @@
 """Features once: every layer of every utterance of a split, from one forward each, for every metric.
 
+    mtssl-cache-features UPSTREAM.pt --manifests data/manifests --out runs/features   # or mfcc; --splits ...
+
     reader = open_reader(checkpoint_or_mfcc)            # the checkpoint is loaded once
     test = extract_split(reader, "manifests/test.tsv")  # one forward per utterance
     abx_per_layer(items, test.by_utterance(), test.frame_rate)
@@ -13,6 +15,7 @@ per-layer cache on disk (``cache=DIR``): ``layer_<k>.npy`` ``(frames of the spli
 into place at the end (all or nothing); a cache whose ``meta.json`` matches (reader, manifest) is reused.
 """
 
+import argparse
 import json
 import logging
 from dataclasses import dataclass
@@ -24,7 +27,7 @@ import numpy as np
 from ..atomic import atomic_directory
 from ..data.batches import iter_audio_batches
 from ..data.manifest import read_manifest
-from ..errors import MtsslError
+from ..errors import MtsslError, cli
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +52,7 @@ class SplitFeatures:
     hop: int  # samples between frames
     window: int  # samples one frame reads
     embeddings: Optional[np.ndarray] = None  # (N, E) utterance embeddings (VGS models), else None
+    meta: Optional[dict] = None  # a cache's meta.json: source, manifest, layers, frames, frame rate, hop, window
 
     @property
     def num_layers(self) -> int:
@@ -89,13 +93,15 @@ def _meta(reader, manifest_path, layer_ids, frames: int) -> dict:
     }
 
 
-def _load_cache(cache: Path, meta: dict) -> Optional[SplitFeatures]:
+def open_cache(cache) -> SplitFeatures:
+    """The features of a cache folder :func:`extract_split` wrote, memory-mapped (what the SUPERB task reads)."""
+    cache = Path(cache)
     try:
-        have = json.loads((cache / "meta.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if have != meta:
-        raise FeatureCacheError(f"{cache}/meta.json: a cache of other features ({have['source']}); remove it")
+        meta = json.loads((cache / "meta.json").read_text())
+    except OSError:
+        raise FeatureCacheError(f"{cache}: no feature cache here (no meta.json)") from None
+    except ValueError as err:
+        raise FeatureCacheError(f"{cache}/meta.json: {err}") from None
     emb = cache / "embeddings.npy"
     return SplitFeatures(
         utterances=(cache / "utterances.txt").read_text().splitlines(),
@@ -106,7 +112,18 @@ def _load_cache(cache: Path, meta: dict) -> Optional[SplitFeatures]:
         hop=meta["hop"],
         window=meta["window"],
         embeddings=np.load(emb) if emb.exists() else None,
+        meta=meta,
     )
+
+
+def _load_cache(cache: Path, meta: dict) -> Optional[SplitFeatures]:
+    """The cache at ``cache`` if there is one; it must hold the features ``meta`` describes."""
+    if not (cache / "meta.json").exists():
+        return None
+    found = open_cache(cache)
+    if found.meta != meta:
+        raise FeatureCacheError(f"{cache}/meta.json: a cache of other features ({found.meta['source']}); remove it")
+    return found
 
 
 def extract_split(
@@ -178,3 +195,30 @@ def _fill(reader, manifest, store, layer_ids, offsets, embeddings: bool) -> Opti
             for x, k in zip(store, layer_ids):
                 x[offsets[i] : offsets[i + 1]] = states[k]
     return np.stack(emb) if embeddings else None
+
+
+def cache_splits(source: str, manifests, out, splits: Sequence[str] = ("train", "valid", "test"), device="cpu") -> dict:
+    """Every hidden state of ``source`` (a checkpoint, loaded once, or ``mfcc``) for each split
+    ``{manifests}/{split}.tsv``, cached in ``{out}/{split}`` (what ``task.features`` of the SUPERB task reads)."""
+    from .readers import open_reader
+
+    reader = open_reader(source, device)
+    result = {"source": str(reader.source), "layers": reader.num_layers, "splits": {}}
+    for split in splits:
+        feats = extract_split(reader, Path(manifests) / f"{split}.tsv", cache=Path(out) / split)
+        result["splits"][split] = {"utterances": len(feats.utterances), "frames": int(feats.offsets[-1])}
+    result["forwards"] = getattr(reader, "forwards", None)
+    return result
+
+
+@cli
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("upstream", help="fairseq / plugin checkpoint, or 'mfcc'")
+    p.add_argument("--manifests", required=True, help="folder of the {split}.tsv manifests")
+    p.add_argument("--out", required=True, help="the cache: one folder per split (an existing one is reused)")
+    p.add_argument("--splits", nargs="+", default=["train", "valid", "test"])
+    p.add_argument("--device", default="cpu")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    print(json.dumps(cache_splits(a.upstream, a.manifests, a.out, a.splits, a.device)))

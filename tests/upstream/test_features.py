@@ -10,7 +10,7 @@ import torch
 from builders import random_hubert_checkpoint, random_vgs_checkpoint
 
 from fairseq_mtssl.data.manifest import read_manifest
-from fairseq_mtssl.evaluation.features import FeatureCacheError, extract_split
+from fairseq_mtssl.upstream.features import FeatureCacheError, extract_split
 from fairseq_mtssl.upstream.readers import READERS, FeatureSpecError, MfccReader, layer_reader, open_reader
 
 
