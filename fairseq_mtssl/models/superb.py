@@ -2,9 +2,9 @@
 
 Registered as ``superb_downstream``. The upstream (any checkpoint :func:`load_upstream` reads) stays
 frozen and in eval mode; its hidden states (s3prl's list, :func:`fairseq_mtssl.upstream.hidden_states`)
-are computed once per batch under ``no_grad``, or read from a feature cache (``task.features``). A softmax over one weight per hidden state mixes them
-(s3prl's ``Featurizer``, ``upstream/interfaces.py``, no layer norm before the sum: ``normalize=False``),
-then, as s3prl's downstream experts do:
+are computed once per batch under ``no_grad``, or read from a feature cache (``task.features``). A softmax
+over one weight per hidden state mixes them (s3prl's ``Featurizer``, ``upstream/interfaces.py``, no layer
+norm before the sum: ``normalize=False``), then, as s3prl's downstream experts do:
 
 - ``linear`` (phone recognition, ``downstream/ctc/libriphone.yaml`` + ``ctc/expert.py``): a projector
   ``Linear(D, 256)`` then s3prl's ``FrameLevel`` with no hidden layers, i.e. ``Linear(256, V)``; no
@@ -31,7 +31,7 @@ from omegaconf import MISSING
 from ..upstream import hidden_states, load_upstream
 from ..upstream.features import FeatureCacheError
 from ..upstream.mfcc import MfccUpstream
-from ..upstream.readers import MFCC
+from ..upstream.readers import source_name
 
 DOWNSTREAMS = ChoiceEnum(["linear", "bilstm"])
 # s3prl's projector width per head: downstream/ctc/libriphone.yaml model.project_dim: 256 (PR),
@@ -223,9 +223,7 @@ class SuperbDownstreamModel(BaseFairseqModel):
 
     def check_feature_caches(self, folder: Path) -> None:
         """Every split cached in ``folder`` (``task.features``) holds this upstream's every hidden state."""
-        source = (
-            self.cfg.upstream_path if self.cfg.upstream_path == MFCC else str(Path(self.cfg.upstream_path).resolve())
-        )
+        source = source_name(self.cfg.upstream_path)
         layers = list(range(len(self.featurizer.weights)))
         for meta_path in sorted(folder.glob("*/meta.json")):
             meta = json.loads(meta_path.read_text())

@@ -103,7 +103,7 @@ class ModelReader:
     padded to its longest member (benchmarks/README.md, "model dump"). ``forwards`` counts the forwards."""
 
     def __init__(self, path, model: nn.Module, cfg, task, device: str = "cpu"):
-        self.source = str(Path(path).resolve())
+        self.source = source_name(path)
         self.model_name = str(cfg.model._name)
         self.model = model
         try:
@@ -247,6 +247,12 @@ def register_reader(*model_names: str):
 
 register_reader("hubert", "wav2vec2", "data2vec_audio", "mt4ssl", "score", "score_hubert", "laser", "spin")(ModelReader)
 register_reader("wav2vec2_vgs")(VgsReader)
+
+
+def source_name(source: str) -> str:
+    """How a reader of ``source`` names it (``reader.source``, a feature cache's ``meta.json``): ``"mfcc"``, or
+    the checkpoint's absolute path."""
+    return MFCC if str(source) == MFCC else str(Path(source).resolve())
 
 
 def open_reader(source: str, device: str = "cpu"):
