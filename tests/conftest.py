@@ -63,8 +63,8 @@ def pytest_collection_modifyitems(config, items):
         ):
             item.add_marker(pytest.mark.slow)
     # the longest files first, so that pytest-xdist's workers (``--dist loadfile``: one file, one worker, handed
-    # out in this order) do not end on one of them: LONGEST_FIRST, tests/integration/, every file with a slow
-    # test, then the rest
+    # out in this order: ``--no-loadscope-reorder``, or xdist puts the files with most tests first) do not end on
+    # one of them: LONGEST_FIRST, tests/integration/, every file with a slow test, then the rest
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
     longest = {TESTS / f: i for i, f in enumerate(LONGEST_FIRST)}
     items.sort(
