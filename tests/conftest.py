@@ -35,15 +35,6 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
 # (end-to-end, training, distributed), and whole-tool runs: a test that starts a console script (``run_cli``)
 # or another Python process (each pays torch's and fairseq's imports, 3-20 s).
 TRAINING_FIXTURES = {"tiny_hubert_checkpoint"}
-# the files whose tests take longest (seconds on 2 workers, 2026-12-03: 221, 135, 84, 66, 64, 55)
-LONGEST_FIRST = (
-    "integration/test_study.py",
-    "integration/test_main_job.py",
-    "jobs/test_score_evidence.py",
-    "integration/test_hubert_end_to_end.py",
-    "jobs/test_content_compare.py",
-    "jobs/test_vgs_scenarios.py",
-)
 WHOLE_TOOL = re.compile(r"\brun_cli\(|subprocess\.|sys\.executable|mp\.spawn|torch\.multiprocessing")
 
 
@@ -62,18 +53,6 @@ def pytest_collection_modifyitems(config, items):
             or _runs_a_whole_tool(item)
         ):
             item.add_marker(pytest.mark.slow)
-    # the longest files first, so that pytest-xdist's workers (``--dist loadfile``: one file, one worker, handed
-    # out in this order: ``--no-loadscope-reorder``, or xdist puts the files with most tests first) do not end on
-    # one of them: LONGEST_FIRST, tests/integration/, every file with a slow test, then the rest
-    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-    longest = {TESTS / f: i for i, f in enumerate(LONGEST_FIRST)}
-    items.sort(
-        key=lambda item: (
-            longest.get(item.path, len(longest)),
-            "integration" not in item.path.parts,
-            item.path not in slow_files,
-        )
-    )
 
 
 def _shared(tmp_path_factory, name: str, build) -> Path:
