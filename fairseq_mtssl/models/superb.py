@@ -16,7 +16,6 @@ norm before the sum: ``normalize=False``), then, as s3prl's downstream experts d
   projection, no downsampling), then ``Linear(2048, V)``.
 """
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
@@ -29,7 +28,7 @@ from fairseq.models import BaseFairseqModel, register_model
 from omegaconf import MISSING
 
 from ..upstream import hidden_states, load_upstream
-from ..upstream.features import FeatureCacheError
+from ..upstream.features import FeatureCacheError, read_meta
 from ..upstream.mfcc import MfccUpstream
 from ..upstream.readers import source_name
 
@@ -226,7 +225,7 @@ class SuperbDownstreamModel(BaseFairseqModel):
         source = source_name(self.cfg.upstream_path)
         layers = list(range(len(self.featurizer.weights)))
         for meta_path in sorted(folder.glob("*/meta.json")):
-            meta = json.loads(meta_path.read_text())
+            meta = read_meta(meta_path.parent)
             if meta["source"] != source or meta["layers"] != layers:
                 raise FeatureCacheError(
                     f"{meta_path}: layers {meta['layers']} of {meta['source']}; the downstream needs layers "

@@ -93,15 +93,20 @@ def _meta(reader, manifest_path, layer_ids, frames: int) -> dict:
     }
 
 
-def open_cache(cache) -> SplitFeatures:
-    """The features of a cache folder :func:`extract_split` wrote, memory-mapped (what the SUPERB task reads)."""
-    cache = Path(cache)
+def read_meta(cache) -> dict:
+    """A cache folder's ``meta.json``: source, manifest, layers, frames, frame rate, hop, window."""
     try:
-        meta = json.loads((cache / "meta.json").read_text())
+        return json.loads((Path(cache) / "meta.json").read_text())
     except OSError:
         raise FeatureCacheError(f"{cache}: no feature cache here (no meta.json)") from None
     except ValueError as err:
         raise FeatureCacheError(f"{cache}/meta.json: {err}") from None
+
+
+def open_cache(cache) -> SplitFeatures:
+    """The features of a cache folder :func:`extract_split` wrote, memory-mapped (what the SUPERB task reads)."""
+    cache = Path(cache)
+    meta = read_meta(cache)
     emb = cache / "embeddings.npy"
     return SplitFeatures(
         utterances=(cache / "utterances.txt").read_text().splitlines(),
