@@ -94,4 +94,3 @@ class SuperbDownstreamTask(AudioFinetuningTask):
         targets.dataset = CachedStatesDataset(
             targets.dataset, features.utterances, features.offsets, features.layers, str(cache)
         )
-        self.cached_states_meta = features.meta
