@@ -22,6 +22,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = {  # name: (script, full arguments, quick arguments)
     "abx": ("bench_abx.py", [], ["--utts", "120", "--rounds", "2", "--no-default"]),
+    "front_end": ("bench_front_end.py", [], ["--rounds", "1", "--batch", "4", "--seconds", "2"]),
     "dump_memory": ("bench_dump_memory.py", [], ["--hours", "0.2"]),
     "labels": ("bench_labels.py", [], ["--clusters", "50"]),
     "malloc": ("bench_malloc.py", ["--rounds", "3"], ["--rounds", "1", "--updates", "30"]),

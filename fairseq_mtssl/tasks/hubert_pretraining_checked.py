@@ -26,6 +26,7 @@ from omegaconf import OmegaConf, open_dict
 
 from ..data.label_checks import check_frame_labels
 from ..data.manifest import check_task_dirs, read_manifest
+from ..upstream.frontend import use_channels_last_front_end
 
 
 @dataclass
@@ -78,8 +79,10 @@ class CheckedHubertPretrainingTask(HubertPretrainingTask):
 
     def build_model(self, cfg, from_checkpoint=False):
         """Build as fairseq does, then record in ``cfg`` (the config the checkpoint saves) what the model
-        took from the task, e.g. MT4SSL's head sizes, so rebuilding it later needs no label directory."""
+        took from the task, e.g. MT4SSL's head sizes, so rebuilding it later needs no label directory. On CPU
+        the conv front end runs channels-last (the same function, upstream.frontend.ChannelsLastFrontEnd)."""
         model = super().build_model(cfg, from_checkpoint)
+        use_channels_last_front_end(model)
         derived = getattr(model, "task_derived_config", None)
         if derived is not None and OmegaConf.is_config(cfg):
             with open_dict(cfg):

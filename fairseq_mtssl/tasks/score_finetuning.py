@@ -32,6 +32,7 @@ from omegaconf import II, MISSING
 from ..data import perturb
 from ..data.audio import read_audio
 from ..data.manifest import check_task_dirs, read_manifest
+from ..upstream.frontend import use_channels_last_front_end
 
 
 @dataclass
@@ -153,6 +154,11 @@ class ScoreFinetuningTask(FairseqTask):
         if not kwargs.get("from_checkpoint"):  # rebuilt from a checkpoint (fine-tuning): its folders may be gone
             check_task_dirs(cfg, "data")
         return cls(cfg)
+
+    def build_model(self, cfg, from_checkpoint=False):
+        model = super().build_model(cfg, from_checkpoint)
+        use_channels_last_front_end(model)  # on CPU, the same conv front end computed channels-last
+        return model
 
     def load_dataset(self, split: str, **kwargs):
         self.datasets[split] = PerturbedPairDataset(f"{self.cfg.data}/{split}.tsv", self.cfg, shuffle=split != "valid")

@@ -26,6 +26,7 @@ from fairseq.tasks.audio_pretraining import AudioPretrainingConfig, AudioPretrai
 
 from ..data.image_features import ImageFeatureError, ImageFeatureStore
 from ..data.manifest import check_task_dirs
+from ..upstream.frontend import use_channels_last_front_end
 
 CROP = ChoiceEnum(["random", "start"])
 logger = logging.getLogger(__name__)
@@ -194,6 +195,7 @@ class VgsSslPretrainingTask(AudioPretrainingTask):
 
     def build_model(self, cfg, from_checkpoint=False):
         model = super().build_model(cfg, from_checkpoint)
+        use_channels_last_front_end(model)  # on CPU, the same conv front end computed channels-last
         self._model = model  # build_criterion freezes what its av_weight leaves unreached
         return model
 

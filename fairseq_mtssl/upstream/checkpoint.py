@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from ..checkpoint_safety import load_checkpoint_safely
 from ..errors import CheckpointLoadError
+from .frontend import use_channels_last_front_end
 
 
 def read_checkpoint(path) -> dict:
@@ -98,7 +99,8 @@ def model_name(state: dict) -> str:
 
 def load_model_and_task(path, state: Optional[dict] = None):
     """``(model in eval mode, cfg, task)`` of a fairseq or plugin checkpoint, read safely (or from ``state``,
-    :func:`read_checkpoint`'s); a data2vec-audio inside it has no EMA teacher (:func:`drop_ema_teachers`)."""
+    :func:`read_checkpoint`'s); a data2vec-audio inside it has no EMA teacher (:func:`drop_ema_teachers`), and
+    a ``layer_norm`` conv front end runs channels-last on CPU (:func:`~.frontend.use_channels_last_front_end`)."""
     from fairseq import checkpoint_utils
 
     import fairseq_mtssl  # noqa: F401  (registers the plugin's classes and the checkpoint allowlist)
@@ -108,6 +110,7 @@ def load_model_and_task(path, state: Optional[dict] = None):
     with _no_ema_teachers_built():
         models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([str(path)], state=state)
     drop_ema_teachers(models[0])
+    use_channels_last_front_end(models[0])
     return models[0].eval(), cfg, task
 
 

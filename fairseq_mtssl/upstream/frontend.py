@@ -5,11 +5,14 @@ wav2vec 2.0 and data2vec derive an utterance's valid frames from a sample-level 
 its own way (:func:`sample_padding_mask`). The ``default`` front end group-normalises over time, so a
 frame depends on how much padding follows it (:func:`front_end_batchable`); one utterance of it can still
 be padded, inside :func:`group_norm_over_valid_frames`. :func:`bucket_length` gives the padded lengths
-that keep a corpus to a bounded set of shapes.
+that keep a corpus to a bounded set of shapes. On CPU, the ``layer_norm`` front end runs channels-last
+(:class:`ChannelsLastFrontEnd`, installed by :func:`use_channels_last_front_end`).
 """
 
 from contextlib import contextmanager
 from typing import List, Sequence, Tuple
+
+from fairseq.models.wav2vec.wav2vec2 import ConvFeatureExtractionModel
 
 import numpy as np
 import torch
@@ -77,6 +80,75 @@ def group_norm_over_valid_frames(model: nn.Module, num_samples: int):
     finally:
         for block, i, m in swapped:
             block[i] = m
+
+
+def _layer_norm_block(block: nn.Module) -> bool:
+    """Whether ``block`` is one of fairseq's ``layer_norm`` front-end blocks:
+    ``Sequential(Conv1d, Dropout, Sequential(TransposeLast, LayerNorm, TransposeLast), GELU)``."""
+    if not (isinstance(block, nn.Sequential) and len(block) == 4):
+        return False
+    conv, drop, norm, act = block
+    return (
+        isinstance(conv, nn.Conv1d)
+        and conv.padding == (0,)
+        and conv.dilation == (1,)
+        and conv.groups == 1
+        and isinstance(drop, nn.Dropout)
+        and isinstance(norm, nn.Sequential)
+        and len(norm) == 3
+        and isinstance(norm[1], nn.LayerNorm)
+        and isinstance(act, nn.GELU)
+        and act.approximate == "none"
+    )
+
+
+class ChannelsLastFrontEnd(ConvFeatureExtractionModel):
+    """fairseq's ``layer_norm`` conv front end, the same function of the same parameters, computed in
+    ``(B, T, C)`` on CPU.
+
+    fairseq convolves in ``(B, C, T)`` and transposes around every LayerNorm (over channels), so on CPU
+    most of a tiny model's step goes into copying those transposes and into element-wise kernels over
+    strided tensors. Here each convolution is a matmul over the unfolded windows ``(B, T', C * k)`` of a
+    ``(B, T, C)`` tensor, the LayerNorm and GELU act on contiguous channels, and only the output is a
+    transposed view, ``(B, C, T')`` as fairseq returns it. It takes over the extractor's ``conv_layers``
+    (same parameters, same state-dict keys); CUDA input runs fairseq's own forward (cuDNN).
+    """
+
+    def __init__(self, extractor: ConvFeatureExtractionModel):
+        nn.Module.__init__(self)
+        if not all(_layer_norm_block(b) for b in extractor.conv_layers):
+            raise ValueError("ChannelsLastFrontEnd takes fairseq's layer_norm front end only")
+        self.conv_layers = extractor.conv_layers
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, S)`` samples -> ``(B, C, T)`` features."""
+        if x.is_cuda:
+            return super().forward(x)
+        h = x.unsqueeze(-1)  # (B, S, 1)
+        for conv, dropout, norm, act in self.conv_layers:
+            windows = h.unfold(1, conv.kernel_size[0], conv.stride[0])  # (B, T', C, k), a view
+            h = F.linear(windows.flatten(2), conv.weight.flatten(1), conv.bias)  # (B, T', C_out)
+            h = dropout(h)
+            ln = norm[1]  # fairseq's Fp32LayerNorm: normalised in float32, returned in the input's dtype
+            h = F.layer_norm(h.float(), ln.normalized_shape, ln.weight.float(), ln.bias.float(), ln.eps).type_as(h)
+            h = act(h)
+        return h.transpose(1, 2)
+
+
+def use_channels_last_front_end(model: nn.Module) -> int:
+    """Replace every ``layer_norm`` conv front end inside ``model`` by a :class:`ChannelsLastFrontEnd` on
+    the same parameters; other front ends (``default``: group norm) stay. Returns how many were replaced."""
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if (
+                type(child) is ConvFeatureExtractionModel
+                and len(child.conv_layers) > 0
+                and all(_layer_norm_block(b) for b in child.conv_layers)
+            ):
+                setattr(parent, name, ChannelsLastFrontEnd(child))
+                replaced += 1
+    return replaced
 
 
 def hubert_sample_padding_mask(conv_layers, lengths: Sequence[int], total: int, device="cpu") -> torch.Tensor:
@@ -154,4 +226,5 @@ __all__ = [
     "group_norm_over_valid_frames",
     "hubert_sample_padding_mask",
     "sample_padding_mask",
+    "use_channels_last_front_end",
 ]

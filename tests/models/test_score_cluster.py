@@ -13,12 +13,14 @@ training state.
 
 import datetime
 import logging
+import time
 
 import pytest
 import torch
 from builders import TINY_HUBERT, fairseq_cfg, free_port, perturb_norms, random_hubert, save_checkpoint, saved_config
 from conftest import REPO
 from omegaconf import OmegaConf
+from fairseq_mtssl.upstream.frontend import use_channels_last_front_end
 
 # the authors' set on HuBERT, as score_tiny_cpu.yaml names it: what SCORE's forward cannot reach
 HUBERT_GRADLESS = {"final_proj.weight", "final_proj.bias", "mask_emb", "label_embs_concat"}
@@ -87,6 +89,7 @@ def mt4ssl_upstream(tmp_path_factory):
         max_update=100,
     )
     model = MT4SSLModel(model_cfg, [12], [100.0], [1])
+    use_channels_last_front_end(model)  # as the plugin's task builds it for training
     perturb_norms(model, seed=1, weight_g=False)
     model.make_ema_teacher()
     task_cfg = HubertPretrainingConfig(data="unused", labels=["km"], label_rate=100.0, normalize=True)
@@ -200,6 +203,13 @@ def test_score_runs_under_torch_ddp_without_find_unused_parameters(small_manifes
             loss.backward()
             assert torch.isfinite(loss)
     finally:
+        # Each gloo worker thread, having finished an all-reduce, drops the work's thread-local state, which
+        # needs the GIL; ~ProcessGroupGloo joins those threads while holding it. Freed right after the last
+        # backward (the reducer holds the group), the group could deadlock there (seen here: the suite stopped
+        # in this test with the main thread in std::thread::join). So the GIL is let go first, and the DDP
+        # wrapper goes before the group.
+        time.sleep(0.5)
+        ddp = None
         dist.destroy_process_group()
 
 
