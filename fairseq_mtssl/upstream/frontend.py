@@ -12,12 +12,11 @@ that keep a corpus to a bounded set of shapes. On CPU, the ``layer_norm`` front 
 from contextlib import contextmanager
 from typing import List, Sequence, Tuple
 
-from fairseq.models.wav2vec.wav2vec2 import ConvFeatureExtractionModel
-
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from fairseq.models.wav2vec.wav2vec2 import ConvFeatureExtractionModel
 
 SAMPLE_RATE = 16000
 

@@ -20,6 +20,7 @@ import torch
 from builders import TINY_HUBERT, fairseq_cfg, free_port, perturb_norms, random_hubert, save_checkpoint, saved_config
 from conftest import REPO
 from omegaconf import OmegaConf
+
 from fairseq_mtssl.upstream.frontend import use_channels_last_front_end
 
 # the authors' set on HuBERT, as score_tiny_cpu.yaml names it: what SCORE's forward cannot reach
