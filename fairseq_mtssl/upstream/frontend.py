@@ -101,6 +101,12 @@ def _layer_norm_block(block: nn.Module) -> bool:
     )
 
 
+def _layer_norm_front_end(extractor: nn.Module) -> bool:
+    """Whether ``extractor``'s blocks are all fairseq's ``layer_norm`` blocks (and there is one at least)."""
+    blocks = getattr(extractor, "conv_layers", ())
+    return len(blocks) > 0 and all(_layer_norm_block(b) for b in blocks)
+
+
 class ChannelsLastFrontEnd(ConvFeatureExtractionModel):
     """fairseq's ``layer_norm`` conv front end, the same function of the same parameters, computed in
     ``(B, T, C)`` on CPU.
@@ -115,7 +121,7 @@ class ChannelsLastFrontEnd(ConvFeatureExtractionModel):
 
     def __init__(self, extractor: ConvFeatureExtractionModel):
         nn.Module.__init__(self)
-        if not all(_layer_norm_block(b) for b in extractor.conv_layers):
+        if not _layer_norm_front_end(extractor):
             raise ValueError("ChannelsLastFrontEnd takes fairseq's layer_norm front end only")
         self.conv_layers = extractor.conv_layers
 
@@ -140,11 +146,7 @@ def use_channels_last_front_end(model: nn.Module) -> int:
     replaced = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if (
-                type(child) is ConvFeatureExtractionModel
-                and len(child.conv_layers) > 0
-                and all(_layer_norm_block(b) for b in child.conv_layers)
-            ):
+            if type(child) is ConvFeatureExtractionModel and _layer_norm_front_end(child):
                 setattr(parent, name, ChannelsLastFrontEnd(child))
                 replaced += 1
     return replaced
