@@ -5,7 +5,7 @@
 
 Each feature frame gets the phone (from ``{split}.phones.ctm``) at the centre of its receptive field
 (``hop * t + window / 2`` samples). A softmax classifier on standardised features is fitted on the
-train split (full batch, L-BFGS, a little L2) and scored by frame accuracy on valid and test (held-out
+train split (full batch, preconditioned L-BFGS, a little L2) and scored by frame accuracy on valid and test (held-out
 speakers in the embedded corpus). A cheap proxy for SUPERB phone recognition, not a replacement.
 """
 
@@ -23,6 +23,8 @@ from ..errors import cli
 from ..upstream.features import SplitFeatures, extract_split
 
 logger = logging.getLogger(__name__)
+
+L2 = 1e-4  # the probe's penalty on ||W||^2
 
 
 def frame_phones(
@@ -47,29 +49,62 @@ def probe_data(features: SplitFeatures, layer: int, ctm_path) -> Tuple[np.ndarra
     return np.concatenate(feats).astype(np.float32), labels
 
 
+def preconditioner(x: torch.Tensor, eps: float = 1e-2) -> torch.Tensor:
+    """``P = (x^T x / N + eps I)^{-1/2}``, ``(C, C)``, symmetric, for frames ``x (N, C)``.
+
+    Fitting ``W = V P`` over ``V`` minimises the same function of ``W`` with a data term about as well
+    conditioned in every direction: a whitened linear probe without whitening the features. ``eps`` (against
+    standardised features' unit variances) bounds ``P`` where the frames have (almost) no variance."""
+    second_moment = (x.T @ x).double() / len(x)
+    eigval, eigvec = torch.linalg.eigh(second_moment)
+    return ((eigvec * (eigval.clamp_min(0) + eps).rsqrt()) @ eigvec.T).to(x.dtype)
+
+
+def probe_objective(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, y: torch.Tensor, l2: float):
+    """Mean cross-entropy of ``x (N, C) @ weight.T + bias`` against ``y (N,)``, + ``l2`` ||weight||^2."""
+    return torch.nn.functional.cross_entropy(torch.nn.functional.linear(x, weight, bias), y) + l2 * weight.pow(2).sum()
+
+
 def fit_probe(
-    x: np.ndarray, y: np.ndarray, n_classes: int, l2: float = 1e-4, max_iter: int = 300, seed: int = 0
+    x: np.ndarray,
+    y: np.ndarray,
+    n_classes: int,
+    l2: float = L2,
+    max_iter: int = 100,
+    seed: int = 0,
+    precondition: bool = True,
 ) -> torch.nn.Linear:
+    """The softmax classifier ``(C -> n_classes)`` minimising mean cross-entropy + ``l2`` ||W||^2 (the bias
+    not penalised) on frames ``x (N, C)`` with classes ``y (N,)``: full-batch L-BFGS (strong Wolfe, history
+    20) for ``max_iter`` iterations from a seeded init.
+
+    ``precondition`` (the default) runs L-BFGS over ``V`` with ``W = V P`` (:func:`preconditioner`): the same
+    objective, reached in about a third of the iterations on hidden states, whose dimensions are strongly
+    correlated. ``precondition=False, max_iter=300`` is the plugin's former probe."""
     torch.manual_seed(seed)
     X, Y = torch.from_numpy(x), torch.from_numpy(y)
     clf = torch.nn.Linear(X.shape[1], n_classes)
+    P = preconditioner(X) if precondition else torch.eye(X.shape[1], dtype=X.dtype)
     opt = torch.optim.LBFGS(clf.parameters(), lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(clf(X), Y) + l2 * clf.weight.pow(2).sum()
+        loss = probe_objective(clf.weight @ P, clf.bias, X, Y, l2)  # clf.weight is V until the fit ends
         loss.backward()
         return loss
 
     opt.step(closure)
+    with torch.no_grad():
+        clf.weight.copy_(clf.weight @ P)
     return clf
 
 
 def probe_from_features(
-    features: Dict[str, SplitFeatures], layer: int, alignments, max_train_frames: int = 200_000
+    features: Dict[str, SplitFeatures], layer: int, alignments, max_train_frames: int = 200_000, **fit_options
 ) -> Dict:
     """Fit on ``features["train"]``'s hidden state ``layer``, score on every split given; ``alignments`` the
-    folder of the ``{split}.phones.ctm`` or ``{split: ctm path}``."""
+    folder of the ``{split}.phones.ctm`` or ``{split: ctm path}``; ``fit_options`` go to :func:`fit_probe`.
+    ``train_objective`` is the fitted probe's penalised training loss (lower: nearer the optimum)."""
     ctm = alignments if isinstance(alignments, dict) else {s: Path(alignments) / f"{s}.phones.ctm" for s in features}
     data = {s: probe_data(f, layer, ctm[s]) for s, f in features.items()}
     phones = sorted(set(data["train"][1]))
@@ -79,8 +114,12 @@ def probe_from_features(
         keep = np.random.default_rng(0).choice(len(x_tr), max_train_frames, replace=False)
         x_tr, y_tr = x_tr[keep], y_tr[keep]
     mean, std = x_tr.mean(0), x_tr.std(0) + 1e-5
-    clf = fit_probe((x_tr - mean) / std, y_tr, len(phones))
-    result = {"layer": layer, "phones": len(phones), "train_frames": int(len(x_tr))}
+    x_tr = (x_tr - mean) / std
+    clf = fit_probe(x_tr, y_tr, len(phones), **fit_options)
+    with torch.no_grad():
+        l2 = fit_options.get("l2", L2)
+        objective = float(probe_objective(clf.weight, clf.bias, torch.from_numpy(x_tr), torch.from_numpy(y_tr), l2))
+    result = {"layer": layer, "phones": len(phones), "train_frames": int(len(x_tr)), "train_objective": round(objective, 6)}
     for s in features:
         x, labels = data[s]
         y = np.array([index.get(p, -1) for p in labels])

@@ -25,7 +25,7 @@ import torch
 
 from ..atomic import report_result
 from ..errors import MtsslError, cli
-from .phone_probe import fit_probe
+from .phone_probe import L2, fit_probe
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def split_by_speaker(speakers: Sequence[str], test_fraction: float = 0.5, seed: 
 
 
 def fit_predict(
-    x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, n_classes: int, l2: float = 1e-4
+    x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, n_classes: int, l2: float = L2
 ) -> np.ndarray:
     """Class probabilities ``(len(x_test), n_classes)`` of the linear softmax probe fitted on standardised
     training vectors: it minimises mean cross-entropy + ``l2`` x ||W||^2 (the bias is not penalised), which
@@ -67,7 +67,7 @@ def fit_predict(
 
 
 def speaker_probe(
-    features: np.ndarray, speakers: Sequence[str], test_fraction: float = 0.5, seed: int = 0, l2: float = 1e-4
+    features: np.ndarray, speakers: Sequence[str], test_fraction: float = 0.5, seed: int = 0, l2: float = L2
 ) -> Dict:
     """Fit and score the probe on utterance vectors ``features (N, C)`` of ``speakers`` (one per row)."""
     features = np.asarray(features)
@@ -100,7 +100,7 @@ def frame_speaker_probe(
     speakers: Sequence[str],
     test_fraction: float = 0.5,
     seed: int = 0,
-    l2: float = 1e-4,
+    l2: float = L2,
     max_train_frames: int = 50_000,
 ) -> Dict:
     """The probe on single frames: utterances ``features[i] (T_i, C)`` split by speaker as
