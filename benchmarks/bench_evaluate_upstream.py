@@ -89,8 +89,15 @@ def main() -> None:
     print(f"new, s3prl QbE every layer {med['new_default']:7.1f} s")
     print(f"new / former               {ratio:7.3f}   (target <= 0.5)")
     print(f"new default / former       {ratio_default:7.3f}")
-    print(f"forwards per split: former {seen['former']['forwards']}, new {seen['new']['forwards']} (utterances {n_utts})")
-    record("evaluate_upstream", "mtssl-evaluate-upstream one pass / former per-metric processes (same metrics)", ratio, "<= 0.5")
+    print(
+        f"forwards per split: former {seen['former']['forwards']}, new {seen['new']['forwards']} (utterances {n_utts})"
+    )
+    record(
+        "evaluate_upstream",
+        "mtssl-evaluate-upstream one pass / former per-metric processes (same metrics)",
+        ratio,
+        "<= 0.5",
+    )
     record("evaluate_upstream", "the same with s3prl's QbE on every layer (the new default)", ratio_default)
 
 

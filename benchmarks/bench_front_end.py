@@ -93,7 +93,11 @@ def main() -> None:
         mine, theirs = statistics.median(times[(name, "channels-last")]), statistics.median(times[(name, "fairseq")])
         ratio = mine / theirs
         print(f"  {name:<20} channels-last {mine:7.3f} s   fairseq {theirs:7.3f} s   ratio {ratio:.3f}")
-        record("front_end", f"channels-last / fairseq front end: {name}, tiny config, {a.batch} x {a.seconds:g} s", round(ratio, 3))
+        record(
+            "front_end",
+            f"channels-last / fairseq front end: {name}, tiny config, {a.batch} x {a.seconds:g} s",
+            round(ratio, 3),
+        )
 
 
 if __name__ == "__main__":

@@ -119,7 +119,12 @@ def probe_from_features(
     with torch.no_grad():
         l2 = fit_options.get("l2", L2)
         objective = float(probe_objective(clf.weight, clf.bias, torch.from_numpy(x_tr), torch.from_numpy(y_tr), l2))
-    result = {"layer": layer, "phones": len(phones), "train_frames": int(len(x_tr)), "train_objective": round(objective, 6)}
+    result = {
+        "layer": layer,
+        "phones": len(phones),
+        "train_frames": int(len(x_tr)),
+        "train_objective": round(objective, 6),
+    }
     for s in features:
         x, labels = data[s]
         y = np.array([index.get(p, -1) for p in labels])

@@ -45,7 +45,8 @@ def test_preconditioner_whitens_the_second_moment():
     p = preconditioner(x, eps=1e-3).double()
     moment = x.double().T @ x.double() / len(x)
     torch.testing.assert_close(p, p.T)
-    torch.testing.assert_close(p @ (moment + 1e-3 * torch.eye(16, dtype=torch.float64)) @ p, torch.eye(16, dtype=torch.float64), atol=1e-4, rtol=0)
+    eye = torch.eye(16, dtype=torch.float64)
+    torch.testing.assert_close(p @ (moment + 1e-3 * eye) @ p, eye, atol=1e-4, rtol=0)
 
 
 def test_probe_reaches_scikit_learns_optimum_where_plain_lbfgs_does_not_yet():
@@ -57,12 +58,11 @@ def test_probe_reaches_scikit_learns_optimum_where_plain_lbfgs_does_not_yet():
     x, y = _correlated_frames()
     l2 = 1e-4
     ref = LogisticRegression(C=1 / (2 * l2 * len(x)), tol=1e-12, max_iter=20000).fit(x.astype(np.float64), y)
-    clf = fit_probe(x, y, 5, l2=l2)
+    clf, plain = fit_probe(x, y, 5, l2=l2), fit_probe(x, y, 5, l2=l2, precondition=False)
     X, Y = torch.from_numpy(x), torch.from_numpy(y)
     with torch.no_grad():
         probs = torch.softmax(clf(X), -1).numpy()
         ours = float(probe_objective(clf.weight, clf.bias, X, Y, l2))
-        plain = fit_probe(x, y, 5, l2=l2, precondition=False)
         plain_objective = float(probe_objective(plain.weight, plain.bias, X, Y, l2))
         w_ref = torch.from_numpy(ref.coef_).float()
         optimum = float(probe_objective(w_ref, torch.from_numpy(ref.intercept_).float(), X, Y, l2))
