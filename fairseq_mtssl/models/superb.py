@@ -29,7 +29,6 @@ from omegaconf import MISSING
 
 from ..upstream import hidden_states, load_upstream
 from ..upstream.features import FeatureCacheError, read_meta
-from ..upstream.mfcc import MfccUpstream
 from ..upstream.readers import source_name
 
 DOWNSTREAMS = ChoiceEnum(["linear", "bilstm"])
@@ -239,8 +238,6 @@ class SuperbDownstreamModel(BaseFairseqModel):
 
     def upstream_states(self, source: torch.Tensor, padding_mask):
         with torch.no_grad():
-            if isinstance(self.upstream, MfccUpstream):
-                return self.upstream.hidden_states(source, padding_mask)
             return hidden_states(self.upstream, source, padding_mask)
 
     def forward(self, source=None, padding_mask=None, states=None, **kwargs) -> dict:

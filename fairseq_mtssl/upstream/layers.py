@@ -57,7 +57,9 @@ def hidden_states(
     """``([L + 1] x (B, T, C), frame padding mask (B, T) or None)`` of a fairseq speech encoder: s3prl's
     ``hidden_states`` (the inputs of layers 1..L, then the encoder output: a pre-LN model's final layer
     norm applied). Under LayerDrop a skipped layer records nothing (s3prl switches LayerDrop off; a
-    frozen upstream in eval mode has none)."""
+    frozen upstream in eval mode has none). An upstream that computes its own (``MfccUpstream``) is asked."""
+    if hasattr(encoder, "hidden_states"):
+        return encoder.hidden_states(source, padding_mask)
     layers = encoder.encoder.layers
     with record_layers(layers, upto=len(layers) - 1) as captured:
         x, frame_mask = run_encoder(encoder, source, padding_mask)  # all layers, then any final norm
