@@ -5,8 +5,9 @@
 
 Each feature frame gets the phone (from ``{split}.phones.ctm``) at the centre of its receptive field
 (``hop * t + window / 2`` samples). A softmax classifier on standardised features is fitted on the
-train split (full batch, preconditioned L-BFGS, a little L2) and scored by frame accuracy on valid and test (held-out
-speakers in the embedded corpus). A cheap proxy for SUPERB phone recognition, not a replacement.
+train split (full batch, preconditioned L-BFGS, a little L2) and scored by frame accuracy on valid and
+test (held-out speakers in the embedded corpus). A cheap proxy for SUPERB phone recognition, not a
+replacement.
 """
 
 import argparse
